@@ -1,0 +1,111 @@
+"""Load a YAML config, apply ``key=value`` overrides, and validate it before any work starts.
+
+The YAML under ``conf/`` is the single source of defaults. Overrides use OmegaConf's
+dotlist syntax (as Hydra and NeMo do); an unknown key or a value of the wrong type
+is an error that names the key, rather than a silently ignored typo.
+"""
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from nemo_dpo.distributed.init import check_layout
+from nemo_dpo.losses.preference import PreferenceLossConfig
+from nemo_dpo.models.gpt import check_model_config
+from nemo_dpo.training.optimizer import OPTIMIZERS
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before training starts."""
+
+
+def _check_types(merged, base, prefix=""):
+    for key, default in base.items():
+        path = f"{prefix}{key}"
+        value = merged[key]
+        if isinstance(default, DictConfig):
+            _check_types(value, default, path + ".")
+        elif default is None or value is None:
+            continue
+        elif isinstance(default, bool) != isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a boolean, got {value!r}")
+        elif isinstance(default, float) and isinstance(value, (int, float)):
+            continue
+        elif isinstance(default, ListConfig) and isinstance(value, ListConfig):
+            continue
+        elif type(default) is not type(value):
+            raise ConfigError(f"{path}: expected {type(default).__name__}, got {value!r}")
+
+
+def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR) -> DictConfig:
+    """``<config_dir>/<config_name>.yaml`` with dotlist overrides applied."""
+    path = Path(config_dir) / f"{config_name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (--config-path / --config-name)")
+    base = OmegaConf.load(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        patch = OmegaConf.from_dotlist(list(overrides))
+    except Exception as err:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from err
+    OmegaConf.set_struct(base, True)
+    try:
+        cfg = OmegaConf.merge(base, patch)
+    except Exception as err:
+        key = getattr(err, "full_key", None) or str(err)
+        raise ConfigError(f"unknown config key {key!r} (not in {path})") from err
+    _check_types(cfg, base)
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def preference_loss_config(cfg: DictConfig) -> PreferenceLossConfig:
+    return PreferenceLossConfig(**OmegaConf.to_container(cfg.model.dpo))
+
+
+def data_files(cfg: DictConfig) -> dict:
+    """Training and validation JSONL paths; the embedded default where unset."""
+    from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
+
+    prefix = cfg.model.data.data_prefix
+    files = {
+        "train": prefix.train or os.path.join(DEFAULT_DATA_DIR, "train.jsonl"),
+        "validation": prefix.validation or os.path.join(DEFAULT_DATA_DIR, "validation.jsonl"),
+    }
+    for split, file in files.items():
+        if not os.path.isfile(file):
+            raise ConfigError(f"model.data.data_prefix.{split}: file {file} does not exist")
+    return files
+
+
+def validate(cfg: DictConfig, world_size: int) -> None:
+    """Everything that can be checked without building the model; raises ConfigError."""
+    model = cfg.model
+    try:
+        dp = check_layout(world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size)
+        check_model_config(model)
+        preference_loss_config(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    for key in ("micro_batch_size", "global_batch_size", "encoder_seq_length"):
+        if model[key] < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {model[key]}")
+    per_step = model.micro_batch_size * dp
+    if model.global_batch_size % per_step != 0:
+        raise ConfigError(
+            f"model.global_batch_size ({model.global_batch_size}) is not divisible by "
+            f"model.micro_batch_size ({model.micro_batch_size}) x data-parallel size ({dp}) = {per_step}"
+        )
+    if model.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {model.optim.name!r}")
+    if model.data.overflow not in ("truncate_prompt", "drop"):
+        raise ConfigError(
+            f"model.data.overflow must be one of ['truncate_prompt', 'drop'], got {model.data.overflow!r}"
+        )
+    data_files(cfg)
+

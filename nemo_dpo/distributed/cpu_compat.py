@@ -1,0 +1,176 @@
+"""Run megatron-core on CPU (gloo) by answering its CUDA assumptions.
+
+megatron-core is written for GPUs. On a machine without CUDA (a laptop, a CI box)
+it works unchanged except for a handful of places that assume a GPU. This module
+answers exactly those, and nothing is patched when CUDA is available:
+
+1. ``torch.cuda.current_device()`` is used as the device of new tensors in
+   tensor_parallel (mappings, layers, memory buffer), p2p communication, DDP
+   buffers, rotary embeddings. Without CUDA it raises; we make it name the CPU.
+2. ``pipeline_parallel/schedules.py``, the optimizers, gradient clipping, the
+   default causal mask (``transformer/utils.py``) and the fallback multi-tensor
+   L2 norm (``utils.py``) create tensors with a literal ``device="cuda"``.
+   Those modules get a view of ``torch`` whose factory functions map "cuda" to "cpu".
+3. The model-parallel RNG tracker (``tensor_parallel/random.py``) forks CUDA
+   generator states; on CPU it forks the CPU generator instead.
+4. Type-string checks ``param.type() == 'torch.cuda.FloatTensor'`` (optimizers,
+   gradient clipping) are answered by ``Parameter.type()`` reporting the CUDA
+   type name for CPU parameters, and the clipping routine that asserts it on
+   ``.grad`` is replaced by an equivalent device-agnostic one.
+
+Call :func:`apply` once, before building models (``distributed.init`` does).
+"""
+
+import contextlib
+import functools
+import types
+
+import torch
+
+_APPLIED = False
+_CUDA_FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange")
+
+
+def needed() -> bool:
+    """The adaptation is active only when there is no CUDA device."""
+    return not torch.cuda.is_available()
+
+
+def _cpu_device():
+    return torch.device("cpu")
+
+
+def _to_cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or torch.device(device).type == "cuda":
+        return "cpu"
+    return device
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _TorchOnCpu(types.ModuleType):
+    """``torch`` as seen by a megatron module that hard-codes ``device="cuda"``."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _CUDA_FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+class CpuRNGStatesTracker:
+    """Stand-in for megatron's CudaRNGStatesTracker that forks the CPU generator.
+
+    Named states are used by megatron for dropout inside tensor-parallel regions
+    (and for weight init when not initialising on CPU); semantics match the CUDA
+    tracker: ``fork(name)`` runs the block with that stream and advances it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def reset(self):
+        self.states_ = {}
+        self.seeds_ = set()
+        self._is_initialized = False
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise ValueError(f"RNG seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"RNG state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise ValueError(f"RNG state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _parameter_type(original):
+    """``Parameter.type()`` with no argument reports the CUDA type name on CPU."""
+
+    @functools.wraps(original)
+    def type_(self, *args, **kwargs):
+        if args or kwargs:
+            return original(self, *args, **kwargs)
+        name = original(self)
+        if self.device.type == "cpu" and name.startswith("torch.") and ".cuda." not in name:
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    return type_
+
+
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Device-agnostic version of megatron's clip_grad_by_total_norm_fp32."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for grad in grads:
+            if grad.dtype != torch.float32 and not use_decoupled_grad:
+                raise TypeError(f"gradient clipping expects fp32 gradients, got {grad.dtype}")
+            grad.detach().mul_(clip_coeff)
+
+
+def apply() -> bool:
+    """Install the adaptation if there is no CUDA. Idempotent; returns whether active."""
+    global _APPLIED
+    if not needed():
+        return False
+    if _APPLIED:
+        return True
+
+    from megatron.core import utils as core_utils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    torch.cuda.current_device = _cpu_device
+    torch_on_cpu = _TorchOnCpu()
+    for module in (
+        schedules, clip_grads, optimizer, distrib_optimizer, transformer_utils, core_utils
+    ):
+        module.torch = torch_on_cpu
+    torch.nn.Parameter.type = _parameter_type(torch.nn.Parameter.type)
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    tp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _APPLIED = True
+    return True

@@ -1,0 +1,117 @@
+"""Process-group and model-parallel setup from torchrun's environment."""
+
+import os
+from datetime import timedelta
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from nemo_dpo.distributed import cpu_compat
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits in the TP x PP x DP grid."""
+
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def check_layout(world_size: int, tp: int, pp: int) -> int:
+    """Validate the parallel sizes against the world size; return the DP size."""
+    for key, value in (("model.tensor_model_parallel_size", tp), ("model.pipeline_model_parallel_size", pp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by model.tensor_model_parallel_size ({tp}) x "
+            f"model.pipeline_model_parallel_size ({pp}) = {tp * pp}"
+        )
+    return world_size // (tp * pp)
+
+
+def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> Layout:
+    """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and megatron's parallel state.
+
+    Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT as set by torchrun
+    (or Slurm via srun + torchrun). A plain ``python`` run is a world of one.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dp = check_layout(world_size, tp, pp)
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        cpu_compat.apply()
+        device, backend = torch.device("cpu"), "gloo"
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    layout = Layout(
+        rank=rank,
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+    )
+    seed_everything(seed, layout)
+    return layout
+
+
+def seed_everything(seed: int, layout: Layout) -> None:
+    """Seed Python, NumPy and torch per rank, and megatron's model-parallel RNG streams.
+
+    The default stream differs per pipeline stage and data-parallel rank (so dropout
+    differs where it should); megatron derives the tensor-parallel stream from it.
+    Weight init does not use these streams (see models/init_weights.py).
+    """
+    rank_seed = seed + 100 * layout.pp_rank + 10 * layout.dp_rank
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(rank_seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's groups and the default process group."""
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,120 @@
+"""Preference losses over a batch of (chosen, rejected) pairs.
+
+Inputs are per-sequence log-probabilities of the responses, with chosen and
+rejected interleaved (even rows chosen, odd rows rejected), as the batches are.
+The implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)).
+
+Losses (``model.dpo.preference_loss``), with h = log-ratio margin
+(chosen minus rejected, before beta) and beta = ``ref_policy_kl_penalty``:
+
+- ``dpo``:  -log sigmoid(beta h); with label smoothing eps (conservative DPO,
+  Mitchell 2023): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+- ``ipo``:  (h - 1 / (2 beta))^2  (Azar et al. 2023).
+- ``rpo_fwd_kl`` / ``rpo_bwd_kl``: KL between the model's preference
+  distribution sigmoid(beta h) and the ground-truth one sigmoid(s (r_c - r_r)),
+  forward KL(model || truth) and backward KL(truth || model), with
+  s = ``gt_reward_scale`` and r the rewards given in the data (Nemotron-4 RPO).
+- ``rpo_sq``: (beta h - s (r_c - r_r))^2.
+
+Every loss is a mean over the pairs it is given, so averaging equal-sized
+microbatches and data-parallel ranks gives the global-batch mean.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PREFERENCE_LOSSES = ("dpo", "ipo", "rpo_fwd_kl", "rpo_bwd_kl", "rpo_sq")
+
+
+@dataclass(frozen=True)
+class PreferenceLossConfig:
+    preference_loss: str = "dpo"
+    ref_policy_kl_penalty: float = 0.1
+    preference_average_log_probs: bool = False
+    sft_average_log_probs: bool = False
+    preference_loss_weight: float = 1.0
+    sft_loss_weight: float = 0.0
+    gt_reward_scale: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.preference_loss not in PREFERENCE_LOSSES:
+            raise ValueError(
+                f"model.dpo.preference_loss must be one of {list(PREFERENCE_LOSSES)}, "
+                f"got {self.preference_loss!r}"
+            )
+        if self.ref_policy_kl_penalty <= 0:
+            raise ValueError(
+                f"model.dpo.ref_policy_kl_penalty must be > 0, got {self.ref_policy_kl_penalty}"
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"model.dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def sequence_log_probs(token_log_probs: torch.Tensor, loss_mask: torch.Tensor, average: bool) -> torch.Tensor:
+    """Sum (or mean) of per-token log-probs over each row's response tokens."""
+    total = (token_log_probs * loss_mask).sum(-1)
+    if average:
+        return total / loss_mask.sum(-1).clamp(min=1)
+    return total
+
+
+def _split(rows: torch.Tensor):
+    return rows[0::2], rows[1::2]
+
+
+def preference_loss(
+    cfg: PreferenceLossConfig,
+    policy_token_log_probs: torch.Tensor,
+    ref_token_log_probs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    gt_rewards: torch.Tensor,
+):
+    """Total loss and per-pair statistics for one microbatch.
+
+    policy/ref_token_log_probs, loss_mask: [2 * pairs, seq]; gt_rewards: [2 * pairs].
+    Returns (loss, stats) where loss is a scalar to backpropagate and stats holds
+    detached per-pair tensors for logging.
+    """
+    policy = sequence_log_probs(policy_token_log_probs, loss_mask, cfg.preference_average_log_probs)
+    ref = sequence_log_probs(ref_token_log_probs, loss_mask, cfg.preference_average_log_probs)
+    beta = cfg.ref_policy_kl_penalty
+    chosen_ratio, rejected_ratio = _split(policy - ref)
+    margin = chosen_ratio - rejected_ratio
+    gt_chosen, gt_rejected = _split(gt_rewards.float())
+    gt_margin = cfg.gt_reward_scale * (gt_chosen - gt_rejected)
+
+    name = cfg.preference_loss
+    if name == "dpo":
+        eps = cfg.label_smoothing
+        pref = -(1 - eps) * F.logsigmoid(beta * margin) - eps * F.logsigmoid(-beta * margin)
+    elif name == "ipo":
+        pref = (margin - 1.0 / (2.0 * beta)) ** 2
+    elif name in ("rpo_fwd_kl", "rpo_bwd_kl"):
+        model_logp = torch.stack([F.logsigmoid(beta * margin), F.logsigmoid(-beta * margin)])
+        truth_logp = torch.stack([F.logsigmoid(gt_margin), F.logsigmoid(-gt_margin)])
+        p, q = (model_logp, truth_logp) if name == "rpo_fwd_kl" else (truth_logp, model_logp)
+        pref = (p.exp() * (p - q)).sum(0)
+    else:  # rpo_sq
+        pref = (beta * margin - gt_margin) ** 2
+    pref = pref.mean()
+
+    sft = torch.zeros_like(pref)
+    if cfg.sft_loss_weight != 0:
+        chosen_logp, _ = _split(
+            sequence_log_probs(policy_token_log_probs, loss_mask, cfg.sft_average_log_probs)
+        )
+        sft = -chosen_logp.mean()
+
+    loss = cfg.preference_loss_weight * pref + cfg.sft_loss_weight * sft
+    with torch.no_grad():
+        stats = {
+            "loss": loss.detach().clone(),  # the schedule scales the returned loss in place
+            "preference_loss": pref.detach(),
+            "sft_loss": sft.detach(),
+            "rewards_chosen": beta * chosen_ratio.detach(),
+            "rewards_rejected": beta * rejected_ratio.detach(),
+        }
+    return loss, stats

@@ -1,0 +1,141 @@
+"""Build a megatron-core GPTModel for this rank's pipeline stage from the ``model`` config."""
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+try:  # transformer-engine is an optional GPU accelerator.
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = torch.cuda.is_available()
+except ImportError:
+    HAVE_TE = False
+
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+ACTIVATIONS = ("gelu", "swiglu")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Round the vocabulary up so every TP rank holds an equal slice.
+
+    The result does not depend on TP (only checked against it), so the same
+    model has the same shapes at every layout; padded ids get no probability
+    (see losses/logprobs.py).
+    """
+    if divisible_by % tp != 0:
+        raise ValueError(
+            f"model.make_vocab_size_divisible_by ({divisible_by}) must be divisible by "
+            f"model.tensor_model_parallel_size ({tp})"
+        )
+    return -(-vocab_size // divisible_by) * divisible_by
+
+
+def check_model_config(model_cfg) -> None:
+    """Reject shapes megatron would fail on later, naming the keys involved."""
+    tp = model_cfg.tensor_model_parallel_size
+    pp = model_cfg.pipeline_model_parallel_size
+    heads = model_cfg.num_attention_heads
+    groups = model_cfg.num_query_groups or heads
+    if model_cfg.hidden_size % heads != 0:
+        raise ValueError(
+            f"model.hidden_size ({model_cfg.hidden_size}) is not divisible by "
+            f"model.num_attention_heads ({heads})"
+        )
+    if heads % tp != 0:
+        raise ValueError(
+            f"model.num_attention_heads ({heads}) is not divisible by "
+            f"model.tensor_model_parallel_size ({tp})"
+        )
+    if heads % groups != 0 or groups % tp != 0:
+        raise ValueError(
+            f"model.num_query_groups ({groups}) must divide model.num_attention_heads ({heads}) "
+            f"and be divisible by model.tensor_model_parallel_size ({tp})"
+        )
+    if model_cfg.ffn_hidden_size % tp != 0:
+        raise ValueError(
+            f"model.ffn_hidden_size ({model_cfg.ffn_hidden_size}) is not divisible by "
+            f"model.tensor_model_parallel_size ({tp})"
+        )
+    if model_cfg.num_layers % pp != 0:
+        raise ValueError(
+            f"model.num_layers ({model_cfg.num_layers}) is not divisible by "
+            f"model.pipeline_model_parallel_size ({pp})"
+        )
+    for key, allowed in (
+        ("normalization", NORMALIZATIONS),
+        ("activation", ACTIVATIONS),
+        ("position_embedding_type", POSITION_EMBEDDINGS),
+    ):
+        if model_cfg[key] not in allowed:
+            raise ValueError(f"model.{key} must be one of {list(allowed)}, got {model_cfg[key]!r}")
+    if model_cfg.encoder_seq_length > model_cfg.max_position_embeddings:
+        raise ValueError(
+            f"model.encoder_seq_length ({model_cfg.encoder_seq_length}) exceeds "
+            f"model.max_position_embeddings ({model_cfg.max_position_embeddings})"
+        )
+
+
+def transformer_config(model_cfg, finalize_model_grads_func=None) -> TransformerConfig:
+    """Translate the NeMo-style ``model`` keys into megatron's TransformerConfig.
+
+    Fusions that need apex/TE or CUDA kernels are off unless TE is present.
+    """
+    swiglu = model_cfg.activation == "swiglu"
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups or model_cfg.num_attention_heads,
+        kv_channels=model_cfg.hidden_size // model_cfg.num_attention_heads,
+        normalization=model_cfg.normalization,
+        layernorm_epsilon=model_cfg.layernorm_epsilon,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=model_cfg.bias,
+        hidden_dropout=model_cfg.hidden_dropout,
+        attention_dropout=model_cfg.attention_dropout,
+        init_method_std=model_cfg.init_method_std,
+        tensor_model_parallel_size=model_cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=model_cfg.pipeline_model_parallel_size,
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        perform_initialization=False,  # models/init_weights.py initialises layout-independently
+        use_cpu_initialization=False,
+        bias_activation_fusion=HAVE_TE and model_cfg.bias,
+        bias_dropout_fusion=HAVE_TE,
+        masked_softmax_fusion=HAVE_TE,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        finalize_model_grads_func=finalize_model_grads_func,
+    )
+
+
+def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig) -> GPTModel:
+    """The GPTModel for this pipeline stage (embedding on the first, output layer on the last)."""
+    if HAVE_TE:
+        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        layer_spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+    tp = model_cfg.tensor_model_parallel_size
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by, tp),
+        max_sequence_length=model_cfg.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,  # logits stay vocab-parallel: log-probs never gather them
+        share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
+        position_embedding_type=model_cfg.position_embedding_type,
+        rotary_base=model_cfg.rotary_base,
+    )

@@ -1,0 +1,112 @@
+"""One DPO global batch through megatron-core's microbatch scheduler.
+
+A global batch arrives as this DP rank's list of microbatches (whole pairs,
+chosen and rejected interleaved). The same forward step serves the reference
+pass (forward only, reference weights swapped in, log-probs stored on the
+microbatch) and the policy pass (forward + backward through the preference loss).
+megatron's schedule runs them without pipelining or with 1F1B at PP > 1, and
+divides each microbatch's loss by the number of microbatches; with equal-sized
+microbatches and the gradient averaged over DP by ``finalize_model_grads``,
+the gradient is that of the global-batch mean loss at any layout.
+"""
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemo_dpo.losses.logprobs import vocab_parallel_log_probs
+from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss
+
+METRICS = (
+    "loss",
+    "preference_loss",
+    "sft_loss",
+    "accuracy",
+    "rewards_chosen_mean",
+    "rewards_rejected_mean",
+    "reward_margin",
+)
+
+
+class DPOStep:
+    def __init__(self, model, loss_cfg: PreferenceLossConfig, vocab_size: int):
+        self.model = model
+        self.loss_cfg = loss_cfg
+        self.vocab_size = vocab_size
+
+    def _forward_step(self, loss_func, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(loss_func, batch)
+
+    def _token_log_probs(self, batch, logits):
+        return vocab_parallel_log_probs(logits, batch["labels"], self.vocab_size)
+
+    def _store_reference(self, batch, logits):
+        batch["ref_log_probs"] = self._token_log_probs(batch, logits).detach()
+        return logits.new_zeros(()), {}
+
+    def _policy_loss(self, batch, logits):
+        token_log_probs = self._token_log_probs(batch, logits)
+        return preference_loss(
+            self.loss_cfg, token_log_probs, batch["ref_log_probs"], batch["loss_mask"], batch["gt_rewards"]
+        )
+
+    def _run(self, microbatches, loss_func, forward_only):
+        tokens = microbatches[0]["tokens"]
+        return get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_func),
+            data_iterator=iter(microbatches),
+            model=[self.model],
+            num_microbatches=len(microbatches),
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=forward_only,
+        )
+
+    def reference(self, microbatches, reference_policy) -> None:
+        """Fill ``ref_log_probs`` on each microbatch (last pipeline stage) from the reference policy."""
+        with reference_policy.swapped_in(), torch.no_grad():
+            self._run(microbatches, self._store_reference, forward_only=True)
+
+    def policy(self, microbatches, forward_only: bool = False) -> dict:
+        """Policy forward (and backward unless forward_only); returns DP-averaged metrics on every rank.
+
+        Gradients are left in the DDP buffers for the optimizer.
+        """
+        stats = self._run(microbatches, self._policy_loss, forward_only=forward_only)
+        return reduce_metrics(stats)
+
+
+def reduce_metrics(microbatch_stats: list) -> dict:
+    """Average per-microbatch statistics over the batch and the DP ranks; every rank gets them.
+
+    Only the last pipeline stage has statistics. Each DP replica contributes its
+    local mean once (from TP rank 0), and one all-reduce over the world both
+    averages over DP and brings the result to rank 0, which logs.
+    """
+    values = torch.zeros(len(METRICS), dtype=torch.float64)
+    contributes = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    if contributes:
+        chosen = torch.cat([s["rewards_chosen"] for s in microbatch_stats]).double()
+        rejected = torch.cat([s["rewards_rejected"] for s in microbatch_stats]).double()
+        mean = lambda key: torch.stack([s[key] for s in microbatch_stats]).double().mean()  # noqa: E731
+        values = torch.stack(
+            [
+                mean("loss"),
+                mean("preference_loss"),
+                mean("sft_loss"),
+                (chosen > rejected).double().mean(),
+                chosen.mean(),
+                rejected.mean(),
+                (chosen - rejected).mean(),
+            ]
+        ).cpu()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    values = values.to(device)
+    dist.all_reduce(values)
+    values /= parallel_state.get_data_parallel_world_size()
+    return dict(zip(METRICS, values.tolist()))

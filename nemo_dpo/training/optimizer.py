@@ -1,0 +1,65 @@
+"""megatron-core DDP, optimizer and LR schedule, configured from ``model.optim``."""
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+# name -> decoupled weight decay. NeMo's fused_adam / distributed_fused_adam are AdamW.
+OPTIMIZERS = {"adamw": True, "adam": False, "fused_adam": True, "distributed_fused_adam": True}
+
+
+def uses_distributed_optimizer(optim_cfg) -> bool:
+    return optim_cfg.use_distributed_optimizer or optim_cfg.name == "distributed_fused_adam"
+
+
+def wrap_ddp(model, config, optim_cfg) -> DistributedDataParallel:
+    """Wrap in megatron DDP (contiguous fp32 grad buffers) and wire gradient finalisation.
+
+    ``finalize_model_grads`` is what all-reduces gradients across data-parallel
+    ranks (and tied embeddings across pipeline stages); without it megatron's
+    schedule leaves every DP rank with its own gradient.
+    """
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=uses_distributed_optimizer(optim_cfg),
+    )
+    ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_model.no_sync
+    return ddp_model
+
+
+def build_optimizer(ddp_model, optim_cfg, grad_clip: float):
+    """Adam(W) over all trainable parameters; no weight decay on biases and norms (megatron's rule)."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim_cfg.lr,
+        min_lr=optim_cfg.sched.min_lr,
+        weight_decay=optim_cfg.weight_decay,
+        adam_beta1=optim_cfg.betas[0],
+        adam_beta2=optim_cfg.betas[1],
+        adam_eps=optim_cfg.eps,
+        decoupled_weight_decay=OPTIMIZERS[optim_cfg.name],
+        clip_grad=grad_clip,
+        use_distributed_optimizer=uses_distributed_optimizer(optim_cfg),
+    )
+    return get_megatron_optimizer(config, [ddp_model])
+
+
+def build_scheduler(optimizer, optim_cfg, total_steps: int) -> OptimizerParamScheduler:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at the last step."""
+    warmup = min(optim_cfg.sched.warmup_steps, max(total_steps - 1, 0))
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim_cfg.lr,
+        min_lr=optim_cfg.sched.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style="cosine",
+        start_wd=optim_cfg.weight_decay,
+        end_wd=optim_cfg.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,213 @@
+"""The DPO training loop, top to bottom.
+
+setup: tokenizer -> data -> model (layout-independent init) -> DDP -> optimizer
+and schedule -> reference policy. Each step: take the next global batch of pairs,
+keep this DP rank's share, split it into microbatches, compute reference
+log-probs (reference weights swapped in), run the policy forward/backward, step
+the optimizer. Validation runs every ``val_check_interval`` steps and at the end.
+"""
+
+import itertools
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from nemo_dpo.config import data_files, preference_loss_config
+from nemo_dpo.data.batching import collate_microbatches, dp_shard, global_batches
+from nemo_dpo.data.preference_dataset import read_preference_jsonl, tokenize_pairs
+from nemo_dpo.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer
+from nemo_dpo.distributed.init import Layout
+from nemo_dpo.models.gpt import build_gpt, transformer_config
+from nemo_dpo.models.init_weights import init_weights
+from nemo_dpo.training.dpo_step import DPOStep
+from nemo_dpo.training.metrics_log import MetricsLog
+from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from nemo_dpo.training.reference import ReferencePolicy
+
+
+def log0(layout: Layout, message: str) -> None:
+    if layout.rank == 0:
+        print(message, flush=True)
+
+
+def load_tokenizer(cfg, train_file: str, layout: Layout) -> SentencePieceTokenizer:
+    """The configured tokenizer, or one trained on the training data by rank 0 and sent to all ranks.
+
+    Sending the model bytes (rather than training on every node) guarantees every
+    rank uses the identical vocabulary, with or without a shared filesystem.
+    """
+    tok_cfg = cfg.model.tokenizer
+    if tok_cfg.model is not None:
+        return SentencePieceTokenizer(tok_cfg.model)
+    cache_dir = os.path.expanduser(tok_cfg.cache_dir)
+    payload = [None, None]
+    if layout.rank == 0:
+        tokenizer = load_or_train_tokenizer(None, [train_file], tok_cfg.vocab_size, cache_dir)
+        with open(tokenizer.model_path, "rb") as f:
+            payload = [os.path.basename(tokenizer.model_path), f.read()]
+    dist.broadcast_object_list(payload, src=0)
+    if layout.rank == 0:
+        return tokenizer
+    name, blob = payload
+    path = os.path.join(cache_dir, name)
+    if not os.path.isfile(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".spm_recv_")
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    return SentencePieceTokenizer(path)
+
+
+def load_pairs(path: str, tokenizer, model_cfg, split: str, layout: Layout):
+    pairs, stats = tokenize_pairs(
+        read_preference_jsonl(path), tokenizer, model_cfg.encoder_seq_length, model_cfg.data.overflow
+    )
+    log0(
+        layout,
+        f"{split}: {stats['pairs']} pairs from {path} (longest {stats['max_len']} tokens, "
+        f"{stats['truncated']} prompt-truncated and {stats['dropped']} dropped by "
+        f"model.data.overflow={model_cfg.data.overflow}, encoder_seq_length={model_cfg.encoder_seq_length})",
+    )
+    if len(pairs) < model_cfg.global_batch_size:
+        raise ValueError(
+            f"{path}: {len(pairs)} usable pairs, fewer than model.global_batch_size ({model_cfg.global_batch_size})"
+        )
+    return pairs
+
+
+def pair_tokens(pair) -> int:
+    return 2 * len(pair.prompt) + len(pair.chosen) + len(pair.rejected)
+
+
+class DPOTrainer:
+    def __init__(self, cfg, layout: Layout):
+        self.cfg, self.layout = cfg, layout
+        m = cfg.model
+        files = data_files(cfg)
+        self.tokenizer = load_tokenizer(cfg, files["train"], layout)
+        self.train_pairs = load_pairs(files["train"], self.tokenizer, m, "train", layout)
+        self.val_pairs = load_pairs(files["validation"], self.tokenizer, m, "validation", layout)
+
+        self.config = transformer_config(m)
+        model = build_gpt(m, self.tokenizer.vocab_size, self.config).to(layout.device)
+        init_weights(model, self.config, m.seed)
+        self.model = wrap_ddp(model, self.config, m.optim)
+        self.reference = ReferencePolicy(self.model)
+
+        dpo = cfg.trainer.dpo
+        self.steps_per_epoch = len(self.train_pairs) // m.global_batch_size
+        by_epochs = dpo.max_epochs * self.steps_per_epoch
+        self.total_steps = by_epochs if dpo.max_steps < 0 else min(dpo.max_steps, by_epochs)
+        self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val)
+        self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
+        self.step_fn = DPOStep(self.model, preference_loss_config(cfg), self.tokenizer.vocab_size)
+
+        self.log_dir = cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
+        self.metrics = MetricsLog(self.log_dir, enabled=layout.rank == 0)
+        if layout.rank == 0:
+            OmegaConf.save(cfg, os.path.join(self.log_dir, "config.yaml"), resolve=True)
+        self.step = 0
+        self._val_reference = {}
+
+    # -- one global batch -------------------------------------------------------------
+
+    def microbatches(self, global_pairs: list) -> list:
+        """This DP rank's share of a global batch, as microbatches on the compute device."""
+        local = dp_shard(global_pairs, self.layout.dp_rank, self.layout.dp)
+        mbs = collate_microbatches(local, self.cfg.model.micro_batch_size, self.tokenizer.pad_id)
+        return [{k: v.to(self.layout.device) for k, v in mb.items()} for mb in mbs]
+
+    def forward_backward(self, global_pairs: list) -> dict:
+        """Reference pass, then policy forward/backward; gradients are left in the DDP buffers."""
+        microbatches = self.microbatches(global_pairs)
+        self.step_fn.reference(microbatches, self.reference)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return self.step_fn.policy(microbatches)
+
+    def optimizer_step(self) -> dict:
+        self.scheduler.step(1)  # the schedule's value for this step (warmup starts above 0)
+        lr = self.optimizer.param_groups[0]["lr"]
+        success, grad_norm, _ = self.optimizer.step()
+        if not success:
+            raise RuntimeError(f"optimizer step {self.step} failed (non-finite gradients)")
+        self.step += 1
+        return {"grad_norm": float(grad_norm), "lr": lr}
+
+    def train_step(self, global_pairs: list) -> dict:
+        start = time.perf_counter()
+        metrics = self.forward_backward(global_pairs)
+        metrics.update(self.optimizer_step())
+        elapsed = time.perf_counter() - start
+        metrics["tokens_per_sec"] = sum(map(pair_tokens, global_pairs)) / elapsed
+        return metrics
+
+    # -- validation ---------------------------------------------------------------------
+
+    def validate(self) -> dict:
+        """Mean metrics over the validation split (whole global batches), dropout off.
+
+        The reference never changes, so its validation log-probs are computed once.
+        """
+        m, dpo = self.cfg.model, self.cfg.trainer.dpo
+        batches = [
+            self.val_pairs[i : i + m.global_batch_size]
+            for i in range(0, len(self.val_pairs) - m.global_batch_size + 1, m.global_batch_size)
+        ]
+        if dpo.limit_val_batches >= 0:
+            batches = batches[: dpo.limit_val_batches]
+        start, rows = time.perf_counter(), []
+        self.model.eval()
+        for index, pairs in enumerate(batches):
+            microbatches = self.microbatches(pairs)
+            if index not in self._val_reference:
+                self.step_fn.reference(microbatches, self.reference)
+                self._val_reference[index] = [mb.get("ref_log_probs") for mb in microbatches]
+            for mb, ref in zip(microbatches, self._val_reference[index]):
+                mb["ref_log_probs"] = ref
+            with torch.no_grad():
+                rows.append(self.step_fn.policy(microbatches, forward_only=True))
+        self.model.train()
+        metrics = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+        tokens = sum(pair_tokens(p) for pairs in batches for p in pairs)
+        metrics["tokens_per_sec"] = tokens / (time.perf_counter() - start)
+        return metrics
+
+    def log(self, split: str, metrics: dict, console: bool = True) -> dict:
+        row = {"step": self.step, "split": split, **metrics}
+        row["consumed_samples"] = self.step * self.cfg.model.global_batch_size
+        self.metrics.write(row, console)
+        return row
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        """Train for ``total_steps``; returns the last validation row."""
+        m, dpo = self.cfg.model, self.cfg.trainer.dpo
+        log0(
+            self.layout,
+            f"training {self.total_steps} steps: TP={self.layout.tp} PP={self.layout.pp} DP={self.layout.dp}, "
+            f"global batch {m.global_batch_size} pairs = {m.micro_batch_size} x "
+            f"{m.global_batch_size // (m.micro_batch_size * self.layout.dp)} microbatches x DP {self.layout.dp}; "
+            f"logs in {self.log_dir}",
+        )
+        last_val = None
+        for epoch in itertools.count():
+            if self.step >= self.total_steps:
+                break
+            for indices in global_batches(len(self.train_pairs), m.global_batch_size, m.seed, epoch):
+                if self.step >= self.total_steps:
+                    break
+                metrics = self.train_step([self.train_pairs[i] for i in indices])
+                console = self.step % dpo.log_interval == 0 or self.step == self.total_steps
+                self.log("train", metrics, console)
+                if dpo.val_check_interval > 0 and self.step % dpo.val_check_interval == 0:
+                    last_val = self.log("val", self.validate())
+        if last_val is None or last_val["step"] != self.step:
+            last_val = self.log("val", self.validate())
+        return last_val

@@ -1,0 +1,26 @@
+"""nemo-dpo: DPO / IPO / RPO training of megatron-core GPT models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nemo-dpo",
+    version="0.1.0",
+    description="Direct Preference Optimization (DPO, IPO, RPO) for tensor-, pipeline- and data-parallel GPTs on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nemo_dpo", "nemo_dpo.*"]),
+    package_data={"nemo_dpo": ["data/default/*.jsonl"]},
+    install_requires=[
+        # Any torch that megatron-core supports; on a CPU box install the CPU wheel first.
+        "torch>=2.4",
+        # 0.16 is what pip resolves on Python 3.11; GPU containers on Python 3.12 get 0.17+.
+        "megatron-core>=0.16.1,<0.18",
+        "omegaconf>=2.3",
+        "sentencepiece>=0.2",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # Optional GPU accelerators, used when importable: transformer-engine, apex.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)
