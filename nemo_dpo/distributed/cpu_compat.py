@@ -7,13 +7,17 @@ answers exactly those, and nothing is patched when CUDA is available:
 1. ``torch.cuda.current_device()`` is used as the device of new tensors in
    tensor_parallel (mappings, layers, memory buffer), p2p communication, DDP
    buffers, rotary embeddings. Without CUDA it raises; we make it name the CPU.
+   ``torch.cuda.synchronize()`` (after pipeline p2p) has nothing to wait for.
 2. ``pipeline_parallel/schedules.py``, the optimizers, gradient clipping, the
    default causal mask (``transformer/utils.py``) and the fallback multi-tensor
    L2 norm (``utils.py``) create tensors with a literal ``device="cuda"``.
    Those modules get a view of ``torch`` whose factory functions map "cuda" to "cpu".
 3. The model-parallel RNG tracker (``tensor_parallel/random.py``) forks CUDA
    generator states; on CPU it forks the CPU generator instead.
-4. Type-string checks ``param.type() == 'torch.cuda.FloatTensor'`` (optimizers,
+4. With tied embeddings and PP > 1, ``LanguageModule`` moves the shared weight
+   with ``.cuda()`` before all-reducing it across stages; during that call
+   ``Tensor.cuda`` leaves CPU tensors where they are.
+5. Type-string checks ``param.type() == 'torch.cuda.FloatTensor'`` (optimizers,
    gradient clipping) are answered by ``Parameter.type()`` reporting the CUDA
    type name for CPU parameters, and the clipping routine that asserts it on
    ``.grad`` is replaced by an equivalent device-agnostic one.
@@ -147,6 +151,25 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
             grad.detach().mul_(clip_coeff)
 
 
+@contextlib.contextmanager
+def _cuda_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _without_cuda_moves(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with _cuda_is_identity():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 def apply() -> bool:
     """Install the adaptation if there is no CUDA. Idempotent; returns whether active."""
     global _APPLIED
@@ -156,12 +179,14 @@ def apply() -> bool:
         return True
 
     from megatron.core import utils as core_utils
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import utils as transformer_utils
 
     torch.cuda.current_device = _cpu_device
+    torch.cuda.synchronize = lambda device=None: None
     torch_on_cpu = _TorchOnCpu()
     for module in (
         schedules, clip_grads, optimizer, distrib_optimizer, transformer_utils, core_utils
@@ -169,6 +194,9 @@ def apply() -> bool:
         module.torch = torch_on_cpu
     torch.nn.Parameter.type = _parameter_type(torch.nn.Parameter.type)
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    LanguageModule.setup_embeddings_and_output_layer = _without_cuda_moves(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
     tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     tp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

@@ -107,7 +107,10 @@ def transformer_config(model_cfg, finalize_model_grads_func=None) -> Transformer
         pipeline_model_parallel_size=model_cfg.pipeline_model_parallel_size,
         pipeline_dtype=torch.float32,
         params_dtype=torch.float32,
-        perform_initialization=False,  # models/init_weights.py initialises layout-independently
+        # megatron's own init also tags TP-split weights (partition dim, stride), which
+        # sharding, DDP and the grad norm rely on; models/init_weights.py then overwrites
+        # the values with the layout-independent draw.
+        perform_initialization=True,
         use_cpu_initialization=False,
         bias_activation_fusion=HAVE_TE and model_cfg.bias,
         bias_dropout_fusion=HAVE_TE,

@@ -1,0 +1,1 @@
+"""Preference data: the embedded default task, tokenizer, JSONL reading and batching."""

@@ -1,0 +1,88 @@
+"""Deterministic pair ordering, data-parallel sharding and padding into microbatches.
+
+Everything is counted in preference PAIRS; a pair's chosen and rejected
+sequences always travel together (adjacent rows) because the DPO loss compares
+them.
+"""
+
+import numpy as np
+import torch
+
+from nemo_dpo.data.preference_dataset import TokenizedPair
+
+
+def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(num_pairs) that depends only on (seed, epoch), identical on every rank."""
+    return np.random.default_rng([seed, epoch]).permutation(num_pairs).tolist()
+
+
+def global_batches(num_pairs: int, global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Consecutive chunks of the epoch order; the incomplete last batch is dropped."""
+    if not 1 <= global_batch_size <= num_pairs:
+        raise ValueError(
+            f"global_batch_size must be between 1 and the number of pairs ({num_pairs}), got {global_batch_size}"
+        )
+    order = epoch_order(num_pairs, seed, epoch)
+    num_batches = num_pairs // global_batch_size
+    return [order[i * global_batch_size : (i + 1) * global_batch_size] for i in range(num_batches)]
+
+
+def dp_shard(batch: list[int], dp_rank: int, dp_size: int) -> list[int]:
+    """The contiguous block `dp_rank` of `dp_size` equal parts of a global batch."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+    if len(batch) % dp_size:
+        raise ValueError(f"batch of {len(batch)} pairs is not divisible by data-parallel size {dp_size}")
+    shard = len(batch) // dp_size
+    return batch[dp_rank * shard : (dp_rank + 1) * shard]
+
+
+def collate_microbatches(
+    pairs: list[TokenizedPair],
+    micro_batch_size: int,
+    pad_id: int,
+    pad_to: int | None = None,
+    pad_multiple: int = 8,
+) -> list[dict[str, torch.Tensor]]:
+    """Pad `pairs` to one common length S and split them into microbatches of `micro_batch_size` pairs.
+
+    Rows are interleaved (2i = chosen of pair i, 2i+1 = rejected). One S for
+    the whole call keeps tensor shapes identical across the microbatches of a
+    step, which pipeline parallelism requires.
+    """
+    if micro_batch_size < 1 or not pairs or len(pairs) % micro_batch_size:
+        raise ValueError(
+            f"number of pairs ({len(pairs)}) must be a positive multiple of micro_batch_size ({micro_batch_size})"
+        )
+    rows = [(p.prompt, side) for p in pairs for side in (p.chosen, p.rejected)]
+    longest = max(len(prompt) + len(response) for prompt, response in rows)
+    if pad_to is None:
+        seq_len = -(-longest // pad_multiple) * pad_multiple
+    elif longest > pad_to:
+        raise ValueError(f"a sequence of {longest} tokens does not fit pad_to={pad_to}")
+    else:
+        seq_len = pad_to
+
+    tokens = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), seq_len), dtype=torch.float)
+    for row, (prompt, response) in enumerate(rows):
+        sequence = torch.tensor(prompt + response, dtype=torch.long)
+        tokens[row, : len(sequence)] = sequence
+        labels[row, : len(sequence) - 1] = sequence[1:]
+        # Position t predicts token t+1, so response tokens are targets at positions len(prompt)-1 ...
+        loss_mask[row, max(len(prompt) - 1, 0) : len(sequence) - 1] = 1.0
+    position_ids = torch.arange(seq_len, dtype=torch.long).repeat(len(rows), 1)
+    gt_rewards = torch.tensor([r for p in pairs for r in (p.chosen_reward, p.rejected_reward)], dtype=torch.float)
+
+    rows_per_micro = 2 * micro_batch_size
+    return [
+        {
+            "tokens": tokens[start : start + rows_per_micro],
+            "labels": labels[start : start + rows_per_micro],
+            "loss_mask": loss_mask[start : start + rows_per_micro],
+            "position_ids": position_ids[start : start + rows_per_micro],
+            "gt_rewards": gt_rewards[start : start + rows_per_micro],
+        }
+        for start in range(0, len(rows), rows_per_micro)
+    ]
