@@ -1,0 +1,124 @@
+"""What each process does in the multi-rank tests (imported by the spawned processes)."""
+
+import torch
+from megatron.core import parallel_state
+
+from nemo_dpo.config import load_config
+from nemo_dpo.distributed.init import destroy_distributed, init_distributed
+from nemo_dpo.losses.logprobs import vocab_parallel_log_probs
+from nemo_dpo.models.sharding import local_to_global_names
+from nemo_dpo.training.trainer import DPOTrainer
+
+# A small model that still has every moving part: GQA, 2 layers (one per stage at PP=2).
+SMALL = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.global_batch_size=8",
+    "model.micro_batch_size=2",
+    # Adam's first step is lr * g / (|g| + eps); a larger eps keeps gradients at
+    # rounding-noise level from turning into full-size updates of random sign.
+    "model.optim.eps=1e-4",
+    "model.optim.sched.warmup_steps=0",
+]
+
+# Architectures and losses, so that every layout is checked on more than one combination.
+VARIANTS = {
+    "llama_dpo": [],
+    "gpt2_ipo_sft": [
+        "model.activation=gelu",
+        "model.position_embedding_type=learned_absolute",
+        "model.normalization=LayerNorm",
+        "model.share_embeddings_and_output_weights=false",
+        "model.bias=true",
+        "model.num_query_groups=null",
+        "model.dpo.preference_loss=ipo",
+        "model.dpo.sft_loss_weight=0.5",
+        "model.dpo.preference_average_log_probs=true",
+    ],
+    "rpo_fwd_kl": ["model.dpo.preference_loss=rpo_fwd_kl", "model.dpo.gt_reward_scale=2.0"],
+    "rpo_bwd_kl": ["model.dpo.preference_loss=rpo_bwd_kl"],
+    "rpo_sq_sft_avg": [
+        "model.dpo.preference_loss=rpo_sq",
+        "model.dpo.sft_loss_weight=0.1",
+        "model.dpo.sft_average_log_probs=true",
+    ],
+    "dpo_label_smoothing": ["model.dpo.label_smoothing=0.1"],
+    "llama_dpo_distopt": ["model.optim.use_distributed_optimizer=true"],
+    # The global batch of 8 pairs in 1, 2 and 4 microbatches (SMALL has 4 at DP=1).
+    "llama_dpo_1mb": ["model.micro_batch_size=8"],
+    "llama_dpo_2mb": ["model.micro_batch_size=4"],
+}
+
+
+def _tp_attrs(param):
+    return {
+        "tensor_model_parallel": getattr(param, "tensor_model_parallel", False),
+        "partition_dim": getattr(param, "partition_dim", -1),
+        "partition_stride": getattr(param, "partition_stride", 1),
+    }
+
+
+def one_step(trainer: DPOTrainer) -> dict:
+    """One optimizer step on the first global batch; loss, grads (before the step) and new weights."""
+    pairs = trainer.train_pairs[: trainer.cfg.model.global_batch_size]
+    metrics = trainer.forward_backward(pairs)
+    module = trainer.model.module
+    names = local_to_global_names(module, trainer.config)
+    use_grads = not trainer.cfg.model.optim.use_distributed_optimizer  # sharded grads otherwise
+    grads = {names[n]: p.main_grad.detach().clone() for n, p in module.named_parameters()} if use_grads else {}
+    metrics.update(trainer.optimizer_step())
+    return {
+        "metrics": metrics,
+        "grads": grads,
+        "weights": {names[n]: p.detach().clone() for n, p in module.named_parameters()},
+        "attrs": {names[n]: _tp_attrs(p) for n, p in module.named_parameters()},
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+    }
+
+
+def layout_steps(tp: int, pp: int, variants: list, log_dir: str, cache_dir: str, extra=()) -> dict:
+    """In one process group: one step for each named variant (plus ``extra`` overrides)."""
+    layout = init_distributed(tp, pp, seed=1234)
+    results = {}
+    try:
+        for name in variants:
+            overrides = SMALL + VARIANTS[name] + list(extra) + [
+                f"model.tensor_model_parallel_size={tp}",
+                f"model.pipeline_model_parallel_size={pp}",
+                f"model.tokenizer.cache_dir={cache_dir}",
+                f"exp_manager.explicit_log_dir={log_dir}/{name}",
+            ]
+            results[name] = one_step(DPOTrainer(load_config("gpt_dpo", overrides), layout))
+        if tp > 1:
+            results["logprobs"] = vocab_parallel_logprob_check()
+    finally:
+        destroy_distributed()
+    return results
+
+
+def vocab_parallel_logprob_check() -> dict:
+    """Log-probs and their gradient from this rank's vocab slice, for comparison with a full softmax."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    gen = torch.Generator().manual_seed(0)
+    padded_vocab, vocab = 128, 120  # the last 8 ids are padding
+    full_logits = torch.randn(3, 5, padded_vocab, generator=gen) * 4
+    target = torch.randint(0, vocab, (3, 5), generator=gen)
+    upstream = torch.randn(3, 5, generator=gen)
+    shard = padded_vocab // tp
+    local = full_logits[..., tp_rank * shard : (tp_rank + 1) * shard].clone().requires_grad_(True)
+    log_probs = vocab_parallel_log_probs(local, target, vocab)
+    (log_probs * upstream).sum().backward()
+    return {
+        "full_logits": full_logits,
+        "target": target,
+        "upstream": upstream,
+        "vocab": vocab,
+        "log_probs": log_probs.detach(),
+        "local_grad": local.grad,
+        "shard": (tp_rank * shard, (tp_rank + 1) * shard),
+    }
