@@ -103,6 +103,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
     if model.optim.name not in OPTIMIZERS:
         raise ConfigError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {model.optim.name!r}")
+    if model.optim.sched.name != "CosineAnnealing":
+        raise ConfigError(f"model.optim.sched.name must be 'CosineAnnealing', got {model.optim.sched.name!r}")
     if model.data.overflow not in ("truncate_prompt", "drop"):
         raise ConfigError(
             f"model.data.overflow must be one of ['truncate_prompt', 'drop'], got {model.data.overflow!r}"

@@ -75,6 +75,7 @@ def check_model_config(model_cfg) -> None:
     ):
         if model_cfg[key] not in allowed:
             raise ValueError(f"model.{key} must be one of {list(allowed)}, got {model_cfg[key]!r}")
+    padded_vocab_size(1, model_cfg.make_vocab_size_divisible_by, tp)  # checks divisibility by TP
     if model_cfg.encoder_seq_length > model_cfg.max_position_embeddings:
         raise ValueError(
             f"model.encoder_seq_length ({model_cfg.encoder_seq_length}) exceeds "

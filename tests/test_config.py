@@ -1,0 +1,79 @@
+"""Bad configuration fails before any work starts, with a message naming the key and the values."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nemo_dpo.config import ConfigError, load_config, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def check(overrides, world_size=1):
+    validate(load_config("gpt_dpo", overrides), world_size)
+
+
+def test_defaults_are_valid_for_one_and_two_processes():
+    check([], 1)
+    check([], 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, pattern",
+    [
+        (["model.tensor_model_parallel_size=2"], 3, r"world size 3 is not divisible by model.tensor_model_parallel_size \(2\) x model.pipeline_model_parallel_size \(1\)"),
+        (["model.pipeline_model_parallel_size=3"], 4, r"world size 4 .* model.pipeline_model_parallel_size \(3\) = 3"),
+        (["model.num_attention_heads=6", "model.hidden_size=120", "model.tensor_model_parallel_size=4"], 4, r"model.num_attention_heads \(6\) is not divisible by model.tensor_model_parallel_size \(4\)"),
+        (["model.hidden_size=130"], 1, r"model.hidden_size \(130\) is not divisible by model.num_attention_heads \(4\)"),
+        (["model.num_query_groups=3"], 1, r"model.num_query_groups \(3\) must divide model.num_attention_heads \(4\)"),
+        (["model.global_batch_size=30"], 2, r"model.global_batch_size \(30\) is not divisible by model.micro_batch_size \(4\) x data-parallel size \(2\) = 8"),
+        (["model.dpo.preference_loss=kto"], 1, r"model.dpo.preference_loss must be one of \['dpo', 'ipo', 'rpo_fwd_kl', 'rpo_bwd_kl', 'rpo_sq'\], got 'kto'"),
+        (["model.data.data_prefix.train=/nonexistent/train.jsonl"], 1, r"model.data.data_prefix.train: file /nonexistent/train.jsonl does not exist"),
+        (["model.data.data_prefix.validation=/nonexistent/val.jsonl"], 1, r"model.data.data_prefix.validation: file /nonexistent/val.jsonl does not exist"),
+        (["model.num_layers=3", "model.pipeline_model_parallel_size=2"], 2, r"model.num_layers \(3\) is not divisible by model.pipeline_model_parallel_size \(2\)"),
+        (["model.activation=relu"], 1, r"model.activation must be one of \['gelu', 'swiglu'\], got 'relu'"),
+        (["model.optim.name=sgd"], 1, r"model.optim.name must be one of .*got 'sgd'"),
+        (["model.optim.sched.name=WarmupHold"], 1, r"model.optim.sched.name must be 'CosineAnnealing', got 'WarmupHold'"),
+        (["model.data.overflow=wrap"], 1, r"model.data.overflow must be one of \['truncate_prompt', 'drop'\], got 'wrap'"),
+        (["model.encoder_seq_length=128"], 1, r"model.encoder_seq_length \(128\) exceeds model.max_position_embeddings \(64\)"),
+        (["model.make_vocab_size_divisible_by=90", "model.tensor_model_parallel_size=4", "model.ffn_hidden_size=512"], 4, r"model.make_vocab_size_divisible_by \(90\) must be divisible by model.tensor_model_parallel_size \(4\)"),
+    ],
+)
+def test_bad_values_are_named(overrides, world_size, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        check(overrides, world_size)
+
+
+def test_unknown_key_and_wrong_type_and_bad_syntax():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.dpo.beta'"):
+        load_config("gpt_dpo", ["model.dpo.beta=0.1"])
+    with pytest.raises(ConfigError, match=r"model.micro_batch_size: expected int, got 'four'"):
+        load_config("gpt_dpo", ["model.micro_batch_size=four"])
+    with pytest.raises(ConfigError, match=r"model.dpo.sft_average_log_probs: expected a boolean, got 1"):
+        load_config("gpt_dpo", ["model.dpo.sft_average_log_probs=1"])
+    with pytest.raises(ConfigError, match=r"override 'model.seed' is not of the form key=value"):
+        load_config("gpt_dpo", ["model.seed"])
+    with pytest.raises(ConfigError, match=r"no_such_config.yaml not found"):
+        load_config("no_such_config")
+
+
+def test_overrides_apply():
+    cfg = load_config("gpt_dpo", ["model.dpo.preference_loss=ipo", "model.optim.lr=5e-4", "model.optim.weight_decay=0"])
+    assert cfg.model.dpo.preference_loss == "ipo"
+    assert cfg.model.optim.lr == 5e-4
+    assert cfg.model.optim.weight_decay == 0  # an int where a float is expected is fine
+
+
+def test_cli_fails_fast_with_the_message(tmp_path):
+    """The training script exits with status 2 before initialising anything."""
+    env = {**os.environ, "WORLD_SIZE": "3"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "train_dpo.py"), "model.tensor_model_parallel_size=2",
+         f"exp_manager.explicit_log_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "config error: world size 3 is not divisible by model.tensor_model_parallel_size (2)" in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -1,0 +1,89 @@
+"""The CPU adaptation of megatron-core: inert with CUDA, and each answer correct without it.
+
+(The multi-rank tests exercise it end to end: TP, PP, DP, DDP and the distributed
+optimizer on gloo.)
+"""
+
+import pytest
+import torch
+
+from nemo_dpo.distributed import cpu_compat
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the adaptation is for machines without CUDA")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def applied():
+    assert cpu_compat.apply() is True
+    assert cpu_compat.apply() is True  # idempotent
+
+
+def test_inactive_when_cuda_is_available(monkeypatch):
+    monkeypatch.setattr(cpu_compat, "_APPLIED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_compat.needed() is False
+    assert cpu_compat.apply() is False
+
+
+def test_cuda_device_requests_land_on_cpu():
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    assert torch.cuda.current_device() == torch.device("cpu")
+    assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+    assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
+    assert schedules.torch.tensor([1.0], device="cuda").device.type == "cpu"
+    assert schedules.torch.is_tensor is torch.is_tensor  # everything else is torch itself
+    mask = get_default_causal_mask(3)
+    assert mask.tolist() == [[False, True, True], [False, False, True], [False, False, False]]
+    torch.cuda.synchronize()  # nothing to wait for, and no error
+
+
+def test_rng_tracker_forks_the_cpu_generator():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    assert isinstance(tracker, cpu_compat.CpuRNGStatesTracker)
+    saved = tracker.get_states()
+    tracker.reset()
+    try:
+        tracker.add("stream", 7)
+        torch.manual_seed(0)
+        outer_expected = torch.rand(3)
+        torch.manual_seed(0)
+        with tracker.fork("stream"):
+            first = torch.rand(3)
+        outer = torch.rand(3)
+        with tracker.fork("stream"):
+            second = torch.rand(3)
+        torch.testing.assert_close(first, torch.rand(3, generator=torch.Generator().manual_seed(7)))
+        assert not torch.equal(first, second)  # the stream advances
+        torch.testing.assert_close(outer, outer_expected)  # the default stream is untouched
+        with pytest.raises(ValueError, match="already exists"):
+            tracker.add("other", 7)
+        with pytest.raises(ValueError, match="not added"):
+            with tracker.fork("missing"):
+                pass
+    finally:
+        tracker.reset()
+        tracker.set_states(saved)
+
+
+def test_parameter_type_reports_cuda_names_for_megatron_checks():
+    assert torch.nn.Parameter(torch.zeros(2)).type() == "torch.cuda.FloatTensor"
+    assert torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)).type() == "torch.cuda.BFloat16Tensor"
+    assert torch.zeros(2).type() == "torch.FloatTensor"  # plain tensors are unaffected
+    assert torch.nn.Parameter(torch.zeros(2)).type(torch.float64).dtype == torch.float64
+
+
+def test_gradient_clipping_scales_by_total_norm():
+    from megatron.core.optimizer import optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+    params[0].grad = torch.tensor([3.0, 0.0])
+    params[1].grad = torch.tensor([4.0])
+    optimizer.clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=5.0)
+    torch.testing.assert_close(params[0].grad, torch.tensor([0.6, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(params[1].grad, torch.tensor([0.8]), atol=1e-6, rtol=0)
+    optimizer.clip_grad_by_total_norm_fp32(params, max_norm=10.0, total_norm=1.0)  # below the limit: untouched
+    torch.testing.assert_close(params[1].grad, torch.tensor([0.8]), atol=1e-6, rtol=0)
