@@ -2,8 +2,13 @@
 
 import warnings
 
-# megatron-core warns at import time when the optional GPU accelerators are absent;
-# on CPU that is expected, and the fallbacks it names are the ones we use.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+# megatron-core warns when the optional GPU accelerators are absent (expected on CPU:
+# the fallbacks it names are the ones we use) and about its own config defaults.
+for _message in (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 __version__ = "0.1.0"

@@ -1,0 +1,42 @@
+"""The README's first command: the embedded default run learns the task (real torchrun, 2 processes)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {
+    "step", "split", "loss", "preference_loss", "sft_loss", "accuracy", "rewards_chosen_mean",
+    "rewards_rejected_mean", "reward_margin", "consumed_samples", "tokens_per_sec",
+}
+
+
+def test_torchrun_default_job_learns(tmp_path):
+    # No arguments, as a new user runs it: logs go to ./runs/<name> under the working
+    # directory and the tokenizer is trained into ~/.cache (both redirected into tmp_path).
+    env = {**os.environ, "HOME": str(tmp_path)}
+    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    cmd = f"{torchrun} --nproc_per_node 2 {os.path.join(ROOT, 'examples', 'train_dpo.py')}"
+    proc = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    rows = [json.loads(line) for line in open(tmp_path / "runs" / "megatron_gpt_dpo" / "metrics.jsonl")]
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["step"] for r in train] == list(range(1, 126))
+    assert all(KEYS | {"grad_norm", "lr"} <= set(r) for r in train)
+    assert all(KEYS <= set(r) for r in val)
+    assert [r["step"] for r in val] == [25, 50, 75, 100, 125]
+    assert train[0]["loss"] == train[0]["preference_loss"]
+    assert abs(train[0]["loss"] - 0.6931472) < 1e-6  # policy == reference at step 1
+    assert train[0]["reward_margin"] == 0.0
+    assert train[-1]["consumed_samples"] == 125 * 32
+    last = val[-1]
+    assert last["accuracy"] >= 0.9, last
+    assert last["reward_margin"] > 0, last
+    assert last["loss"] < 0.5 * val[0]["loss"] or last["loss"] < 0.3, val
+    assert os.path.isfile(tmp_path / "runs" / "megatron_gpt_dpo" / "config.yaml")
+    assert any(name.startswith("spm_") for name in os.listdir(tmp_path / ".cache" / "nemo_dpo"))
+    assert "val step 125" in proc.stdout
