@@ -33,7 +33,7 @@ def test_defaults_are_valid_for_one_and_two_processes():
         (["model.data.data_prefix.train=/nonexistent/train.jsonl"], 1, r"model.data.data_prefix.train: file /nonexistent/train.jsonl does not exist"),
         (["model.data.data_prefix.validation=/nonexistent/val.jsonl"], 1, r"model.data.data_prefix.validation: file /nonexistent/val.jsonl does not exist"),
         (["model.num_layers=3", "model.pipeline_model_parallel_size=2"], 2, r"model.num_layers \(3\) is not divisible by model.pipeline_model_parallel_size \(2\)"),
-        (["model.activation=relu"], 1, r"model.activation must be one of \['gelu', 'swiglu'\], got 'relu'"),
+        (["model.activation=relu"], 1, r"model.activation must be one of \['gelu', 'gelu_tanh', 'swiglu'\], got 'relu'"),
         (["model.optim.name=sgd"], 1, r"model.optim.name must be one of .*got 'sgd'"),
         (["model.optim.sched.name=WarmupHold"], 1, r"model.optim.sched.name must be 'CosineAnnealing', got 'WarmupHold'"),
         (["model.data.overflow=wrap"], 1, r"model.data.overflow must be one of \['truncate_prompt', 'drop'\], got 'wrap'"),

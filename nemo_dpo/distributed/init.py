@@ -1,9 +1,9 @@
 """Process-group and model-parallel setup from torchrun's environment."""
 
 import os
-from datetime import timedelta
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch

@@ -1,5 +1,7 @@
 """Build a megatron-core GPTModel for this rank's pipeline stage from the ``model`` config."""
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -18,7 +20,12 @@ except ImportError:
     HAVE_TE = False
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-ACTIVATIONS = ("gelu", "swiglu")
+# gelu_tanh is GPT-2's "gelu_new" (the tanh approximation).
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "swiglu": F.silu,
+}
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 
 
@@ -99,7 +106,7 @@ def transformer_config(model_cfg, finalize_model_grads_func=None) -> Transformer
         normalization=model_cfg.normalization,
         layernorm_epsilon=model_cfg.layernorm_epsilon,
         gated_linear_unit=swiglu,
-        activation_func=F.silu if swiglu else F.gelu,
+        activation_func=ACTIVATIONS[model_cfg.activation],
         add_bias_linear=model_cfg.bias,
         hidden_dropout=model_cfg.hidden_dropout,
         attention_dropout=model_cfg.attention_dropout,
@@ -113,7 +120,7 @@ def transformer_config(model_cfg, finalize_model_grads_func=None) -> Transformer
         # the values with the layout-independent draw.
         perform_initialization=True,
         use_cpu_initialization=False,
-        bias_activation_fusion=HAVE_TE and model_cfg.bias,
+        bias_activation_fusion=HAVE_TE and model_cfg.bias and model_cfg.activation != "gelu_tanh",
         bias_dropout_fusion=HAVE_TE,
         masked_softmax_fusion=HAVE_TE,
         apply_rope_fusion=False,

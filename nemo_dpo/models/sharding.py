@@ -8,6 +8,7 @@ checkpoint conversion are both built on this one mapping.
 import re
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 _LAYER = re.compile(r"^(.*decoder\.layers\.)(\d+)(\..*)$")
@@ -55,3 +56,22 @@ def local_to_global_names(model, config) -> dict:
     tied = getattr(model, "share_embeddings_and_output_weights", False)
     return {name: global_name(name, offset, tied) for name, _ in model.named_parameters()}
 
+
+
+def load_global_state_dict(model, config, full_state: dict) -> None:
+    """Copy each local parameter's slice out of a whole-model (TP=1, PP=1) state dict."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    names = local_to_global_names(model, config)
+    with torch.no_grad():
+        for local, param in model.named_parameters():
+            name = names[local]
+            if name not in full_state:
+                raise KeyError(f"parameter {name} is missing from the state dict")
+            full = full_state[name]
+            if tuple(full.shape) != full_shape(param, tp):
+                raise ValueError(
+                    f"parameter {name}: the state dict has shape {tuple(full.shape)}, "
+                    f"the model expects {full_shape(param, tp)}"
+                )
+            param.copy_(tp_slice(full.to(param.dtype), param, tp_rank, tp))
