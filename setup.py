@@ -17,9 +17,10 @@ setup(
         "omegaconf>=2.3",
         "sentencepiece>=0.2",
         "numpy",
+        "psutil",  # megatron-core dist_checkpointing needs it
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "transformers"],  # transformers: reference models for the HF conversion tests
         # Optional GPU accelerators, used when importable: transformer-engine, apex.
         "gpu": ["transformer-engine[pytorch]"],
     },

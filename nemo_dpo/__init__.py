@@ -8,6 +8,9 @@ for _message in (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed",
     "full scope is deprecated",
+    # torch's DCP, called by megatron's dist_checkpointing, about its own internals.
+    "Please use DTensor instead",
+    "`load_state_dict` is deprecated",
 ):
     warnings.filterwarnings("ignore", message=_message)
 

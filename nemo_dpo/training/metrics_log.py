@@ -6,12 +6,21 @@ import sys
 
 
 class MetricsLog:
-    def __init__(self, log_dir: str, enabled: bool):
+    """``metrics.jsonl`` of a run; a resumed run keeps the rows up to its checkpoint's step."""
+
+    def __init__(self, log_dir: str, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(log_dir, "metrics.jsonl")
-        if enabled:
-            os.makedirs(log_dir, exist_ok=True)
-            open(self.path, "w").close()
+        if not enabled:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        kept = []
+        if resume_step > 0 and os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def write(self, row: dict, console: bool = True) -> None:
         if not self.enabled:

@@ -1,16 +1,20 @@
 """The DPO training loop, top to bottom.
 
-setup: tokenizer -> data -> model (layout-independent init) -> DDP -> optimizer
-and schedule -> reference policy. Each step: take the next global batch of pairs,
+setup: tokenizer -> data -> model (layout-independent init, or the weights of
+``model.restore_from_path``) -> DDP -> reference policy (a snapshot of those
+initial weights) -> optimizer and schedule -> resume from the newest complete
+checkpoint if there is one. Each step: take the next global batch of pairs,
 keep this DP rank's share, split it into microbatches, compute reference
 log-probs (reference weights swapped in), run the policy forward/backward, step
-the optimizer. Validation runs every ``val_check_interval`` steps and at the end.
+the optimizer. Validation runs every ``val_check_interval`` steps and at the
+end; checkpoints every ``save_interval`` steps and at the end.
 """
 
 import itertools
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,7 @@ from nemo_dpo.data.tokenizer import SentencePieceTokenizer, load_or_train_tokeni
 from nemo_dpo.distributed.init import Layout
 from nemo_dpo.models.gpt import build_gpt, transformer_config
 from nemo_dpo.models.init_weights import init_weights
+from nemo_dpo.training import checkpoint
 from nemo_dpo.training.dpo_step import DPOStep
 from nemo_dpo.training.metrics_log import MetricsLog
 from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -95,7 +100,12 @@ class DPOTrainer:
 
         self.config = transformer_config(m)
         model = build_gpt(m, self.tokenizer.vocab_size, self.config).to(layout.device)
-        init_weights(model, self.config, m.seed)
+        if m.restore_from_path is None:
+            init_weights(model, self.config, m.seed)
+        else:
+            checkpoint.check_compatible(Path(m.restore_from_path), m)
+            checkpoint.load(Path(m.restore_from_path), model)
+            log0(layout, f"initial policy and reference: {m.restore_from_path}")
         self.model = wrap_ddp(model, self.config, m.optim)
         self.reference = ReferencePolicy(self.model)
 
@@ -108,11 +118,57 @@ class DPOTrainer:
         self.step_fn = DPOStep(self.model, preference_loss_config(cfg), self.tokenizer.vocab_size)
 
         self.log_dir = cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
-        self.metrics = MetricsLog(self.log_dir, enabled=layout.rank == 0)
+        self.checkpoint_dir = Path(self.log_dir) / "checkpoints"
+        self.step = self.saved_step = 0
+        if cfg.exp_manager.resume_if_exists:
+            self.resume()
+        self.metrics = MetricsLog(self.log_dir, enabled=layout.rank == 0, resume_step=self.step)
         if layout.rank == 0:
             OmegaConf.save(cfg, os.path.join(self.log_dir, "config.yaml"), resolve=True)
-        self.step = 0
         self._val_reference = {}
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def progress(self) -> dict:
+        """Where training stands; the data position follows from the step and these."""
+        m = self.cfg.model
+        return {
+            "step": self.step,
+            "consumed_samples": self.step * m.global_batch_size,
+            "train_pairs": len(self.train_pairs),
+            "global_batch_size": m.global_batch_size,
+            "seed": m.seed,
+        }
+
+    def save_checkpoint(self) -> None:
+        common = {"config": OmegaConf.to_container(self.cfg, resolve=True), "progress": self.progress()}
+        state = checkpoint.sharded_state(self.model, self.optimizer, self.scheduler, common)
+        folder = checkpoint.save(
+            checkpoint.step_dir(self.checkpoint_dir, self.step), state, self.cfg.checkpoint.keep_last_k
+        )
+        self.saved_step = self.step
+        log0(self.layout, f"checkpoint: saved {folder}")
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint in the log dir, if any (rank 0 decides)."""
+        found = [None]
+        if self.layout.rank == 0:
+            found = [checkpoint.newest_complete(self.checkpoint_dir)]
+        dist.broadcast_object_list(found, src=0)
+        if found[0] is None:
+            return
+        folder = Path(found[0])
+        checkpoint.check_compatible(folder, self.cfg.model)
+        progress = checkpoint.load(folder, self.model, self.optimizer, self.scheduler)["progress"]
+        for key, value in self.progress().items():
+            if key not in ("step", "consumed_samples") and progress[key] != value:
+                raise checkpoint.CheckpointError(
+                    f"{folder}: saved with {key}={progress[key]}, this run has {key}={value}; the data "
+                    f"position cannot be restored (use a new exp_manager.explicit_log_dir, or "
+                    f"exp_manager.resume_if_exists=false)"
+                )
+        self.step = self.saved_step = progress["step"]
+        log0(self.layout, f"checkpoint: resumed from {folder} at step {self.step}")
 
     # -- one global batch -------------------------------------------------------------
 
@@ -187,8 +243,11 @@ class DPOTrainer:
     # -- the loop -----------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Train for ``total_steps``; returns the last validation row."""
+        """Train for ``total_steps``; returns the last validation row (None if already done)."""
         m, dpo = self.cfg.model, self.cfg.trainer.dpo
+        if self.step >= self.total_steps:
+            log0(self.layout, f"nothing to do: the checkpoint is at step {self.step} of {self.total_steps}")
+            return None
         log0(
             self.layout,
             f"training {self.total_steps} steps: TP={self.layout.tp} PP={self.layout.pp} DP={self.layout.dp}, "
@@ -197,10 +256,11 @@ class DPOTrainer:
             f"logs in {self.log_dir}",
         )
         last_val = None
-        for epoch in itertools.count():
+        for epoch in itertools.count(self.step // self.steps_per_epoch):
             if self.step >= self.total_steps:
                 break
-            for indices in global_batches(len(self.train_pairs), m.global_batch_size, m.seed, epoch):
+            batches = global_batches(len(self.train_pairs), m.global_batch_size, m.seed, epoch)
+            for indices in batches[self.step % self.steps_per_epoch :]:
                 if self.step >= self.total_steps:
                     break
                 metrics = self.train_step([self.train_pairs[i] for i in indices])
@@ -208,6 +268,10 @@ class DPOTrainer:
                 self.log("train", metrics, console)
                 if dpo.val_check_interval > 0 and self.step % dpo.val_check_interval == 0:
                     last_val = self.log("val", self.validate())
+                if dpo.save_interval > 0 and self.step % dpo.save_interval == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
         if last_val is None or last_val["step"] != self.step:
             last_val = self.log("val", self.validate())
+        if self.saved_step != self.step:
+            self.save_checkpoint()
         return last_val

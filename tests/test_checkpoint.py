@@ -1,0 +1,146 @@
+"""Checkpoints: exact resume after kill -9, fallback from torn checkpoints, resharding across layouts."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from checkpoint_scenarios import plain_tensors, steps_with_checkpoint
+from distributed_harness import run_world
+from nemo_dpo.training import checkpoint
+from parallel_scenarios import SMALL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "examples", "train_dpo.py")
+
+
+def torchrun(log_dir, cache, *extra, wait=True):
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", TRAIN]
+    args += SMALL + [
+        "model.num_layers=4",
+        "model.hidden_size=128",
+        "model.ffn_hidden_size=256",
+        "trainer.dpo.max_steps=20",
+        "trainer.dpo.save_interval=10",
+        "trainer.dpo.val_check_interval=10",
+        f"model.tokenizer.cache_dir={cache}",
+        f"exp_manager.explicit_log_dir={log_dir}",
+        *extra,
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def rows(log_dir, split="train"):
+    return [r for r in map(json.loads, open(os.path.join(log_dir, "metrics.jsonl"))) if r["split"] == split]
+
+
+def assert_same_weights(folder_a, folder_b, tmp):
+    a = run_world(1, str(tmp / "load_a"), plain_tensors, str(folder_a))[0]
+    b = run_world(1, str(tmp / "load_b"), plain_tensors, str(folder_b))[0]
+    assert "embedding.word_embeddings.weight" in a and any(k.startswith("optimizer.") for k in a)
+    assert set(a) == set(b)
+    for key in a:
+        if key == "config.exp_manager.explicit_log_dir":
+            continue
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key  # bitwise, model and optimizer state
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    torchrun(tmp / "run", tmp / "cache")
+    return tmp
+
+
+def test_kill_minus_9_and_resume_is_exact(straight_run, tmp_path):
+    straight = straight_run / "run"
+    killed = tmp_path / "run"
+    proc = torchrun(killed, straight_run / "cache", wait=False)
+    marker = killed / "checkpoints" / "step_10" / checkpoint.MARKER
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
+        time.sleep(0.01)
+    ranks = psutil.Process(proc.pid).children(recursive=True)  # torchrun starts ranks in their own sessions
+    for p in [psutil.Process(proc.pid), *ranks]:
+        p.send_signal(signal.SIGKILL)  # every rank and the launcher, no cleanup
+    proc.wait()
+    psutil.wait_procs(ranks, timeout=30)
+    assert not (killed / "checkpoints" / "step_20").exists(), "killed too late to test anything"
+
+    out = torchrun(killed, straight_run / "cache")
+    assert "step_10 at step 10" in out, out[-3000:]
+    a, b = rows(straight), rows(killed)
+    assert [r["step"] for r in b] == list(range(1, 21))  # each step once, the killed run's tail dropped
+    for key in ("loss", "accuracy", "reward_margin", "grad_norm", "lr"):
+        assert [r[key] for r in a] == [r[key] for r in b], key  # bitwise equal floats
+    assert [r["loss"] for r in rows(straight, "val")] == [r["loss"] for r in rows(killed, "val")]
+    assert_same_weights(straight / "checkpoints" / "step_20", killed / "checkpoints" / "step_20", tmp_path)
+
+
+def test_torn_checkpoints_are_skipped(straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run / "run", run)
+    folder = run / "checkpoints" / "step_20"
+    shard = sorted(folder.glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    messages = []
+    assert checkpoint.newest_complete(run / "checkpoints", messages.append) == run / "checkpoints" / "step_10"
+    assert f"{shard} has" in messages[0] and "truncated" in messages[0]
+
+    # Resuming falls back to step 10, replays steps 11-20 and ends where the straight run ended.
+    out = torchrun(run, straight_run / "cache")
+    assert "not usable" in out and "resumed from" in out and "step_10 at step 10" in out
+    assert [r["loss"] for r in rows(run)] == [r["loss"] for r in rows(straight_run / "run")]
+    assert_same_weights(straight_run / "run" / "checkpoints" / "step_20", folder, tmp_path)
+
+    # A checkpoint without its marker (a save that never finished) is never loaded.
+    (folder / checkpoint.MARKER).unlink()
+    messages.clear()
+    assert checkpoint.newest_complete(run / "checkpoints", messages.append) == run / "checkpoints" / "step_10"
+    assert "COMPLETE.json is missing" in messages[0]
+    (run / "checkpoints" / "step_10" / checkpoint.MARKER).unlink()
+    assert checkpoint.newest_complete(run / "checkpoints", messages.append) is None
+
+
+def test_keep_last_k_and_latest(straight_run):
+    ckpts = straight_run / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_10", "step_20"]
+    assert (ckpts / "latest").read_text() == "step_20"
+    assert not list(ckpts.glob(".tmp_*"))
+
+
+@pytest.mark.parametrize("tp, pp, dp", [(1, 1, 1), (1, 2, 1), (1, 1, 2)])
+def test_checkpoint_from_tp2_loads_at_other_layouts(tmp_path_factory, tp, pp, dp):
+    base = tmp_path_factory.getbasetemp() / "reshard"
+    cache = str(base / "cache")
+    origin = base / "tp2"
+    if not origin.exists():
+        run_world(2, str(base / "out_tp2"), steps_with_checkpoint, 2, 1, str(origin), cache, 1)
+    want = torch.load(base / "out_tp2" / "rank0.pt", weights_only=False)
+    log_dir = tmp_path_factory.mktemp(f"tp{tp}pp{pp}dp{dp}")
+    shutil.copytree(origin / "checkpoints", log_dir / "checkpoints")
+    got = run_world(tp * pp * dp, str(log_dir / "out"), steps_with_checkpoint, tp, pp, str(log_dir), cache, 1)
+    for result in got:
+        assert result["resumed_at"] == 1
+        for g, w in zip(result["after"], want["after"]):  # validation, then steps 2 and 3
+            for key in ("loss", "rewards_chosen_mean", "rewards_rejected_mean", "reward_margin"):
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
+            if "grad_norm" in w:
+                assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5)
