@@ -1,11 +1,14 @@
-"""SentencePiece tokenizer: load a given model, or train a small one on the data and cache it.
+"""Tokenizers: a given SentencePiece model, one trained on the data and cached, or a Hugging Face directory's.
 
 Training on the data itself means the project needs no downloaded tokenizer;
 the cache key covers everything that determines the model, so a cached file is
-only reused for exactly the same inputs.
+only reused for exactly the same inputs. A Hugging Face model directory brings
+its own tokenizer (``tokenizer.model`` or ``tokenizer.json``), which must be used
+with its weights.
 """
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -113,3 +116,99 @@ def load_or_train_tokenizer(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return SentencePieceTokenizer(cached)
+
+
+# What a Hugging Face directory's tokenizer consists of, copied alongside exported weights.
+HF_TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object from an optional file ({} when the file is absent)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _special_token_id(tokenizer, hf_dir: str, kind: str) -> int:
+    """Id of the ``<kind>_token`` (eos, bos, pad), or -1 as SentencePiece reports a missing piece."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(hf_dir, name)
+        token = _read_json(path).get(f"{kind}_token")
+        if isinstance(token, dict):  # older files store an AddedToken's fields
+            token = token.get("content")
+        if token is not None:
+            token_id = tokenizer.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"{path}: {kind}_token {token!r} is not in {os.path.join(hf_dir, 'tokenizer.json')}")
+            return token_id
+    token_id = _read_json(os.path.join(hf_dir, "config.json")).get(f"{kind}_token_id")
+    if isinstance(token_id, list):  # several stop tokens: the first is the one to append
+        token_id = token_id[0] if token_id else None
+    return token_id if isinstance(token_id, int) else -1
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` behind SentencePieceTokenizer's interface.
+
+    Special tokens come from tokenizer_config.json (or special_tokens_map.json) by
+    name, else from config.json by id. ``encode`` adds no BOS/EOS: the dataset
+    appends EOS itself, as with SentencePiece.
+    """
+
+    def __init__(self, hf_dir: str):
+        path = os.path.join(hf_dir, "tokenizer.json")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as err:
+            raise ImportError(f"reading {path} needs the tokenizers package: pip install tokenizers") from err
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as err:  # the Rust library raises a bare Exception
+            raise ValueError(f"{path}: not a valid tokenizer.json ({err})") from err
+        self.model_path = path
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = _special_token_id(self._tok, hf_dir, "eos")
+        self.bos_id = _special_token_id(self._tok, hf_dir, "bos")
+        if self.eos_id < 0:
+            raise ValueError(
+                f"{hf_dir}: the tokenizer defines no EOS token (tokenizer_config.json eos_token or "
+                "config.json eos_token_id); DPO sequences must end with EOS"
+            )
+        pad_id = _special_token_id(self._tok, hf_dir, "pad")
+        self.pad_id = pad_id if pad_id >= 0 else self.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+
+def load_tokenizer_from_dir(hf_dir: str):
+    """The tokenizer of a Hugging Face model directory: ``tokenizer.model`` if present, else ``tokenizer.json``."""
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+        return SentencePieceTokenizer(os.path.join(hf_dir, "tokenizer.model"))
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        return HFTokenizer(hf_dir)
+    raise FileNotFoundError(f"{hf_dir}: no tokenizer found (expected tokenizer.model or tokenizer.json)")
+
+
+def tokenizer_files(hf_dir: str) -> list[str]:
+    """Paths of the tokenizer files present in ``hf_dir``, to copy next to exported weights."""
+    return [os.path.join(hf_dir, name) for name in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, name))]
