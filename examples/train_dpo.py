@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from nemo_dpo.config import CONF_DIR, ConfigError, load_config, validate
+from nemo_dpo.config import CONF_DIR, ConfigError, load_config, prepare
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.training.trainer import DPOTrainer
 
@@ -25,12 +25,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config_name, args.overrides, args.config_path)
-        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        changes = prepare(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
     m = cfg.model
+    if changes and int(os.environ.get("RANK", "0")) == 0:
+        print(f"from {m.restore_from_path}: " + "; ".join(changes), flush=True)
     layout = init_distributed(m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed)
     try:
         DPOTrainer(cfg, layout).fit()

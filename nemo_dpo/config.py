@@ -83,6 +83,21 @@ def data_files(cfg: DictConfig) -> dict:
     return files
 
 
+def prepare(cfg: DictConfig, world_size: int) -> list:
+    """Adopt ``model.restore_from_path``'s architecture and tokenizer, then validate.
+
+    Returns the config changes the initial policy made, one line each.
+    """
+    from nemo_dpo.training.initial_policy import resolve
+
+    try:
+        changes = resolve(cfg.model)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(str(err)) from err
+    validate(cfg, world_size)
+    return changes
+
+
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Everything that can be checked without building the model; raises ConfigError."""
     model = cfg.model

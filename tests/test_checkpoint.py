@@ -144,3 +144,14 @@ def test_checkpoint_from_tp2_loads_at_other_layouts(tmp_path_factory, tp, pp, dp
                 assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
             if "grad_norm" in w:
                 assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5)
+
+
+def test_incompatible_checkpoint_is_named_and_left_alone(straight_run):
+    from nemo_dpo.config import load_config
+
+    folder = straight_run / "run" / "checkpoints" / "step_20"
+    before = checkpoint._manifest(folder)
+    cfg = load_config("gpt_dpo", SMALL + ["model.num_layers=4", "model.hidden_size=256", "model.vocab_size=375"])
+    with pytest.raises(checkpoint.CheckpointError, match=r"step_20: checkpoint has model.hidden_size=128, this run has model.hidden_size=256"):
+        checkpoint.check_compatible(folder, cfg.model)
+    assert checkpoint._manifest(folder) == before and checkpoint.problem(folder) is None

@@ -12,6 +12,14 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 _LAYER = re.compile(r"^(.*decoder\.layers\.)(\d+)(\..*)$")
+# transformer-engine's layer spec fuses the norms into the following linear layer;
+# global names are those of the local spec, whichever spec built the model.
+_TE_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
 
 
 def global_name(local_name: str, layer_offset: int, tied_output: bool) -> str:
@@ -25,6 +33,7 @@ def global_name(local_name: str, layer_offset: int, tied_output: bool) -> str:
     match = _LAYER.match(local_name)
     if match:
         prefix, index, suffix = match.groups()
+        suffix = "." + _TE_NORMS.get(suffix[1:], suffix[1:])
         return f"{prefix}{int(index) + layer_offset}{suffix}"
     return local_name
 

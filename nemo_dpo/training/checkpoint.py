@@ -51,7 +51,10 @@ ARCHITECTURE_KEYS = (
     "activation",
     "bias",
     "share_embeddings_and_output_weights",
+    "vocab_size",
     "make_vocab_size_divisible_by",
+    "rotary_base",
+    "layernorm_epsilon",
 )
 
 
@@ -209,8 +212,13 @@ def sharded_state(model, optimizer=None, scheduler=None, common=None, is_loading
     return state
 
 
-def save(folder: Path, state: dict, keep_last_k: int = 0) -> Path:
-    """Collectively write ``state`` to ``folder`` (``.../step_<N>``) so that it is complete or absent."""
+def save(folder: Path, state: dict, keep_last_k: int = 0, extra_files=None, update_latest: bool = True) -> Path:
+    """Collectively write ``state`` to ``folder`` (``.../step_<N>``) so that it is complete or absent.
+
+    ``extra_files`` ({relative path: source file}) are copied in by rank 0 (the
+    tokenizer). ``update_latest`` points ``<parent>/latest`` at the new checkpoint
+    (a run's checkpoints; not for a standalone converted model).
+    """
     folder = Path(folder)
     root, tmp = folder.parent, folder.parent / f".tmp_{folder.name}"
     rank = dist.get_rank()
@@ -222,13 +230,17 @@ def save(folder: Path, state: dict, keep_last_k: int = 0) -> Path:
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank == 0:
+        for name, source in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / name)
         marker = json.dumps({"files": _manifest(tmp)}, indent=1)
         _write_atomic(tmp / MARKER, marker)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
         _fsync_dir(root)
-        _write_atomic(root / LATEST, folder.name)
+        if update_latest:
+            _write_atomic(root / LATEST, folder.name)
         if keep_last_k > 0:
             for step in _steps(root):
                 old = step_dir(root, step)

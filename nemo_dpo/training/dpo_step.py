@@ -45,9 +45,8 @@ class DPOStep:
     def _token_log_probs(self, batch, logits):
         return vocab_parallel_log_probs(logits, batch["labels"], self.vocab_size)
 
-    def _store_reference(self, batch, logits):
-        batch["ref_log_probs"] = self._token_log_probs(batch, logits).detach()
-        return logits.new_zeros(()), {}
+    def _log_probs_only(self, batch, logits):
+        return logits.new_zeros(()), {"log_probs": self._token_log_probs(batch, logits)}
 
     def _policy_loss(self, batch, logits):
         token_log_probs = self._token_log_probs(batch, logits)
@@ -67,10 +66,20 @@ class DPOStep:
             forward_only=forward_only,
         )
 
+    def log_probs(self, microbatches) -> list:
+        """Per-token log-probs of each microbatch's labels under the current weights (forward only).
+
+        One [rows, seq] tensor per microbatch on the last pipeline stage; an empty list elsewhere.
+        """
+        with torch.no_grad():
+            outputs = self._run(microbatches, self._log_probs_only, forward_only=True)
+        return [out["log_probs"] for out in outputs]
+
     def reference(self, microbatches, reference_policy) -> None:
-        """Fill ``ref_log_probs`` on each microbatch (last pipeline stage) from the reference policy."""
-        with reference_policy.swapped_in(), torch.no_grad():
-            self._run(microbatches, self._store_reference, forward_only=True)
+        """Set ``ref_log_probs`` on each microbatch (last pipeline stage) from the reference policy."""
+        with reference_policy.swapped_in():
+            for mb, log_probs in zip(microbatches, self.log_probs(microbatches)):
+                mb["ref_log_probs"] = log_probs
 
     def policy(self, microbatches, forward_only: bool = False) -> dict:
         """Policy forward (and backward unless forward_only); returns DP-averaged metrics on every rank.

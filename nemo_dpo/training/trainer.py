@@ -23,11 +23,16 @@ from omegaconf import OmegaConf
 from nemo_dpo.config import data_files, preference_loss_config
 from nemo_dpo.data.batching import collate_microbatches, dp_shard, global_batches
 from nemo_dpo.data.preference_dataset import read_preference_jsonl, tokenize_pairs
-from nemo_dpo.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer
+from nemo_dpo.data.tokenizer import (
+    SentencePieceTokenizer,
+    load_or_train_tokenizer,
+    load_tokenizer_from_dir,
+    tokenizer_files,
+)
 from nemo_dpo.distributed.init import Layout
 from nemo_dpo.models.gpt import build_gpt, transformer_config
 from nemo_dpo.models.init_weights import init_weights
-from nemo_dpo.training import checkpoint
+from nemo_dpo.training import checkpoint, initial_policy
 from nemo_dpo.training.dpo_step import DPOStep
 from nemo_dpo.training.metrics_log import MetricsLog
 from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -46,6 +51,8 @@ def load_tokenizer(cfg, train_file: str, layout: Layout) -> SentencePieceTokeniz
     rank uses the identical vocabulary, with or without a shared filesystem.
     """
     tok_cfg = cfg.model.tokenizer
+    if tok_cfg.model is not None and os.path.isdir(tok_cfg.model):
+        return load_tokenizer_from_dir(tok_cfg.model)
     if tok_cfg.model is not None:
         return SentencePieceTokenizer(tok_cfg.model)
     cache_dir = os.path.expanduser(tok_cfg.cache_dir)
@@ -98,13 +105,18 @@ class DPOTrainer:
         self.train_pairs = load_pairs(files["train"], self.tokenizer, m, "train", layout)
         self.val_pairs = load_pairs(files["validation"], self.tokenizer, m, "validation", layout)
 
+        if m.vocab_size is None:
+            m.vocab_size = self.tokenizer.vocab_size
+        elif self.tokenizer.vocab_size > m.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than model.vocab_size ({m.vocab_size})"
+            )
         self.config = transformer_config(m)
-        model = build_gpt(m, self.tokenizer.vocab_size, self.config).to(layout.device)
+        model = build_gpt(m, m.vocab_size, self.config).to(layout.device)
         if m.restore_from_path is None:
             init_weights(model, self.config, m.seed)
         else:
-            checkpoint.check_compatible(Path(m.restore_from_path), m)
-            checkpoint.load(Path(m.restore_from_path), model)
+            initial_policy.load_weights(model, self.config, m)
             log0(layout, f"initial policy and reference: {m.restore_from_path}")
         self.model = wrap_ddp(model, self.config, m.optim)
         self.reference = ReferencePolicy(self.model)
@@ -115,7 +127,7 @@ class DPOTrainer:
         self.total_steps = by_epochs if dpo.max_steps < 0 else min(dpo.max_steps, by_epochs)
         self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val)
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
-        self.step_fn = DPOStep(self.model, preference_loss_config(cfg), self.tokenizer.vocab_size)
+        self.step_fn = DPOStep(self.model, preference_loss_config(cfg), m.vocab_size)
 
         self.log_dir = cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
         self.checkpoint_dir = Path(self.log_dir) / "checkpoints"
@@ -144,10 +156,22 @@ class DPOTrainer:
         common = {"config": OmegaConf.to_container(self.cfg, resolve=True), "progress": self.progress()}
         state = checkpoint.sharded_state(self.model, self.optimizer, self.scheduler, common)
         folder = checkpoint.save(
-            checkpoint.step_dir(self.checkpoint_dir, self.step), state, self.cfg.checkpoint.keep_last_k
+            checkpoint.step_dir(self.checkpoint_dir, self.step),
+            state,
+            self.cfg.checkpoint.keep_last_k,
+            extra_files=self.tokenizer_files(),
         )
         self.saved_step = self.step
         log0(self.layout, f"checkpoint: saved {folder}")
+
+    def tokenizer_files(self) -> dict:
+        """The tokenizer, stored in every checkpoint (``tokenizer/``) so that it is self-contained."""
+        path = self.tokenizer.model_path
+        if isinstance(self.tokenizer, SentencePieceTokenizer):
+            names = {"tokenizer.model": path}
+        else:
+            names = {os.path.basename(f): f for f in tokenizer_files(os.path.dirname(path))}
+        return {f"{initial_policy.TOKENIZER_DIR}/{name}": source for name, source in names.items()}
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint in the log dir, if any (rank 0 decides)."""

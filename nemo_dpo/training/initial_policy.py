@@ -1,0 +1,73 @@
+"""Where the initial policy (and so the reference) comes from: ``model.restore_from_path``.
+
+Either a Hugging Face model folder (``config.json`` + safetensors) or a nemo-dpo
+checkpoint folder. Either way the folder defines the architecture, the
+vocabulary and the tokenizer, so :func:`resolve` copies those into the config
+before anything is built, and :func:`load_weights` fills the built model.
+"""
+
+import os
+from pathlib import Path
+
+from megatron.core import dist_checkpointing, parallel_state
+
+from nemo_dpo.models.gpt import padded_vocab_size
+from nemo_dpo.models.hf_convert import hf_to_global, model_overrides_from_hf, read_hf_config, read_hf_weights
+from nemo_dpo.models.sharding import load_global_state_dict
+from nemo_dpo.training import checkpoint
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _source_settings(path: str) -> dict:
+    """The ``model`` keys a source folder fixes."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model.restore_from_path: {path} is not a folder")
+    if is_hf_dir(path):
+        hf_config = read_hf_config(path)
+        return {**model_overrides_from_hf(hf_config), "vocab_size": hf_config["vocab_size"], "tokenizer.model": path}
+    reason = checkpoint.problem(Path(path))
+    if reason is not None:
+        raise checkpoint.CheckpointError(
+            f"model.restore_from_path: {path} is neither a Hugging Face model folder (no config.json) "
+            f"nor a complete nemo-dpo checkpoint ({reason})"
+        )
+    saved = dist_checkpointing.load_common_state_dict(path)["config"]["model"]
+    settings = {key: saved[key] for key in checkpoint.ARCHITECTURE_KEYS}
+    if os.path.isdir(os.path.join(path, TOKENIZER_DIR)):
+        settings["tokenizer.model"] = os.path.join(path, TOKENIZER_DIR)
+    return settings
+
+
+def resolve(model_cfg) -> list:
+    """Copy the architecture, vocabulary and tokenizer of ``restore_from_path`` into ``model_cfg``.
+
+    Returns a line per key that changed, to tell the user.
+    """
+    if model_cfg.restore_from_path is None:
+        return []
+    changes = []
+    for key, value in _source_settings(model_cfg.restore_from_path).items():
+        section, _, name = key.rpartition(".")
+        node = model_cfg[section] if section else model_cfg
+        if node[name] != value:
+            changes.append(f"model.{key}: {node[name]!r} -> {value!r}")
+            node[name] = value
+    return changes
+
+
+def load_weights(model, config, model_cfg) -> None:
+    """Fill this rank's model with the weights of ``model_cfg.restore_from_path``."""
+    path = model_cfg.restore_from_path
+    if is_hf_dir(path):
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        padded = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp)
+        weights = hf_to_global(read_hf_config(path), read_hf_weights(path), padded)
+        load_global_state_dict(model, config, weights)
+    else:
+        checkpoint.check_compatible(Path(path), model_cfg)
+        checkpoint.load(Path(path), model)
