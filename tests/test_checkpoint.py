@@ -52,7 +52,7 @@ def assert_same_weights(folder_a, folder_b, tmp):
     assert "embedding.word_embeddings.weight" in a and any(k.startswith("optimizer.") for k in a)
     assert set(a) == set(b)
     for key in a:
-        if key == "config.exp_manager.explicit_log_dir":
+        if key in ("config.exp_manager.explicit_log_dir", "config.checkpoint.async_save"):
             continue
         if isinstance(a[key], torch.Tensor):
             assert torch.equal(a[key], b[key]), key  # bitwise, model and optimizer state
@@ -119,6 +119,13 @@ def test_torn_checkpoints_are_skipped(straight_run, tmp_path):
     assert checkpoint.newest_complete(run / "checkpoints", messages.append) is None
 
 
+def test_async_save_writes_the_same_checkpoint(straight_run, tmp_path):
+    out = torchrun(tmp_path / "run", straight_run / "cache", "checkpoint.async_save=true")
+    assert "checkpoint: saved" in out
+    assert [r["loss"] for r in rows(tmp_path / "run")] == [r["loss"] for r in rows(straight_run / "run")]
+    assert_same_weights(straight_run / "run" / "checkpoints" / "step_20", tmp_path / "run" / "checkpoints" / "step_20", tmp_path)
+
+
 def test_keep_last_k_and_latest(straight_run):
     ckpts = straight_run / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_10", "step_20"]
@@ -126,17 +133,29 @@ def test_keep_last_k_and_latest(straight_run):
     assert not list(ckpts.glob(".tmp_*"))
 
 
-@pytest.mark.parametrize("tp, pp, dp", [(1, 1, 1), (1, 2, 1), (1, 1, 2)])
-def test_checkpoint_from_tp2_loads_at_other_layouts(tmp_path_factory, tp, pp, dp):
+DISTOPT = ("model.optim.use_distributed_optimizer=true",)
+RESHARD = {  # name: (saved at (tp, pp, dp), loaded at (tp, pp, dp), extra overrides)
+    "tp2_to_tp1": ((2, 1, 1), (1, 1, 1), ()),
+    "tp2_to_pp2": ((2, 1, 1), (1, 2, 1), ()),
+    "tp2_to_dp2": ((2, 1, 1), (1, 1, 2), ()),
+    "tp1_to_pp2": ((1, 1, 1), (1, 2, 1), ()),
+    "distopt_dp2_to_tp2": ((1, 1, 2), (2, 1, 1), DISTOPT),
+}
+
+
+@pytest.mark.parametrize("case", list(RESHARD))
+def test_checkpoint_loads_at_another_layout(tmp_path_factory, case):
+    """Weights (validation right after loading) and optimizer state (the next two steps) survive resharding."""
+    (tp0, pp0, dp0), (tp, pp, dp), extra = RESHARD[case]
     base = tmp_path_factory.getbasetemp() / "reshard"
     cache = str(base / "cache")
-    origin = base / "tp2"
-    if not origin.exists():
-        run_world(2, str(base / "out_tp2"), steps_with_checkpoint, 2, 1, str(origin), cache, 1)
-    want = torch.load(base / "out_tp2" / "rank0.pt", weights_only=False)
-    log_dir = tmp_path_factory.mktemp(f"tp{tp}pp{pp}dp{dp}")
+    origin = base / f"origin_{tp0}{pp0}{dp0}{len(extra)}"
+    if not origin.exists():  # saved once per origin layout, then reused
+        run_world(tp0 * pp0 * dp0, str(origin / "out"), steps_with_checkpoint, tp0, pp0, str(origin), cache, 1, extra)
+    want = torch.load(origin / "out" / "rank0.pt", weights_only=False)
+    log_dir = tmp_path_factory.mktemp(case)
     shutil.copytree(origin / "checkpoints", log_dir / "checkpoints")
-    got = run_world(tp * pp * dp, str(log_dir / "out"), steps_with_checkpoint, tp, pp, str(log_dir), cache, 1)
+    got = run_world(tp * pp * dp, str(log_dir / "out"), steps_with_checkpoint, tp, pp, str(log_dir), cache, 1, extra)
     for result in got:
         assert result["resumed_at"] == 1
         for g, w in zip(result["after"], want["after"]):  # validation, then steps 2 and 3

@@ -14,9 +14,11 @@ answers exactly those, and nothing is patched when CUDA is available:
    Those modules get a view of ``torch`` whose factory functions map "cuda" to "cpu".
 3. The model-parallel RNG tracker (``tensor_parallel/random.py``) forks CUDA
    generator states; on CPU it forks the CPU generator instead.
-4. With tied embeddings and PP > 1, ``LanguageModule`` moves the shared weight
-   with ``.cuda()`` before all-reducing it across stages; during that call
-   ``Tensor.cuda`` leaves CPU tensors where they are.
+4. Two methods move CPU tensors with ``.cuda()`` before a collective: with tied
+   embeddings and PP > 1, ``LanguageModule`` (the shared weight, all-reduced
+   across stages), and the distributed optimizer when it gathers its state for
+   a reshardable checkpoint. During those calls ``Tensor.cuda`` leaves CPU
+   tensors where they are.
 5. Type-string checks ``param.type() == 'torch.cuda.FloatTensor'`` (optimizers,
    gradient clipping) are answered by ``Parameter.type()`` reporting the CUDA
    type name for CPU parameters, and the clipping routine that asserts it on
@@ -196,6 +198,10 @@ def apply() -> bool:
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
     LanguageModule.setup_embeddings_and_output_layer = _without_cuda_moves(
         LanguageModule.setup_embeddings_and_output_layer
+    )
+    DistributedOptimizer = distrib_optimizer.DistributedOptimizer
+    DistributedOptimizer.get_parameter_state_dp_zero = _without_cuda_moves(
+        DistributedOptimizer.get_parameter_state_dp_zero
     )
     tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     tp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()

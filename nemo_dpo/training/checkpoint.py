@@ -19,10 +19,12 @@ fully reshardable form), so a checkpoint saved at one TP/PP/DP layout loads at
 another.
 """
 
+import contextlib
 import json
 import os
 import random
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 from torch import multiprocessing as mp
 
 MARKER = "COMPLETE.json"
@@ -212,29 +215,44 @@ def sharded_state(model, optimizer=None, scheduler=None, common=None, is_loading
     return state
 
 
-def save(folder: Path, state: dict, keep_last_k: int = 0, extra_files=None, update_latest: bool = True) -> Path:
+def save(
+    folder: Path, state: dict, keep_last_k: int = 0, extra_files=None, update_latest: bool = True, async_queue=None
+) -> Path:
     """Collectively write ``state`` to ``folder`` (``.../step_<N>``) so that it is complete or absent.
 
     ``extra_files`` ({relative path: source file}) are copied in by rank 0 (the
     tokenizer). ``update_latest`` points ``<parent>/latest`` at the new checkpoint
-    (a run's checkpoints; not for a standalone converted model).
+    (a run's checkpoints; not for a standalone converted model). With an
+    ``async_queue`` (megatron's AsyncCallsQueue) the shards are written in the
+    background and the checkpoint is completed when the queue finalizes the write.
     """
     folder = Path(folder)
-    root, tmp = folder.parent, folder.parent / f".tmp_{folder.name}"
-    rank = dist.get_rank()
-    if rank == 0:
+    tmp = folder.parent / f".tmp_{folder.name}"
+    if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     _writer_results_queue_without_spawn()
-    dist_checkpointing.save(state, str(tmp))
+    finish = partial(_complete, folder, tmp, keep_last_k, extra_files or {}, update_latest)
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        finish()
+    else:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request.add_finalize_fn(finish)
+        async_queue.schedule_async_request(request)
+    return folder
+
+
+def _complete(folder: Path, tmp: Path, keep_last_k: int, extra_files: dict, update_latest: bool) -> None:
+    """After every rank has written its shards: marker, rename, ``latest``, then pruning (rank 0)."""
     dist.barrier()
-    if rank == 0:
-        for name, source in (extra_files or {}).items():
+    if dist.get_rank() == 0:
+        root = folder.parent
+        for name, source in extra_files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / name)
-        marker = json.dumps({"files": _manifest(tmp)}, indent=1)
-        _write_atomic(tmp / MARKER, marker)
+        _write_atomic(tmp / MARKER, json.dumps({"files": _manifest(tmp)}, indent=1))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -242,14 +260,11 @@ def save(folder: Path, state: dict, keep_last_k: int = 0, extra_files=None, upda
         if update_latest:
             _write_atomic(root / LATEST, folder.name)
         if keep_last_k > 0:
-            for step in _steps(root):
-                old = step_dir(root, step)
-                if old != folder and problem(old) is None:
-                    keep_last_k -= 1
-                    if keep_last_k < 1:
-                        shutil.rmtree(old)
+            older = [step_dir(root, s) for s in _steps(root) if step_dir(root, s) != folder]
+            for old in [f for f in older if problem(f) is None][keep_last_k - 1 :]:
+                shutil.rmtree(old)
+        print(f"checkpoint: saved {folder}", flush=True)
     dist.barrier()
-    return folder
 
 
 def check_compatible(folder: Path, model_cfg) -> dict:
@@ -267,6 +282,45 @@ def check_compatible(folder: Path, model_cfg) -> dict:
     return common
 
 
+@contextlib.contextmanager
+def _torch_adam_fallback(optimizer):
+    """Work around megatron 0.16's distributed optimizer on torch's AdamW (no TE, no apex).
+
+    torch's AdamW keeps a per-parameter ``step`` that megatron's fused optimizers
+    don't have, and loading trips three times: ``state_dict()`` needs a ``step``
+    in every parameter's state (megatron's initialiser creates only the moments);
+    ``load_state_dict`` copies every state key from the checkpoint's
+    per-parameter tensors, which carry no ``step``; and it gives all parameters
+    one shared ``step`` tensor, which torch then increments once per parameter.
+    So: create the full state first, keep the restored ``step`` in that copy, and
+    give each parameter its own ``step`` afterwards. The checkpoint fills the rest.
+    """
+    chained = [] if HAVE_APEX_OR_TE or optimizer is None else getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in chained:
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                state = opt.optimizer.state[param]
+                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+                state.setdefault("exp_avg", torch.zeros_like(param))
+                state.setdefault("exp_avg_sq", torch.zeros_like(param))
+        if isinstance(opt, DistributedOptimizer):
+            opt._set_main_param_and_optimizer_states = partial(_set_states_keeping_step, opt)
+    yield
+    for opt in chained:
+        opt.__dict__.pop("_set_main_param_and_optimizer_states", None)
+        for state in opt.optimizer.state.values():
+            state["step"] = state["step"].clone()
+
+
+def _set_states_keeping_step(opt, model_param, tensors):
+    group_index, group_order = opt.model_param_group_index_map[model_param]
+    main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+    step = opt.optimizer.state[main_param].get("step")
+    if "step" not in tensors and step is not None:
+        tensors = {**tensors, "step": step.clone()}
+    DistributedOptimizer._set_main_param_and_optimizer_states(opt, model_param, tensors)
+
+
 def load(folder: Path, model, optimizer=None, scheduler=None) -> dict:
     """Load model (and optimizer, scheduler, and RNG where the layout matches) from ``folder``.
 
@@ -276,16 +330,17 @@ def load(folder: Path, model, optimizer=None, scheduler=None) -> dict:
     if reason is not None:
         raise CheckpointError(f"cannot load {folder}: {reason}")
     common = dist_checkpointing.load_common_state_dict(str(folder))
-    state = sharded_state(model, optimizer, scheduler, is_loading=True)
-    if optimizer is None:
-        state = {"model": state["model"]}
-    elif tuple(common.get("layout", ())) != _layout():
-        del state["rng_state"]  # RNG streams belong to ranks; another layout starts from its seeds
-    loaded = dist_checkpointing.load(state, str(folder))
-    _unwrap(model).load_state_dict(loaded["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-        scheduler.load_state_dict(loaded["scheduler"])
-        if "rng_state" in state:
-            _set_rng_state(loaded["rng_state"])
+    with _torch_adam_fallback(optimizer):
+        state = sharded_state(model, optimizer, scheduler, is_loading=True)
+        if optimizer is None:
+            state = {"model": state["model"]}
+        elif tuple(common.get("layout", ())) != _layout():
+            del state["rng_state"]  # RNG streams belong to ranks; another layout starts from its seeds
+        loaded = dist_checkpointing.load(state, str(folder))
+        _unwrap(model).load_state_dict(loaded["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+            scheduler.load_state_dict(loaded["scheduler"])
+            if "rng_state" in state:
+                _set_rng_state(loaded["rng_state"])
     return common

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from omegaconf import OmegaConf
 
 from nemo_dpo.config import data_files, preference_loss_config
@@ -131,6 +132,10 @@ class DPOTrainer:
 
         self.log_dir = cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
         self.checkpoint_dir = Path(self.log_dir) / "checkpoints"
+        async_save = cfg.checkpoint.async_save
+        if async_save is None:
+            async_save = torch.cuda.is_available()
+        self.async_queue = AsyncCallsQueue() if async_save else None
         self.step = self.saved_step = 0
         if cfg.exp_manager.resume_if_exists:
             self.resume()
@@ -155,14 +160,19 @@ class DPOTrainer:
     def save_checkpoint(self) -> None:
         common = {"config": OmegaConf.to_container(self.cfg, resolve=True), "progress": self.progress()}
         state = checkpoint.sharded_state(self.model, self.optimizer, self.scheduler, common)
-        folder = checkpoint.save(
+        checkpoint.save(
             checkpoint.step_dir(self.checkpoint_dir, self.step),
             state,
             self.cfg.checkpoint.keep_last_k,
             extra_files=self.tokenizer_files(),
+            async_queue=self.async_queue,
         )
         self.saved_step = self.step
-        log0(self.layout, f"checkpoint: saved {folder}")
+
+    def finish_checkpoints(self, blocking: bool) -> None:
+        """Complete background checkpoint writes that are done (all of them if ``blocking``)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
 
     def tokenizer_files(self) -> dict:
         """The tokenizer, stored in every checkpoint (``tokenizer/``) so that it is self-contained."""
@@ -288,6 +298,7 @@ class DPOTrainer:
                 if self.step >= self.total_steps:
                     break
                 metrics = self.train_step([self.train_pairs[i] for i in indices])
+                self.finish_checkpoints(blocking=False)
                 console = self.step % dpo.log_interval == 0 or self.step == self.total_steps
                 self.log("train", metrics, console)
                 if dpo.val_check_interval > 0 and self.step % dpo.val_check_interval == 0:
@@ -298,4 +309,5 @@ class DPOTrainer:
             last_val = self.log("val", self.validate())
         if self.saved_step != self.step:
             self.save_checkpoint()
+        self.finish_checkpoints(blocking=True)
         return last_val
