@@ -8,7 +8,6 @@ with its weights.
 """
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ import tempfile
 import sentencepiece as spm
 
 from nemo_dpo.data.preference_dataset import read_preference_jsonl
+from nemo_dpo.models.hf_convert import read_json_object
 
 # Bump when the training options below change, so old cached models are not reused.
 TOKENIZER_FORMAT_VERSION = 1
@@ -129,25 +129,11 @@ HF_TOKENIZER_FILES = (
 )
 
 
-def _read_json(path: str) -> dict:
-    """A JSON object from an optional file ({} when the file is absent)."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _special_token_id(tokenizer, hf_dir: str, kind: str) -> int:
     """Id of the ``<kind>_token`` (eos, bos, pad), or -1 as SentencePiece reports a missing piece."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = os.path.join(hf_dir, name)
-        token = _read_json(path).get(f"{kind}_token")
+        token = read_json_object(path).get(f"{kind}_token")
         if isinstance(token, dict):  # older files store an AddedToken's fields
             token = token.get("content")
         if token is not None:
@@ -155,7 +141,7 @@ def _special_token_id(tokenizer, hf_dir: str, kind: str) -> int:
             if token_id is None:
                 raise ValueError(f"{path}: {kind}_token {token!r} is not in {os.path.join(hf_dir, 'tokenizer.json')}")
             return token_id
-    token_id = _read_json(os.path.join(hf_dir, "config.json")).get(f"{kind}_token_id")
+    token_id = read_json_object(os.path.join(hf_dir, "config.json")).get(f"{kind}_token_id")
     if isinstance(token_id, list):  # several stop tokens: the first is the one to append
         token_id = token_id[0] if token_id else None
     return token_id if isinstance(token_id, int) else -1

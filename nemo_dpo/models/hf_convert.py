@@ -45,19 +45,26 @@ _BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq
 # ---------------------------------------------------------------- config.json -> model section
 
 
+def read_json_object(path: str) -> dict:
+    """A JSON object from an optional file ({} when the file is absent)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_hf_config(hf_dir: str) -> dict:
     """``<hf_dir>/config.json`` as a dict."""
     path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {hf_dir} is not a Hugging Face model directory")
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path)
 
 
 def _family(hf_config: dict) -> str:
