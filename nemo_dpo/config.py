@@ -41,11 +41,22 @@ def _check_types(merged, base, prefix=""):
 
 
 def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR) -> DictConfig:
-    """``<config_dir>/<config_name>.yaml`` with dotlist overrides applied."""
+    """``<config_dir>/<config_name>.yaml`` with dotlist overrides applied.
+
+    A config may start from another with ``base_config: <name>`` and list only
+    what differs (conf/gpt_dpo_lora.yaml does).
+    """
     path = Path(config_dir) / f"{config_name}.yaml"
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (--config-path / --config-name)")
     base = OmegaConf.load(path)
+    if "base_config" in base:
+        parent = load_config(base.pop("base_config"), (), config_dir)
+        OmegaConf.set_struct(parent, True)
+        try:
+            base = OmegaConf.merge(parent, base)
+        except Exception as err:
+            raise ConfigError(f"{path}: key {getattr(err, 'full_key', err)!r} is not in the base config") from err
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -118,6 +129,20 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
     if model.optim.name not in OPTIMIZERS:
         raise ConfigError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {model.optim.name!r}")
+    if model.peft.peft_scheme not in ("none", "lora"):
+        raise ConfigError(f"model.peft.peft_scheme must be 'none' or 'lora', got {model.peft.peft_scheme!r}")
+    if model.peft.peft_scheme == "lora":
+        from nemo_dpo.models.lora import TARGETS
+
+        lora = model.peft.lora_tuning
+        unknown = sorted(set(lora.target_modules) - set(TARGETS))
+        if unknown or not lora.target_modules:
+            raise ConfigError(
+                f"model.peft.lora_tuning.target_modules: got {list(lora.target_modules)}, expected a non-empty "
+                f"list of {sorted(TARGETS)}"
+            )
+        if lora.adapter_dim < 1:
+            raise ConfigError(f"model.peft.lora_tuning.adapter_dim must be >= 1, got {lora.adapter_dim}")
     if model.optim.sched.name != "CosineAnnealing":
         raise ConfigError(f"model.optim.sched.name must be 'CosineAnnealing', got {model.optim.sched.name!r}")
     if model.data.overflow not in ("truncate_prompt", "drop"):

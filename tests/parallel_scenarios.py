@@ -47,6 +47,13 @@ VARIANTS = {
     ],
     "dpo_label_smoothing": ["model.dpo.label_smoothing=0.1"],
     "llama_dpo_distopt": ["model.optim.use_distributed_optimizer=true"],
+    "lora": [
+        "model.peft.peft_scheme=lora",
+        "model.peft.lora_tuning.adapter_dim=4",
+        "model.peft.lora_tuning.alpha=8",
+        "model.peft.lora_tuning.target_modules=[attention_qkv,attention_dense,mlp_fc1,mlp_fc2]",
+        "model.optim.lr=1e-2",
+    ],
     # The global batch of 8 pairs in 1, 2 and 4 microbatches (SMALL has 4 at DP=1).
     "llama_dpo_1mb": ["model.micro_batch_size=8"],
     "llama_dpo_2mb": ["model.micro_batch_size=4"],
@@ -68,13 +75,16 @@ def one_step(trainer: DPOTrainer) -> dict:
     module = trainer.model.module
     names = local_to_global_names(module, trainer.config)
     use_grads = not trainer.cfg.model.optim.use_distributed_optimizer  # sharded grads otherwise
-    grads = {names[n]: p.main_grad.detach().clone() for n, p in module.named_parameters()} if use_grads else {}
+    trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    grads = {names[n]: p.main_grad.detach().clone() for n, p in trained} if use_grads else {}
+    frozen = {names[n]: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     metrics.update(trainer.optimizer_step())
     return {
         "metrics": metrics,
         "grads": grads,
         "weights": {names[n]: p.detach().clone() for n, p in module.named_parameters()},
         "attrs": {names[n]: _tp_attrs(p) for n, p in module.named_parameters()},
+        "frozen_before_step": frozen,
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
     }

@@ -8,9 +8,12 @@ from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.training.trainer import DPOTrainer
 
 
-def score(source: str, tp: int, pp: int, log_dir: str, tokens: torch.Tensor):
-    """Per-token log-probs of ``tokens[:, 1:]`` under the policy restored from ``source`` (rank-0 of the last stage)."""
-    overrides = [
+def score(source: str, tp: int, pp: int, log_dir: str, tokens: torch.Tensor, config_name="gpt_dpo", extra=()):
+    """Per-token log-probs of ``tokens[:, 1:]`` under the policy restored from ``source`` (rank-0 of the last stage).
+
+    A ``log_dir`` holding checkpoints resumes from them (a LoRA run's adapters, say).
+    """
+    overrides = [*extra,
         f"model.restore_from_path={source}",
         f"model.tensor_model_parallel_size={tp}",
         f"model.pipeline_model_parallel_size={pp}",
@@ -18,7 +21,7 @@ def score(source: str, tp: int, pp: int, log_dir: str, tokens: torch.Tensor):
         "model.global_batch_size=8",
         "model.micro_batch_size=2",
     ]
-    cfg = load_config("gpt_dpo", overrides)
+    cfg = load_config(config_name, overrides)
     prepare(cfg, world_size=tp * pp)
     layout = init_distributed(tp, pp, cfg.model.seed)
     try:

@@ -7,6 +7,7 @@ every loss; and the global batch split into 1, 2 or 4 microbatches must give
 the same gradients.
 """
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -71,8 +72,17 @@ def test_microbatch_split_gives_same_gradients(baseline):
             torch.testing.assert_close(grad, want["grads"][name], atol=1e-6, rtol=1e-4)
 
 
+def test_lora_starts_at_ln2_and_leaves_the_base_alone(baseline):
+    lora = baseline["lora"]
+    assert lora["metrics"]["loss"] == torch.tensor(math.log(2)).item()  # B = 0: policy == reference
+    assert lora["frozen_before_step"] and set(lora["grads"]) == {n for n in lora["weights"] if "_lora." in n}
+    for name, before in lora["frozen_before_step"].items():
+        assert torch.equal(lora["weights"][name], before), name  # bitwise unchanged
+    assert any(not torch.equal(lora["weights"][n], torch.zeros_like(lora["weights"][n])) for n in lora["grads"] if n.endswith("lora_b"))
+
+
 def test_tensor_parallel_2(baseline, workdir):
-    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg"]
+    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora"]
     ranks = _launch(workdir, "tp2", 2, 1, variants)
     for variant in variants:
         assert_same_step(baseline, ranks, variant)

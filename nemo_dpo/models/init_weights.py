@@ -28,20 +28,26 @@ def init_tensor(name: str, shape: tuple, seed: int, std: float, num_layers: int)
 
     Biases 0, norm scales 1, matrices N(0, std); the projections that write into
     the residual stream use std / sqrt(2 * num_layers) (GPT-2's scaled init).
+    LoRA: B is 0 (the adapted model starts as the base), A is N(0, 1 / fan_in).
     """
-    if len(shape) == 1:
-        return torch.zeros(shape) if name.endswith("bias") else torch.ones(shape)
+    if len(shape) == 1 or name.endswith("lora_b"):
+        return torch.zeros(shape) if name.endswith(("bias", "lora_b")) else torch.ones(shape)
+    if name.endswith("lora_a"):
+        std = 1.0 / math.sqrt(shape[1])
+        return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, name))
     if name.endswith(_SCALED_OUTPUTS):
         std = std / math.sqrt(2.0 * num_layers)
     return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, name))
 
 
-def init_weights(model, config, seed: int) -> None:
-    """Fill every parameter of this rank's model from the layout-independent draw."""
+def init_weights(model, config, seed: int, trainable_only: bool = False) -> None:
+    """Fill the parameters of this rank's model (or only the trainable ones) from the layout-independent draw."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     names = local_to_global_names(model, config)
     with torch.no_grad():
         for local, param in model.named_parameters():
+            if trainable_only and not param.requires_grad:
+                continue
             full = init_tensor(names[local], full_shape(param, tp), seed, config.init_method_std, config.num_layers)
             param.copy_(tp_slice(full, param, tp_rank, tp))

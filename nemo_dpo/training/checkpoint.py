@@ -34,6 +34,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+from omegaconf import OmegaConf
 from torch import multiprocessing as mp
 
 MARKER = "COMPLETE.json"
@@ -201,9 +202,20 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def _trainable(sharded) -> bool:
+    return getattr(getattr(sharded, "data", None), "requires_grad", False)
+
+
 def sharded_state(model, optimizer=None, scheduler=None, common=None, is_loading=False) -> dict:
-    """What a checkpoint holds: model (+ optimizer, scheduler, RNG) shards and common state."""
+    """What a checkpoint holds: model (+ optimizer, scheduler, RNG) shards and common state.
+
+    When part of the model is frozen (LoRA), only the trainable parameters are
+    stored: the frozen base comes from the run's base (``model.restore_from_path``
+    or the seed), which the checkpoint's config records.
+    """
     state = {"model": _unwrap(model).sharded_state_dict()}
+    if any(not p.requires_grad for p in model.parameters()):
+        state["model"] = {k: v for k, v in state["model"].items() if _trainable(v)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata=OPTIMIZER_METADATA
@@ -267,17 +279,33 @@ def _complete(folder: Path, tmp: Path, keep_last_k: int, extra_files: dict, upda
     dist.barrier()
 
 
+def _load_model_state(module, state: dict, folder) -> None:
+    """Load all parameters, or (frozen base) exactly the trainable ones."""
+    frozen = any(not p.requires_grad for p in module.parameters())
+    missing, unexpected = module.load_state_dict(state, strict=not frozen)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    if unexpected or set(missing) & trainable:
+        raise CheckpointError(
+            f"{folder}: parameters missing from the checkpoint: {sorted(set(missing) & trainable)}; "
+            f"unexpected: {sorted(unexpected)}"
+        )
+
+
 def check_compatible(folder: Path, model_cfg) -> dict:
     """The checkpoint's common state, after checking its architecture matches ``model_cfg``."""
     common = dist_checkpointing.load_common_state_dict(str(folder))
     saved = (common.get("config") or {}).get("model")
     if saved is None:
         raise CheckpointError(f"{folder}: no model config in the checkpoint (not a nemo-dpo checkpoint?)")
-    for key in ARCHITECTURE_KEYS:
-        if saved.get(key) != model_cfg[key]:
+    keys = list(ARCHITECTURE_KEYS)
+    if (saved.get("peft") or {}).get("peft_scheme", "none") != "none":
+        keys += ["peft", "restore_from_path", "seed"]  # adapters only: the base must be the same
+    for key in keys:
+        want = model_cfg.get(key)
+        want = OmegaConf.to_container(want) if OmegaConf.is_config(want) else want
+        if saved.get(key) != want:
             raise CheckpointError(
-                f"{folder}: checkpoint has model.{key}={saved.get(key)!r}, "
-                f"this run has model.{key}={model_cfg[key]!r}"
+                f"{folder}: checkpoint has model.{key}={saved.get(key)!r}, this run has model.{key}={want!r}"
             )
     return common
 
@@ -337,7 +365,7 @@ def load(folder: Path, model, optimizer=None, scheduler=None) -> dict:
         elif tuple(common.get("layout", ())) != _layout():
             del state["rng_state"]  # RNG streams belong to ranks; another layout starts from its seeds
         loaded = dist_checkpointing.load(state, str(folder))
-        _unwrap(model).load_state_dict(loaded["model"])
+        _load_model_state(_unwrap(model), loaded["model"], folder)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
             scheduler.load_state_dict(loaded["scheduler"])

@@ -33,11 +33,12 @@ from nemo_dpo.data.tokenizer import (
 from nemo_dpo.distributed.init import Layout
 from nemo_dpo.models.gpt import build_gpt, transformer_config
 from nemo_dpo.models.init_weights import init_weights
+from nemo_dpo.models.lora import add_lora
 from nemo_dpo.training import checkpoint, initial_policy
 from nemo_dpo.training.dpo_step import DPOStep
 from nemo_dpo.training.metrics_log import MetricsLog
 from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
-from nemo_dpo.training.reference import ReferencePolicy
+from nemo_dpo.training.reference import BaseModelReference, ReferencePolicy
 
 
 def log0(layout: Layout, message: str) -> None:
@@ -119,8 +120,11 @@ class DPOTrainer:
         else:
             initial_policy.load_weights(model, self.config, m)
             log0(layout, f"initial policy and reference: {m.restore_from_path}")
+        self.lora = m.peft.peft_scheme == "lora"
+        if self.lora:
+            add_lora(model, self.config, m.peft.lora_tuning, m.seed)
         self.model = wrap_ddp(model, self.config, m.optim)
-        self.reference = ReferencePolicy(self.model)
+        self.reference = BaseModelReference(self.model) if self.lora else ReferencePolicy(self.model)
 
         dpo = cfg.trainer.dpo
         self.steps_per_epoch = len(self.train_pairs) // m.global_batch_size
