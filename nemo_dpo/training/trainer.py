@@ -123,6 +123,9 @@ class DPOTrainer:
         self.lora = m.peft.peft_scheme == "lora"
         if self.lora:
             add_lora(model, self.config, m.peft.lora_tuning, m.seed)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log0(layout, f"model: {total:,} parameters on rank 0 ({trainable:,} trainable)")
         self.model = wrap_ddp(model, self.config, m.optim)
         self.reference = BaseModelReference(self.model) if self.lora else ReferencePolicy(self.model)
 
