@@ -70,3 +70,17 @@ def test_lora_from_hf_then_merge_and_export(tmp_path):
     theirs = hf_log_probs(exported, TOKENS)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     assert (theirs - hf_log_probs(base_model, TOKENS)).abs().max() > 1e-3  # the adapters changed the policy
+
+
+def test_adapters_come_back_on_after_an_exception():
+    from nemo_dpo.models.lora import LoRAAdapter, adapters_disabled
+
+    model = torch.nn.Module()
+    model.a = LoRAAdapter(torch.nn.Linear(8, 4), "row", rank=2, alpha=4, dropout=0.0, swiglu_fc1=False)
+    model.b = LoRAAdapter(torch.nn.Linear(8, 4), "column", rank=2, alpha=4, dropout=0.0, swiglu_fc1=False)
+    model.b.enabled = False  # already off stays off
+    with pytest.raises(RuntimeError, match="boom"):
+        with adapters_disabled(model):
+            assert not model.a.enabled and not model.b.enabled
+            raise RuntimeError("boom")
+    assert model.a.enabled and not model.b.enabled
