@@ -76,7 +76,9 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
 
 
 def preference_loss_config(cfg: DictConfig) -> PreferenceLossConfig:
-    return PreferenceLossConfig(**OmegaConf.to_container(cfg.model.dpo))
+    settings = OmegaConf.to_container(cfg.model.dpo)
+    settings.pop("reference_logprobs")  # where the reference comes from, not part of the loss
+    return PreferenceLossConfig(**settings)
 
 
 def data_files(cfg: DictConfig) -> dict:
@@ -129,6 +131,10 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
     if model.optim.name not in OPTIMIZERS:
         raise ConfigError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {model.optim.name!r}")
+    if model.dpo.reference_logprobs not in ("online", "precomputed"):
+        raise ConfigError(
+            f"model.dpo.reference_logprobs must be 'online' or 'precomputed', got {model.dpo.reference_logprobs!r}"
+        )
     if model.peft.peft_scheme not in ("none", "lora"):
         raise ConfigError(f"model.peft.peft_scheme must be 'none' or 'lora', got {model.peft.peft_scheme!r}")
     if model.peft.peft_scheme == "lora":

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss, sequence_log_probs
+from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss, response_sums, sequence_log_probs
 
 # Two pairs, rows interleaved (chosen, rejected, chosen, rejected), 3 token positions.
 POLICY = torch.tensor(
@@ -44,7 +44,7 @@ def mean(xs):
 
 
 def run(**kwargs):
-    loss, stats = preference_loss(PreferenceLossConfig(**kwargs), POLICY, REF, MASK, GT)
+    loss, stats = preference_loss(PreferenceLossConfig(**kwargs), POLICY, response_sums(REF, MASK), MASK, GT)
     return loss.item(), stats
 
 
@@ -113,7 +113,7 @@ def test_average_log_probs_and_sft():
 
 
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
-    loss, stats = preference_loss(PreferenceLossConfig(), POLICY, POLICY.clone(), MASK, GT)
+    loss, stats = preference_loss(PreferenceLossConfig(), POLICY, response_sums(POLICY, MASK), MASK, GT)
     assert loss.item() == torch.tensor(math.log(2)).item()  # ln 2, exactly, in fp32
     assert stats["rewards_chosen"].abs().max().item() == 0
     assert stats["rewards_rejected"].abs().max().item() == 0
@@ -121,7 +121,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
 
 def test_gradient_reaches_only_response_tokens():
     policy = POLICY.clone().requires_grad_(True)
-    loss, _ = preference_loss(PreferenceLossConfig(), policy, REF, MASK, GT)
+    loss, _ = preference_loss(PreferenceLossConfig(), policy, response_sums(REF, MASK), MASK, GT)
     loss.backward()
     assert (policy.grad[MASK == 0] == 0).all()
     assert (policy.grad[MASK == 1] != 0).all()

@@ -1,7 +1,9 @@
 """Preference losses over a batch of (chosen, rejected) pairs.
 
-Inputs are per-sequence log-probabilities of the responses, with chosen and
-rejected interleaved (even rows chosen, odd rows rejected), as the batches are.
+Inputs are the policy's per-token log-probabilities and the reference's
+per-sequence sums over the response, with chosen and rejected interleaved (even
+rows chosen, odd rows rejected), as the batches are. The reference only ever
+enters through those sums, which is what lets them be computed once and cached.
 The implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)).
 
 Losses (``model.dpo.preference_loss``), with h = log-ratio margin
@@ -53,12 +55,18 @@ class PreferenceLossConfig:
             raise ValueError(f"model.dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
+def response_sums(token_log_probs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of per-token log-probs over each row's response tokens."""
+    return (token_log_probs * loss_mask).sum(-1)
+
+
+def _per_sequence(sums: torch.Tensor, loss_mask: torch.Tensor, average: bool) -> torch.Tensor:
+    return sums / loss_mask.sum(-1).clamp(min=1) if average else sums
+
+
 def sequence_log_probs(token_log_probs: torch.Tensor, loss_mask: torch.Tensor, average: bool) -> torch.Tensor:
     """Sum (or mean) of per-token log-probs over each row's response tokens."""
-    total = (token_log_probs * loss_mask).sum(-1)
-    if average:
-        return total / loss_mask.sum(-1).clamp(min=1)
-    return total
+    return _per_sequence(response_sums(token_log_probs, loss_mask), loss_mask, average)
 
 
 def _split(rows: torch.Tensor):
@@ -68,18 +76,19 @@ def _split(rows: torch.Tensor):
 def preference_loss(
     cfg: PreferenceLossConfig,
     policy_token_log_probs: torch.Tensor,
-    ref_token_log_probs: torch.Tensor,
+    ref_sums: torch.Tensor,
     loss_mask: torch.Tensor,
     gt_rewards: torch.Tensor,
 ):
     """Total loss and per-pair statistics for one microbatch.
 
-    policy/ref_token_log_probs, loss_mask: [2 * pairs, seq]; gt_rewards: [2 * pairs].
+    policy_token_log_probs, loss_mask: [2 * pairs, seq]; ref_sums (the reference's
+    ``response_sums``), gt_rewards: [2 * pairs].
     Returns (loss, stats) where loss is a scalar to backpropagate and stats holds
     detached per-pair tensors for logging.
     """
     policy = sequence_log_probs(policy_token_log_probs, loss_mask, cfg.preference_average_log_probs)
-    ref = sequence_log_probs(ref_token_log_probs, loss_mask, cfg.preference_average_log_probs)
+    ref = _per_sequence(ref_sums, loss_mask, cfg.preference_average_log_probs)
     beta = cfg.ref_policy_kl_penalty
     chosen_ratio, rejected_ratio = _split(policy - ref)
     margin = chosen_ratio - rejected_ratio

@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_dpo.losses.logprobs import vocab_parallel_log_probs
-from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss
+from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss, response_sums
 
 METRICS = (
     "loss",
@@ -51,7 +51,7 @@ class DPOStep:
     def _policy_loss(self, batch, logits):
         token_log_probs = self._token_log_probs(batch, logits)
         return preference_loss(
-            self.loss_cfg, token_log_probs, batch["ref_log_probs"], batch["loss_mask"], batch["gt_rewards"]
+            self.loss_cfg, token_log_probs, batch["ref_sums"], batch["loss_mask"], batch["gt_rewards"]
         )
 
     def _run(self, microbatches, loss_func, forward_only):
@@ -76,10 +76,10 @@ class DPOStep:
         return [out["log_probs"] for out in outputs]
 
     def reference(self, microbatches, reference_policy) -> None:
-        """Set ``ref_log_probs`` on each microbatch (last pipeline stage) from the reference policy."""
+        """Set ``ref_sums`` (response log-prob sums) on each microbatch (last pipeline stage) from the reference."""
         with reference_policy.swapped_in():
             for mb, log_probs in zip(microbatches, self.log_probs(microbatches)):
-                mb["ref_log_probs"] = log_probs
+                mb["ref_sums"] = response_sums(log_probs, mb["loss_mask"])
 
     def policy(self, microbatches, forward_only: bool = False) -> dict:
         """Policy forward (and backward unless forward_only); returns DP-averaged metrics on every rank.

@@ -34,7 +34,7 @@ from nemo_dpo.distributed.init import Layout
 from nemo_dpo.models.gpt import build_gpt, transformer_config
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora
-from nemo_dpo.training import checkpoint, initial_policy
+from nemo_dpo.training import checkpoint, initial_policy, reference_cache
 from nemo_dpo.training.dpo_step import DPOStep
 from nemo_dpo.training.metrics_log import MetricsLog
 from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -138,6 +138,13 @@ class DPOTrainer:
         self.step_fn = DPOStep(self.model, preference_loss_config(cfg), m.vocab_size)
 
         self.log_dir = cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
+        self.ref_tables = None
+        if m.dpo.reference_logprobs == "precomputed":  # from the initial weights, so before resuming
+            key = reference_cache.cache_key(
+                list(files.values()), list(self.tokenizer_files().values()), self.model, m
+            )
+            splits = {"train": self.train_pairs, "validation": self.val_pairs}
+            self.ref_tables = reference_cache.load_or_compute(self, key, splits)
         self.checkpoint_dir = Path(self.log_dir) / "checkpoints"
         async_save = cfg.checkpoint.async_save
         if async_save is None:
@@ -149,7 +156,7 @@ class DPOTrainer:
         self.metrics = MetricsLog(self.log_dir, enabled=layout.rank == 0, resume_step=self.step)
         if layout.rank == 0:
             OmegaConf.save(cfg, os.path.join(self.log_dir, "config.yaml"), resolve=True)
-        self._val_reference = {}
+        self._val_reference = None
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -213,16 +220,25 @@ class DPOTrainer:
 
     # -- one global batch -------------------------------------------------------------
 
-    def microbatches(self, global_pairs: list) -> list:
-        """This DP rank's share of a global batch, as microbatches on the compute device."""
-        local = dp_shard(global_pairs, self.layout.dp_rank, self.layout.dp)
-        mbs = collate_microbatches(local, self.cfg.model.micro_batch_size, self.tokenizer.pad_id)
-        return [{k: v.to(self.layout.device) for k, v in mb.items()} for mb in mbs]
+    def microbatches(self, global_pairs: list, ref_sums=None) -> list:
+        """This DP rank's share of a global batch, as microbatches on the compute device.
 
-    def forward_backward(self, global_pairs: list) -> dict:
-        """Reference pass, then policy forward/backward; gradients are left in the DDP buffers."""
-        microbatches = self.microbatches(global_pairs)
-        self.step_fn.reference(microbatches, self.reference)
+        ``ref_sums`` ([pairs, 2], chosen and rejected) are the precomputed reference sums.
+        """
+        layout, mbs = self.layout, self.cfg.model.micro_batch_size
+        local = dp_shard(global_pairs, layout.dp_rank, layout.dp)
+        microbatches = collate_microbatches(local, mbs, self.tokenizer.pad_id)
+        if ref_sums is not None:
+            local_ref = dp_shard(list(ref_sums), layout.dp_rank, layout.dp)
+            for i, mb in enumerate(microbatches):
+                mb["ref_sums"] = torch.stack(local_ref[i * mbs : (i + 1) * mbs]).reshape(-1).float()
+        return [{k: v.to(layout.device) for k, v in mb.items()} for mb in microbatches]
+
+    def forward_backward(self, global_pairs: list, ref_sums=None) -> dict:
+        """Reference pass (unless precomputed), then policy forward/backward; gradients stay in DDP's buffers."""
+        microbatches = self.microbatches(global_pairs, ref_sums)
+        if ref_sums is None:
+            self.step_fn.reference(microbatches, self.reference)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         return self.step_fn.policy(microbatches)
@@ -236,9 +252,9 @@ class DPOTrainer:
         self.step += 1
         return {"grad_norm": float(grad_norm), "lr": lr}
 
-    def train_step(self, global_pairs: list) -> dict:
+    def train_step(self, global_pairs: list, ref_sums=None) -> dict:
         start = time.perf_counter()
-        metrics = self.forward_backward(global_pairs)
+        metrics = self.forward_backward(global_pairs, ref_sums)
         metrics.update(self.optimizer_step())
         elapsed = time.perf_counter() - start
         metrics["tokens_per_sec"] = sum(map(pair_tokens, global_pairs)) / elapsed
@@ -249,7 +265,7 @@ class DPOTrainer:
     def validate(self) -> dict:
         """Mean metrics over the validation split (whole global batches), dropout off.
 
-        The reference never changes, so its validation log-probs are computed once.
+        The reference never changes: its validation sums are computed once (or precomputed).
         """
         m, dpo = self.cfg.model, self.cfg.trainer.dpo
         batches = [
@@ -259,16 +275,15 @@ class DPOTrainer:
         if dpo.limit_val_batches >= 0:
             batches = batches[: dpo.limit_val_batches]
         start, rows = time.perf_counter(), []
+        if self._val_reference is None:
+            self._val_reference = (
+                self.ref_tables["validation"] if self.ref_tables else reference_cache.compute(self, self.val_pairs)
+            )
         self.model.eval()
         for index, pairs in enumerate(batches):
-            microbatches = self.microbatches(pairs)
-            if index not in self._val_reference:
-                self.step_fn.reference(microbatches, self.reference)
-                self._val_reference[index] = [mb.get("ref_log_probs") for mb in microbatches]
-            for mb, ref in zip(microbatches, self._val_reference[index]):
-                mb["ref_log_probs"] = ref
+            ref = self._val_reference[index * m.global_batch_size : (index + 1) * m.global_batch_size]
             with torch.no_grad():
-                rows.append(self.step_fn.policy(microbatches, forward_only=True))
+                rows.append(self.step_fn.policy(self.microbatches(pairs, ref), forward_only=True))
         self.model.train()
         metrics = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
         tokens = sum(pair_tokens(p) for pairs in batches for p in pairs)
@@ -304,7 +319,8 @@ class DPOTrainer:
             for indices in batches[self.step % self.steps_per_epoch :]:
                 if self.step >= self.total_steps:
                     break
-                metrics = self.train_step([self.train_pairs[i] for i in indices])
+                ref = None if self.ref_tables is None else self.ref_tables["train"][indices]
+                metrics = self.train_step([self.train_pairs[i] for i in indices], ref)
                 self.finish_checkpoints(blocking=False)
                 console = self.step % dpo.log_interval == 0 or self.step == self.total_steps
                 self.log("train", metrics, console)

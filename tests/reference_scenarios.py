@@ -1,0 +1,41 @@
+"""Per-process work for the precomputed-reference tests (imported by the spawned processes)."""
+
+import os
+
+from nemo_dpo.config import load_config
+from nemo_dpo.distributed.init import destroy_distributed, init_distributed
+from nemo_dpo.training.reference_cache import FILE
+from nemo_dpo.training.trainer import DPOTrainer
+from parallel_scenarios import SMALL
+
+
+def three_steps(trainer) -> dict:
+    gbs = trainer.cfg.model.global_batch_size
+    losses = []
+    for step in range(3):
+        indices = list(range(step * gbs, (step + 1) * gbs))
+        ref = None if trainer.ref_tables is None else trainer.ref_tables["train"][indices]
+        losses.append(trainer.train_step([trainer.train_pairs[i] for i in indices], ref))
+    return {"train": losses, "val": trainer.validate()}
+
+
+def online_then_precomputed(root: str, cache: str) -> dict:
+    layout = init_distributed(1, 1, seed=1234)
+    try:
+        def trainer(mode, log, *extra):
+            overrides = SMALL + [f"model.dpo.reference_logprobs={mode}", f"model.tokenizer.cache_dir={cache}",
+                                 f"exp_manager.explicit_log_dir={root}/{log}", "trainer.dpo.limit_val_batches=4", *extra]
+            return DPOTrainer(load_config("gpt_dpo", overrides), layout)
+
+        results = {"online": three_steps(trainer("online", "online"))}
+        results["precomputed"] = three_steps(trainer("precomputed", "pre"))
+        stamp = os.stat(f"{root}/pre/{FILE}").st_mtime_ns
+        results["reused"] = three_steps(trainer("precomputed", "pre"))
+        results["cache_untouched"] = os.stat(f"{root}/pre/{FILE}").st_mtime_ns == stamp
+        try:
+            trainer("precomputed", "pre", "model.seed=99")  # other initial weights
+        except ValueError as err:
+            results["refused"] = str(err)
+        return results
+    finally:
+        destroy_distributed()

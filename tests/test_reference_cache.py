@@ -1,0 +1,20 @@
+"""Precomputed reference log-probs: same losses as the online reference, reused, and refused when stale (DP=2)."""
+
+import pytest
+
+from distributed_harness import run_world
+from reference_scenarios import online_then_precomputed
+
+KEYS = ("loss", "preference_loss", "reward_margin", "rewards_chosen_mean", "rewards_rejected_mean", "grad_norm")
+
+
+def test_precomputed_reference_matches_online_and_is_cached(tmp_path):
+    for rank in run_world(2, str(tmp_path / "out"), online_then_precomputed, str(tmp_path), str(tmp_path / "tok")):
+        online = rank["online"]
+        for run in ("precomputed", "reused"):
+            for got, want in zip(rank[run]["train"] + [rank[run]["val"]], online["train"] + [online["val"]]):
+                for key in KEYS:
+                    if key in want:
+                        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (run, key)
+        assert rank["cache_untouched"]
+        assert "was computed for other weights (key mismatch)" in rank["refused"]
