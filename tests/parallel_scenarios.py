@@ -54,10 +54,13 @@ VARIANTS = {
         "model.peft.lora_tuning.target_modules=[attention_qkv,attention_dense,mlp_fc1,mlp_fc2]",
         "model.optim.lr=1e-2",
     ],
+    "llama_dpo_chunked": ["model.log_prob_chunk_size=20"],  # not a divisor of the tokens: a short last chunk
     # The global batch of 8 pairs in 1, 2 and 4 microbatches (SMALL has 4 at DP=1).
     "llama_dpo_1mb": ["model.micro_batch_size=8"],
     "llama_dpo_2mb": ["model.micro_batch_size=4"],
 }
+
+VARIANTS["gpt2_ipo_sft_chunked"] = VARIANTS["gpt2_ipo_sft"] + ["model.log_prob_chunk_size=7"]  # untied output layer
 
 
 def _tp_attrs(param):

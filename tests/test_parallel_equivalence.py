@@ -81,8 +81,20 @@ def test_lora_starts_at_ln2_and_leaves_the_base_alone(baseline):
     assert any(not torch.equal(lora["weights"][n], torch.zeros_like(lora["weights"][n])) for n in lora["grads"] if n.endswith("lora_b"))
 
 
+def test_chunked_log_probs_give_the_same_step(baseline):
+    """Output layer + log-probs in chunks (recomputed in backward) = all at once: loss, gradients, weights."""
+    for chunked, whole in (("llama_dpo_chunked", "llama_dpo"), ("gpt2_ipo_sft_chunked", "gpt2_ipo_sft")):
+        got, want = baseline[chunked], baseline[whole]
+        for key in ("loss", "preference_loss", "sft_loss", "reward_margin", "grad_norm"):
+            assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5, abs=1e-7), key
+        for name, grad in want["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-5)
+        for name, weight in want["weights"].items():
+            torch.testing.assert_close(got["weights"][name], weight, atol=1e-5, rtol=0)
+
+
 def test_tensor_parallel_2(baseline, workdir):
-    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora"]
+    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "llama_dpo_chunked"]
     ranks = _launch(workdir, "tp2", 2, 1, variants)
     for variant in variants:
         assert_same_step(baseline, ranks, variant)
@@ -100,7 +112,7 @@ def test_tensor_parallel_2(baseline, workdir):
 
 
 def test_pipeline_parallel_2(baseline, workdir):
-    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl"]
+    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked"]
     ranks = _launch(workdir, "pp2", 1, 2, variants)
     for variant in variants:
         assert_same_step(baseline, ranks, variant)

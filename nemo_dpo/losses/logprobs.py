@@ -6,6 +6,10 @@ the max (for stability), the sum of exponentials, and the target's logit (which
 lives on exactly one rank). Each is an all-reduce of a [tokens] tensor, so
 memory and traffic are O(tokens), never O(tokens x vocab).
 
+``chunked_log_probs`` goes one step further for long sequences and large
+vocabularies: it takes the final hidden states and applies the output layer
+itself, a chunk of tokens at a time, recomputing each chunk's logits in backward.
+
 Vocabulary padding (rows beyond the tokenizer's vocabulary, added so that TP
 slices are equal) gets no probability mass: the model's distribution is over
 real tokens only, at every TP size.
@@ -14,51 +18,95 @@ real tokens only, at every TP size.
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+
+def _log_probs_and_softmax(logits, target, vocab_size, group):
+    """log p(target) and this shard's softmax, from a [tokens, vocab/TP] logit shard (fp32)."""
+    logits = logits.float()
+    rank = dist.get_rank(group) if group is not None else 0
+    shard = logits.shape[-1]
+    start = rank * shard
+    ids = torch.arange(start, start + shard, device=logits.device)
+    padded = ids >= vocab_size
+    if padded.any():
+        logits = logits.masked_fill(padded, float("-inf"))
+
+    local_max = logits.max(dim=-1).values
+    if group is not None:
+        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - local_max.unsqueeze(-1)
+
+    in_shard = (target >= start) & (target < start + shard)
+    local_target = (target - start).clamp(0, shard - 1)
+    target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    target_logit = torch.where(in_shard, target_logit, torch.zeros_like(target_logit))
+
+    exp = shifted.exp()
+    sum_exp = exp.sum(dim=-1)
+    if group is not None:
+        stacked = torch.stack([sum_exp, target_logit])
+        dist.all_reduce(stacked, group=group)
+        sum_exp, target_logit = stacked[0], stacked[1]
+
+    log_probs = target_logit - sum_exp.log()
+    softmax = exp.div_(sum_exp.unsqueeze(-1))
+    return log_probs, softmax, in_shard, local_target
+
+
+def _logit_grad(softmax, in_shard, local_target, grad_output):
+    """d log p(y) / d z_j = 1[j == y] - softmax_j, times the incoming gradient (in place on softmax)."""
+    grad = softmax.mul_(-grad_output.unsqueeze(-1))
+    grad.scatter_add_(-1, local_target.unsqueeze(-1), (grad_output * in_shard).unsqueeze(-1))
+    return grad
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_size, group):
-        logits = logits.float()
-        rank = dist.get_rank(group) if group is not None else 0
-        shard = logits.shape[-1]
-        start = rank * shard
-        ids = torch.arange(start, start + shard, device=logits.device)
-        padded = ids >= vocab_size
-        if padded.any():
-            logits = logits.masked_fill(padded, float("-inf"))
-
-        local_max = logits.max(dim=-1).values
-        if group is not None:
-            dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - local_max.unsqueeze(-1)
-
-        in_shard = (target >= start) & (target < start + shard)
-        local_target = (target - start).clamp(0, shard - 1)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = torch.where(in_shard, target_logit, torch.zeros_like(target_logit))
-
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        if group is not None:
-            stacked = torch.stack([sum_exp, target_logit])
-            dist.all_reduce(stacked, group=group)
-            sum_exp, target_logit = stacked[0], stacked[1]
-
-        log_probs = target_logit - sum_exp.log()
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        log_probs, softmax, in_shard, local_target = _log_probs_and_softmax(logits, target, vocab_size, group)
         ctx.save_for_backward(softmax, in_shard, local_target)
         return log_probs
 
     @staticmethod
     def backward(ctx, grad_output):
-        # d log p(y) / d z_j = 1[j == y] - softmax_j
-        softmax, in_shard, local_target = ctx.saved_tensors
-        grad = softmax.mul_(-grad_output.unsqueeze(-1))
-        grad.scatter_add_(
-            -1, local_target.unsqueeze(-1), (grad_output * in_shard).unsqueeze(-1)
-        )
-        return grad, None, None, None
+        return _logit_grad(*ctx.saved_tensors, grad_output), None, None, None
+
+
+class _ChunkedOutputLogProbs(torch.autograd.Function):
+    """Output layer + log-probs, ``chunk`` tokens at a time, recomputing the logits in backward.
+
+    Only one chunk's [chunk, vocab/TP] fp32 logits exist at any time, forward or backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, vocab_size, group, chunk):
+        log_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for lo in range(0, hidden.shape[0], chunk):
+            logits = hidden[lo : lo + chunk] @ weight.t()
+            log_probs[lo : lo + chunk] = _log_probs_and_softmax(logits, target[lo : lo + chunk], vocab_size, group)[0]
+        ctx.save_for_backward(hidden, weight, target)
+        ctx.vocab_size, ctx.group, ctx.chunk = vocab_size, group, chunk
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, target = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for lo in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[lo : lo + ctx.chunk]
+            stats = _log_probs_and_softmax(h @ weight.t(), target[lo : lo + ctx.chunk], ctx.vocab_size, ctx.group)
+            grad_logits = _logit_grad(*stats[1:], grad_output[lo : lo + ctx.chunk])
+            grad_hidden[lo : lo + ctx.chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
+            grad_weight += grad_logits.t() @ h.float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+
+
+def _tp_group():
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
 
 
 def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -67,7 +115,20 @@ def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, vocab_s
     logits: [..., vocab/TP] (any float dtype); target: [...] global token ids.
     The gradient flows back into this rank's logit slice only.
     """
-    group = None
-    if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        group = parallel_state.get_tensor_model_parallel_group()
-    return _VocabParallelLogProbs.apply(logits, target, vocab_size, group)
+    return _VocabParallelLogProbs.apply(logits, target, vocab_size, _tp_group())
+
+
+def chunked_log_probs(hidden, weight, target, vocab_size: int, chunk: int) -> torch.Tensor:
+    """log p(target) from final hidden states and the (vocab-parallel) output weight, ``chunk`` tokens at a time.
+
+    hidden: [..., h], replicated over TP; weight: [vocab/TP, h]; target: [...].
+    Same values and gradients as the output layer followed by ``vocab_parallel_log_probs``,
+    without ever holding the full [tokens, vocab/TP] logits.
+    """
+    group = _tp_group()
+    if group is not None:
+        hidden = copy_to_tensor_model_parallel_region(hidden)  # backward: sum the hidden grads over TP
+    shape = target.shape
+    flat = _ChunkedOutputLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1),
+                                       vocab_size, group, chunk)
+    return flat.reshape(shape)

@@ -150,3 +150,24 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig) -> GPTModel
         position_embedding_type=model_cfg.position_embedding_type,
         rotary_base=model_cfg.rotary_base,
     )
+
+
+def _pass_hidden_states(input_, weight=None, runtime_gather_output=None):
+    return input_, None
+
+
+def emit_hidden_states(model: GPTModel) -> None:
+    """Make the last stage return its final hidden states in place of logits.
+
+    For chunked log-probs (losses/logprobs.py), which apply the output layer
+    themselves; the output layer keeps its parameters (and checkpoint entries).
+    """
+    if model.post_process:
+        model.output_layer.forward = _pass_hidden_states
+
+
+def output_weight(model: GPTModel) -> torch.Tensor:
+    """The output layer's weight on the last stage (the word embedding when tied)."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight

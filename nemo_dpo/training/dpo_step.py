@@ -17,7 +17,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemo_dpo.losses.logprobs import vocab_parallel_log_probs
+from nemo_dpo.losses.logprobs import chunked_log_probs, vocab_parallel_log_probs
+from nemo_dpo.models.gpt import emit_hidden_states, output_weight
 from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss, response_sums
 
 METRICS = (
@@ -32,18 +33,25 @@ METRICS = (
 
 
 class DPOStep:
-    def __init__(self, model, loss_cfg: PreferenceLossConfig, vocab_size: int):
+    def __init__(self, model, loss_cfg: PreferenceLossConfig, vocab_size: int, chunk_size: int = 0):
+        """``chunk_size`` > 0: the model emits hidden states and log-probs apply the output layer in chunks."""
         self.model = model
         self.loss_cfg = loss_cfg
         self.vocab_size = vocab_size
+        self.chunk_size = chunk_size
+        if chunk_size > 0:
+            emit_hidden_states(model.module)
 
     def _forward_step(self, loss_func, data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(loss_func, batch)
 
-    def _token_log_probs(self, batch, logits):
-        return vocab_parallel_log_probs(logits, batch["labels"], self.vocab_size)
+    def _token_log_probs(self, batch, output):
+        if self.chunk_size > 0:
+            weight = output_weight(self.model.module)
+            return chunked_log_probs(output, weight, batch["labels"], self.vocab_size, self.chunk_size)
+        return vocab_parallel_log_probs(output, batch["labels"], self.vocab_size)
 
     def _log_probs_only(self, batch, logits):
         return logits.new_zeros(()), {"log_probs": self._token_log_probs(batch, logits)}

@@ -135,7 +135,7 @@ class DPOTrainer:
         self.total_steps = by_epochs if dpo.max_steps < 0 else min(dpo.max_steps, by_epochs)
         self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val)
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
-        self.step_fn = DPOStep(self.model, preference_loss_config(cfg), m.vocab_size)
+        self.step_fn = DPOStep(self.model, preference_loss_config(cfg), m.vocab_size, m.log_prob_chunk_size)
 
         self.log_dir = cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
         self.ref_tables = None
