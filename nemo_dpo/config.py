@@ -131,6 +131,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
     if model.optim.name not in OPTIMIZERS:
         raise ConfigError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {model.optim.name!r}")
+    if cfg.trainer.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"trainer.precision must be 'fp32' or 'bf16', got {cfg.trainer.precision!r}")
     if model.dpo.reference_logprobs not in ("online", "precomputed"):
         raise ConfigError(
             f"model.dpo.reference_logprobs must be 'online' or 'precomputed', got {model.dpo.reference_logprobs!r}"

@@ -6,6 +6,7 @@ from megatron.core import parallel_state
 from nemo_dpo.config import load_config
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.losses.logprobs import vocab_parallel_log_probs
+from nemo_dpo.models.gpt import unwrap
 from nemo_dpo.models.sharding import local_to_global_names
 from nemo_dpo.training.trainer import DPOTrainer
 
@@ -54,7 +55,9 @@ VARIANTS = {
         "model.peft.lora_tuning.target_modules=[attention_qkv,attention_dense,mlp_fc1,mlp_fc2]",
         "model.optim.lr=1e-2",
     ],
-    "llama_dpo_chunked": ["model.log_prob_chunk_size=20"],  # not a divisor of the tokens: a short last chunk
+    "llama_dpo_chunked": ["model.log_prob_chunk_size=20"],
+    "llama_dpo_bf16": ["trainer.precision=bf16"],
+    "llama_dpo_bf16_chunked": ["trainer.precision=bf16", "model.log_prob_chunk_size=20"],  # not a divisor of the tokens: a short last chunk
     # The global batch of 8 pairs in 1, 2 and 4 microbatches (SMALL has 4 at DP=1).
     "llama_dpo_1mb": ["model.micro_batch_size=8"],
     "llama_dpo_2mb": ["model.micro_batch_size=4"],
@@ -75,7 +78,7 @@ def one_step(trainer: DPOTrainer) -> dict:
     """One optimizer step on the first global batch; loss, grads (before the step) and new weights."""
     pairs = trainer.train_pairs[: trainer.cfg.model.global_batch_size]
     metrics = trainer.forward_backward(pairs)
-    module = trainer.model.module
+    module = unwrap(trainer.model)
     names = local_to_global_names(module, trainer.config)
     use_grads = not trainer.cfg.model.optim.use_distributed_optimizer  # sharded grads otherwise
     trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -88,6 +91,7 @@ def one_step(trainer: DPOTrainer) -> dict:
         "weights": {names[n]: p.detach().clone() for n, p in module.named_parameters()},
         "attrs": {names[n]: _tp_attrs(p) for n, p in module.named_parameters()},
         "frozen_before_step": frozen,
+        "main_param_dtypes": {p.dtype for g in trainer.optimizer.param_groups for p in g["params"]},
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
     }

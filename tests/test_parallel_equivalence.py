@@ -93,6 +93,19 @@ def test_chunked_log_probs_give_the_same_step(baseline):
             torch.testing.assert_close(got["weights"][name], weight, atol=1e-5, rtol=0)
 
 
+def test_bf16_with_fp32_master_weights_tracks_fp32(baseline):
+    want = baseline["llama_dpo"]
+    for variant in ("llama_dpo_bf16", "llama_dpo_bf16_chunked"):
+        got = baseline[variant]
+        assert {w.dtype for w in got["weights"].values()} == {torch.bfloat16}
+        assert got["main_param_dtypes"] == {torch.float32}  # the optimizer steps fp32 master weights
+        assert {g.dtype for g in got["grads"].values()} == {torch.float32}  # reduced in fp32
+        assert got["metrics"]["loss"] == want["metrics"]["loss"]  # ln 2 exactly: policy == reference
+        assert got["metrics"]["grad_norm"] == pytest.approx(want["metrics"]["grad_norm"], rel=2e-2)
+        for name, weight in want["weights"].items():
+            torch.testing.assert_close(got["weights"][name].float(), weight, atol=2e-2, rtol=0)
+
+
 def test_tensor_parallel_2(baseline, workdir):
     variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "llama_dpo_chunked"]
     ranks = _launch(workdir, "tp2", 2, 1, variants)

@@ -83,7 +83,7 @@ class _ChunkedOutputLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, target, vocab_size, group, chunk):
         log_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for lo in range(0, hidden.shape[0], chunk):
-            logits = hidden[lo : lo + chunk] @ weight.t()
+            logits = hidden[lo : lo + chunk].to(weight.dtype) @ weight.t()
             log_probs[lo : lo + chunk] = _log_probs_and_softmax(logits, target[lo : lo + chunk], vocab_size, group)[0]
         ctx.save_for_backward(hidden, weight, target)
         ctx.vocab_size, ctx.group, ctx.chunk = vocab_size, group, chunk
@@ -96,7 +96,7 @@ class _ChunkedOutputLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for lo in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[lo : lo + ctx.chunk]
-            stats = _log_probs_and_softmax(h @ weight.t(), target[lo : lo + ctx.chunk], ctx.vocab_size, ctx.group)
+            stats = _log_probs_and_softmax(h.to(weight.dtype) @ weight.t(), target[lo : lo + ctx.chunk], ctx.vocab_size, ctx.group)
             grad_logits = _logit_grad(*stats[1:], grad_output[lo : lo + ctx.chunk])
             grad_hidden[lo : lo + ctx.chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
             grad_weight += grad_logits.t() @ h.float()

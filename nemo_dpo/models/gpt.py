@@ -90,12 +90,18 @@ def check_model_config(model_cfg) -> None:
         )
 
 
-def transformer_config(model_cfg, finalize_model_grads_func=None) -> TransformerConfig:
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_func=None) -> TransformerConfig:
     """Translate the NeMo-style ``model`` keys into megatron's TransformerConfig.
 
-    Fusions that need apex/TE or CUDA kernels are off unless TE is present.
+    ``precision`` bf16: bf16 weights, activations and matmuls (fp32 master weights
+    live in the optimizer). Fusions that need apex/TE or CUDA kernels are off
+    unless TE is present.
     """
     swiglu = model_cfg.activation == "swiglu"
+    dtype = PRECISIONS[precision]
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -113,8 +119,9 @@ def transformer_config(model_cfg, finalize_model_grads_func=None) -> Transformer
         init_method_std=model_cfg.init_method_std,
         tensor_model_parallel_size=model_cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=model_cfg.pipeline_model_parallel_size,
-        pipeline_dtype=torch.float32,
-        params_dtype=torch.float32,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=precision == "bf16",
         # megatron's own init also tags TP-split weights (partition dim, stride), which
         # sharding, DDP and the grad norm rely on; models/init_weights.py then overwrites
         # the values with the layout-independent draw.
@@ -171,3 +178,10 @@ def output_weight(model: GPTModel) -> torch.Tensor:
     if model.share_embeddings_and_output_weights:
         return model.shared_embedding_or_output_weight()
     return model.output_layer.weight
+
+
+def unwrap(model) -> GPTModel:
+    """The GPTModel inside megatron's wrappers (DDP, Float16Module)."""
+    while not isinstance(model, GPTModel):
+        model = model.module
+    return model

@@ -37,6 +37,8 @@ from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, Distribut
 from omegaconf import OmegaConf
 from torch import multiprocessing as mp
 
+from nemo_dpo.models.gpt import unwrap
+
 MARKER = "COMPLETE.json"
 LATEST = "latest"
 PREFIX = "step_"
@@ -197,11 +199,6 @@ def _layout() -> tuple:
     )
 
 
-def _unwrap(model):
-    """The GPTModel inside megatron's DDP wrapper (whose state dict keys have a "module." prefix)."""
-    return getattr(model, "module", model)
-
-
 def _trainable(sharded) -> bool:
     return getattr(getattr(sharded, "data", None), "requires_grad", False)
 
@@ -213,7 +210,7 @@ def sharded_state(model, optimizer=None, scheduler=None, common=None, is_loading
     stored: the frozen base comes from the run's base (``model.restore_from_path``
     or the seed), which the checkpoint's config records.
     """
-    state = {"model": _unwrap(model).sharded_state_dict()}
+    state = {"model": unwrap(model).sharded_state_dict()}
     if any(not p.requires_grad for p in model.parameters()):
         state["model"] = {k: v for k, v in state["model"].items() if _trainable(v)}
     if optimizer is not None:
@@ -365,7 +362,7 @@ def load(folder: Path, model, optimizer=None, scheduler=None) -> dict:
         elif tuple(common.get("layout", ())) != _layout():
             del state["rng_state"]  # RNG streams belong to ranks; another layout starts from its seeds
         loaded = dist_checkpointing.load(state, str(folder))
-        _load_model_state(_unwrap(model), loaded["model"], folder)
+        _load_model_state(unwrap(model), loaded["model"], folder)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
             scheduler.load_state_dict(loaded["scheduler"])

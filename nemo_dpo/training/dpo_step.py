@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_dpo.losses.logprobs import chunked_log_probs, vocab_parallel_log_probs
-from nemo_dpo.models.gpt import emit_hidden_states, output_weight
+from nemo_dpo.models.gpt import emit_hidden_states, output_weight, unwrap
 from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss, response_sums
 
 METRICS = (
@@ -40,7 +40,7 @@ class DPOStep:
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size
         if chunk_size > 0:
-            emit_hidden_states(model.module)
+            emit_hidden_states(unwrap(model))
 
     def _forward_step(self, loss_func, data_iterator, model):
         batch = next(data_iterator)
@@ -49,7 +49,7 @@ class DPOStep:
 
     def _token_log_probs(self, batch, output):
         if self.chunk_size > 0:
-            weight = output_weight(self.model.module)
+            weight = output_weight(unwrap(self.model))
             return chunked_log_probs(output, weight, batch["labels"], self.vocab_size, self.chunk_size)
         return vocab_parallel_log_probs(output, batch["labels"], self.vocab_size)
 

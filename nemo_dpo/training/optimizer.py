@@ -1,5 +1,6 @@
 """megatron-core DDP, optimizer and LR schedule, configured from ``model.optim``."""
 
+import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -30,9 +31,14 @@ def wrap_ddp(model, config, optim_cfg) -> DistributedDataParallel:
     return ddp_model
 
 
-def build_optimizer(ddp_model, optim_cfg, grad_clip: float):
-    """Adam(W) over all trainable parameters; no weight decay on biases and norms (megatron's rule)."""
+def build_optimizer(ddp_model, optim_cfg, grad_clip: float, bf16: bool = False):
+    """Adam(W) over all trainable parameters; no weight decay on biases and norms (megatron's rule).
+
+    With bf16 weights the optimizer keeps fp32 master copies and steps those.
+    """
     config = OptimizerConfig(
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         optimizer="adam",
         lr=optim_cfg.lr,
         min_lr=optim_cfg.sched.min_lr,

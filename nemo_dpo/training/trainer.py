@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.transformer.module import Float16Module
 from omegaconf import OmegaConf
 
 from nemo_dpo.config import data_files, preference_loss_config
@@ -113,7 +114,7 @@ class DPOTrainer:
             raise ValueError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than model.vocab_size ({m.vocab_size})"
             )
-        self.config = transformer_config(m)
+        self.config = transformer_config(m, cfg.trainer.precision)
         model = build_gpt(m, m.vocab_size, self.config).to(layout.device)
         if m.restore_from_path is None:
             init_weights(model, self.config, m.seed)
@@ -126,6 +127,8 @@ class DPOTrainer:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log0(layout, f"model: {total:,} parameters on rank 0 ({trainable:,} trainable)")
+        if self.config.bf16:
+            model = Float16Module(self.config, model)  # bf16 in, fp32 out of the last stage
         self.model = wrap_ddp(model, self.config, m.optim)
         self.reference = BaseModelReference(self.model) if self.lora else ReferencePolicy(self.model)
 
@@ -133,7 +136,7 @@ class DPOTrainer:
         self.steps_per_epoch = len(self.train_pairs) // m.global_batch_size
         by_epochs = dpo.max_epochs * self.steps_per_epoch
         self.total_steps = by_epochs if dpo.max_steps < 0 else min(dpo.max_steps, by_epochs)
-        self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val)
+        self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val, self.config.bf16)
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
         self.step_fn = DPOStep(self.model, preference_loss_config(cfg), m.vocab_size, m.log_prob_chunk_size)
 
