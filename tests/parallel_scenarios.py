@@ -57,6 +57,8 @@ VARIANTS = {
     ],
     "llama_dpo_chunked": ["model.log_prob_chunk_size=20"],
     "llama_dpo_bf16": ["trainer.precision=bf16"],
+    "llama_dpo_recompute_full": ["model.activations_checkpoint_granularity=full"],
+    "llama_dpo_recompute_selective": ["model.activations_checkpoint_granularity=selective"],
     "llama_dpo_bf16_chunked": ["trainer.precision=bf16", "model.log_prob_chunk_size=20"],  # not a divisor of the tokens: a short last chunk
     # The global batch of 8 pairs in 1, 2 and 4 microbatches (SMALL has 4 at DP=1).
     "llama_dpo_1mb": ["model.micro_batch_size=8"],

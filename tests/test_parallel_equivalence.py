@@ -81,9 +81,14 @@ def test_lora_starts_at_ln2_and_leaves_the_base_alone(baseline):
     assert any(not torch.equal(lora["weights"][n], torch.zeros_like(lora["weights"][n])) for n in lora["grads"] if n.endswith("lora_b"))
 
 
-def test_chunked_log_probs_give_the_same_step(baseline):
-    """Output layer + log-probs in chunks (recomputed in backward) = all at once: loss, gradients, weights."""
-    for chunked, whole in (("llama_dpo_chunked", "llama_dpo"), ("gpt2_ipo_sft_chunked", "gpt2_ipo_sft")):
+def test_chunked_log_probs_and_recomputation_give_the_same_step(baseline):
+    """Log-probs in chunks, and activations recomputed in backward, change nothing: loss, gradients, weights."""
+    for chunked, whole in (
+        ("llama_dpo_chunked", "llama_dpo"),
+        ("gpt2_ipo_sft_chunked", "gpt2_ipo_sft"),
+        ("llama_dpo_recompute_full", "llama_dpo"),
+        ("llama_dpo_recompute_selective", "llama_dpo"),
+    ):
         got, want = baseline[chunked], baseline[whole]
         for key in ("loss", "preference_loss", "sft_loss", "reward_margin", "grad_norm"):
             assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5, abs=1e-7), key

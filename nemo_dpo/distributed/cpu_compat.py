@@ -13,7 +13,8 @@ answers exactly those, and nothing is patched when CUDA is available:
    L2 norm (``utils.py``) create tensors with a literal ``device="cuda"``.
    Those modules get a view of ``torch`` whose factory functions map "cuda" to "cpu".
 3. The model-parallel RNG tracker (``tensor_parallel/random.py``) forks CUDA
-   generator states; on CPU it forks the CPU generator instead.
+   generator states, and activation recomputation saves and restores the CUDA
+   generator; on CPU both use the CPU generator instead.
 4. Two methods move CPU tensors with ``.cuda()`` before a collective: with tied
    embeddings and PP > 1, ``LanguageModule`` (the shared weight, all-reduced
    across stages), and the distributed optimizer when it gathers its state for
@@ -203,6 +204,8 @@ def apply() -> bool:
     DistributedOptimizer.get_parameter_state_dp_zero = _without_cuda_moves(
         DistributedOptimizer.get_parameter_state_dp_zero
     )
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     tp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

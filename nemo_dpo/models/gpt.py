@@ -83,6 +83,15 @@ def check_model_config(model_cfg) -> None:
         if model_cfg[key] not in allowed:
             raise ValueError(f"model.{key} must be one of {list(allowed)}, got {model_cfg[key]!r}")
     padded_vocab_size(1, model_cfg.make_vocab_size_divisible_by, tp)  # checks divisibility by TP
+    if model_cfg.activations_checkpoint_granularity not in (None, "selective", "full"):
+        raise ValueError(
+            "model.activations_checkpoint_granularity must be null, 'selective' or 'full', "
+            f"got {model_cfg.activations_checkpoint_granularity!r}"
+        )
+    if model_cfg.activations_checkpoint_method not in ("uniform", "block"):
+        raise ValueError(
+            f"model.activations_checkpoint_method must be 'uniform' or 'block', got {model_cfg.activations_checkpoint_method!r}"
+        )
     if model_cfg.encoder_seq_length > model_cfg.max_position_embeddings:
         raise ValueError(
             f"model.encoder_seq_length ({model_cfg.encoder_seq_length}) exceeds "
@@ -135,7 +144,22 @@ def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
         finalize_model_grads_func=finalize_model_grads_func,
+        **recompute_settings(model_cfg),
     )
+
+
+def recompute_settings(model_cfg) -> dict:
+    """NeMo's activations_checkpoint_* keys as megatron's recompute settings."""
+    granularity = model_cfg.activations_checkpoint_granularity
+    if granularity is None:
+        return {}
+    if granularity == "selective":
+        return {"recompute_granularity": "selective"}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": model_cfg.activations_checkpoint_method,
+        "recompute_num_layers": model_cfg.activations_checkpoint_num_layers,
+    }
 
 
 def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig) -> GPTModel:
