@@ -115,22 +115,9 @@ class DPOTrainer:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than model.vocab_size ({m.vocab_size})"
             )
         self.config = transformer_config(m, cfg.trainer.precision)
-        model = build_gpt(m, m.vocab_size, self.config).to(layout.device)
-        if m.restore_from_path is None:
-            init_weights(model, self.config, m.seed)
-        else:
-            initial_policy.load_weights(model, self.config, m)
-            log0(layout, f"initial policy and reference: {m.restore_from_path}")
-        self.lora = m.peft.peft_scheme == "lora"
-        if self.lora:
-            add_lora(model, self.config, m.peft.lora_tuning, m.seed)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log0(layout, f"model: {total:,} parameters on rank 0 ({trainable:,} trainable)")
-        if self.config.bf16:
-            model = Float16Module(self.config, model)  # bf16 in, fp32 out of the last stage
-        self.model = wrap_ddp(model, self.config, m.optim)
-        self.reference = BaseModelReference(self.model) if self.lora else ReferencePolicy(self.model)
+        self.model = wrap_ddp(self.build_model(), self.config, m.optim)
+        lora = m.peft.peft_scheme == "lora"
+        self.reference = BaseModelReference(self.model) if lora else ReferencePolicy(self.model)
 
         dpo = cfg.trainer.dpo
         self.steps_per_epoch = len(self.train_pairs) // m.global_batch_size
@@ -160,6 +147,24 @@ class DPOTrainer:
         if layout.rank == 0:
             OmegaConf.save(cfg, os.path.join(self.log_dir, "config.yaml"), resolve=True)
         self._val_reference = None
+
+    def build_model(self):
+        """This stage's GPT with its initial weights (and LoRA adapters), on the compute device."""
+        m, layout = self.cfg.model, self.layout
+        model = build_gpt(m, m.vocab_size, self.config).to(layout.device)
+        if m.restore_from_path is None:
+            init_weights(model, self.config, m.seed)
+        else:
+            initial_policy.load_weights(model, self.config, m)
+            log0(layout, f"initial policy and reference: {m.restore_from_path}")
+        if m.peft.peft_scheme == "lora":
+            add_lora(model, self.config, m.peft.lora_tuning, m.seed)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log0(layout, f"model: {total:,} parameters on rank 0 ({trainable:,} trainable)")
+        if self.config.bf16:
+            model = Float16Module(self.config, model)  # bf16 in, fp32 out of the last stage
+        return model
 
     # -- checkpoints --------------------------------------------------------------------
 
