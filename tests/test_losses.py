@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss, response_sums, sequence_log_probs
+from nemo_dpo.losses.preference import PreferenceLossConfig, per_sequence, preference_loss, sequence_sums
 
 # Two pairs, rows interleaved (chosen, rejected, chosen, rejected), 3 token positions.
 POLICY = torch.tensor(
@@ -43,8 +43,16 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
+BATCH = {"loss_mask": MASK, "gt_rewards": GT}
+COUNTS = MASK.sum(-1)
+
+
+def sums(values):
+    return sequence_sums(values, BATCH)
+
+
 def run(**kwargs):
-    loss, stats = preference_loss(PreferenceLossConfig(**kwargs), POLICY, response_sums(REF, MASK), MASK, GT)
+    loss, stats = preference_loss(PreferenceLossConfig(**kwargs), sums(POLICY), sums(REF), COUNTS, GT)
     return loss.item(), stats
 
 
@@ -113,7 +121,7 @@ def test_average_log_probs_and_sft():
 
 
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
-    loss, stats = preference_loss(PreferenceLossConfig(), POLICY, response_sums(POLICY, MASK), MASK, GT)
+    loss, stats = preference_loss(PreferenceLossConfig(), sums(POLICY), sums(POLICY), COUNTS, GT)
     assert loss.item() == torch.tensor(math.log(2)).item()  # ln 2, exactly, in fp32
     assert stats["rewards_chosen"].abs().max().item() == 0
     assert stats["rewards_rejected"].abs().max().item() == 0
@@ -121,15 +129,26 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
 
 def test_gradient_reaches_only_response_tokens():
     policy = POLICY.clone().requires_grad_(True)
-    loss, _ = preference_loss(PreferenceLossConfig(), policy, response_sums(REF, MASK), MASK, GT)
+    loss, _ = preference_loss(PreferenceLossConfig(), sums(policy), sums(REF), COUNTS, GT)
     loss.backward()
     assert (policy.grad[MASK == 0] == 0).all()
     assert (policy.grad[MASK == 1] != 0).all()
 
 
-def test_sequence_log_probs_average_guards_empty_rows():
-    rows = sequence_log_probs(POLICY, torch.zeros_like(MASK), average=True)
-    assert rows.tolist() == [0.0, 0.0, 0.0, 0.0]
+def test_average_guards_empty_responses():
+    empty = {"loss_mask": torch.zeros_like(MASK), "gt_rewards": GT}
+    assert per_sequence(sequence_sums(POLICY, empty), torch.zeros(4), average=True).tolist() == [0.0] * 4
+
+
+def test_packed_rows_sum_by_segment():
+    """Two packed rows holding the same four sequences as the unpacked batch give the same sums."""
+    packed = {
+        "loss_mask": MASK.reshape(2, 6),  # row 0: sequences 0 and 1; row 1: sequences 2 and 3
+        "segment_ids": torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 2, 3, 3, 3]]),
+        "gt_rewards": GT,
+    }
+    values = POLICY.reshape(2, 6)
+    torch.testing.assert_close(sequence_sums(values, packed), sums(POLICY))
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
 """Preference losses over a batch of (chosen, rejected) pairs.
 
-Inputs are the policy's per-token log-probabilities and the reference's
-per-sequence sums over the response, with chosen and rejected interleaved (even
-rows chosen, odd rows rejected), as the batches are. The reference only ever
-enters through those sums, which is what lets them be computed once and cached.
+Inputs are per-sequence sums of response log-probabilities, for the policy
+(differentiable) and the reference, with their response token counts, chosen
+and rejected interleaved (even entries chosen, odd rejected). The reference only
+ever enters through its sums, which is what lets them be computed once and cached.
 The implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)).
 
 Losses (``model.dpo.preference_loss``), with h = log-ratio margin
@@ -55,18 +55,21 @@ class PreferenceLossConfig:
             raise ValueError(f"model.dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
-def response_sums(token_log_probs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of per-token log-probs over each row's response tokens."""
-    return (token_log_probs * loss_mask).sum(-1)
+def sequence_sums(token_values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-sequence sums of per-token values over response tokens, chosen/rejected interleaved.
+
+    Unpacked, a row is a sequence; packed rows hold several, told apart by ``segment_ids``.
+    """
+    masked = token_values * batch["loss_mask"]
+    if "segment_ids" not in batch:
+        return masked.sum(-1)
+    sums = masked.new_zeros(batch["gt_rewards"].shape[0])
+    return sums.index_add(0, batch["segment_ids"].flatten(), masked.flatten())
 
 
-def _per_sequence(sums: torch.Tensor, loss_mask: torch.Tensor, average: bool) -> torch.Tensor:
-    return sums / loss_mask.sum(-1).clamp(min=1) if average else sums
-
-
-def sequence_log_probs(token_log_probs: torch.Tensor, loss_mask: torch.Tensor, average: bool) -> torch.Tensor:
-    """Sum (or mean) of per-token log-probs over each row's response tokens."""
-    return _per_sequence(response_sums(token_log_probs, loss_mask), loss_mask, average)
+def per_sequence(sums: torch.Tensor, counts: torch.Tensor, average: bool) -> torch.Tensor:
+    """Sums, or means over the response tokens."""
+    return sums / counts.clamp(min=1) if average else sums
 
 
 def _split(rows: torch.Tensor):
@@ -75,20 +78,20 @@ def _split(rows: torch.Tensor):
 
 def preference_loss(
     cfg: PreferenceLossConfig,
-    policy_token_log_probs: torch.Tensor,
+    policy_sums: torch.Tensor,
     ref_sums: torch.Tensor,
-    loss_mask: torch.Tensor,
+    counts: torch.Tensor,
     gt_rewards: torch.Tensor,
 ):
     """Total loss and per-pair statistics for one microbatch.
 
-    policy_token_log_probs, loss_mask: [2 * pairs, seq]; ref_sums (the reference's
-    ``response_sums``), gt_rewards: [2 * pairs].
+    All inputs are [2 * pairs]: response log-prob sums of policy and reference,
+    response token counts, and the data's rewards.
     Returns (loss, stats) where loss is a scalar to backpropagate and stats holds
     detached per-pair tensors for logging.
     """
-    policy = sequence_log_probs(policy_token_log_probs, loss_mask, cfg.preference_average_log_probs)
-    ref = _per_sequence(ref_sums, loss_mask, cfg.preference_average_log_probs)
+    policy = per_sequence(policy_sums, counts, cfg.preference_average_log_probs)
+    ref = per_sequence(ref_sums, counts, cfg.preference_average_log_probs)
     beta = cfg.ref_policy_kl_penalty
     chosen_ratio, rejected_ratio = _split(policy - ref)
     margin = chosen_ratio - rejected_ratio
@@ -112,9 +115,7 @@ def preference_loss(
 
     sft = torch.zeros_like(pref)
     if cfg.sft_loss_weight != 0:
-        chosen_logp, _ = _split(
-            sequence_log_probs(policy_token_log_probs, loss_mask, cfg.sft_average_log_probs)
-        )
+        chosen_logp, _ = _split(per_sequence(policy_sums, counts, cfg.sft_average_log_probs))
         sft = -chosen_logp.mean()
 
     loss = cfg.preference_loss_weight * pref + cfg.sft_loss_weight * sft

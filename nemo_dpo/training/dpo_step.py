@@ -19,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_dpo.losses.logprobs import chunked_log_probs, vocab_parallel_log_probs
 from nemo_dpo.models.gpt import emit_hidden_states, output_weight, unwrap
-from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss, response_sums
+from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss, sequence_sums
 
 METRICS = (
     "loss",
@@ -44,7 +44,7 @@ class DPOStep:
 
     def _forward_step(self, loss_func, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         return output, partial(loss_func, batch)
 
     def _token_log_probs(self, batch, output):
@@ -57,10 +57,9 @@ class DPOStep:
         return logits.new_zeros(()), {"log_probs": self._token_log_probs(batch, logits)}
 
     def _policy_loss(self, batch, logits):
-        token_log_probs = self._token_log_probs(batch, logits)
-        return preference_loss(
-            self.loss_cfg, token_log_probs, batch["ref_sums"], batch["loss_mask"], batch["gt_rewards"]
-        )
+        policy_sums = sequence_sums(self._token_log_probs(batch, logits), batch)
+        counts = sequence_sums(torch.ones_like(batch["loss_mask"]), batch)
+        return preference_loss(self.loss_cfg, policy_sums, batch["ref_sums"], counts, batch["gt_rewards"])
 
     def _run(self, microbatches, loss_func, forward_only):
         tokens = microbatches[0]["tokens"]
@@ -87,7 +86,7 @@ class DPOStep:
         """Set ``ref_sums`` (response log-prob sums) on each microbatch (last pipeline stage) from the reference."""
         with reference_policy.swapped_in():
             for mb, log_probs in zip(microbatches, self.log_probs(microbatches)):
-                mb["ref_sums"] = response_sums(log_probs, mb["loss_mask"])
+                mb["ref_sums"] = sequence_sums(log_probs, mb)
 
     def policy(self, microbatches, forward_only: bool = False) -> dict:
         """Policy forward (and backward unless forward_only); returns DP-averaged metrics on every rank.

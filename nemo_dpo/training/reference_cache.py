@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
 from nemo_dpo.data.batching import dp_shard
-from nemo_dpo.losses.preference import response_sums
+from nemo_dpo.losses.preference import sequence_sums
 
 FILE = "reference_logprobs.pt"
 SHAPING_KEYS = ("encoder_seq_length", "data", "vocab_size", "make_vocab_size_divisible_by", "tokenizer")
@@ -69,7 +69,7 @@ def compute(trainer, pairs: list) -> torch.Tensor:
         with trainer.reference.swapped_in():
             log_probs = trainer.step_fn.log_probs(microbatches)
         if log_probs and parallel_state.get_tensor_model_parallel_rank() == 0:
-            sums = torch.cat([response_sums(lp, mb["loss_mask"]) for lp, mb in zip(log_probs, microbatches)])
+            sums = torch.cat([sequence_sums(lp, mb) for lp, mb in zip(log_probs, microbatches)])
             for row, index in enumerate(dp_shard(padded, layout.dp_rank, layout.dp)):
                 if index >= 0:
                     table[index] = sums[2 * row : 2 * row + 2].double().cpu()
