@@ -131,6 +131,13 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
     if model.optim.name not in OPTIMIZERS:
         raise ConfigError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {model.optim.name!r}")
+    from nemo_dpo.models.gpt import HAVE_TE
+
+    if model.data.packing and HAVE_TE:
+        raise ConfigError(
+            "model.data.packing: packed rows need per-sequence attention masks, which the transformer-engine "
+            "layer spec does not take here yet (it needs packed_seq_params); set model.data.packing=false"
+        )
     if cfg.trainer.precision not in ("fp32", "bf16"):
         raise ConfigError(f"trainer.precision must be 'fp32' or 'bf16', got {cfg.trainer.precision!r}")
     if model.dpo.reference_logprobs not in ("online", "precomputed"):

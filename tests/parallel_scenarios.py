@@ -57,6 +57,7 @@ VARIANTS = {
     ],
     "llama_dpo_chunked": ["model.log_prob_chunk_size=20"],
     "llama_dpo_bf16": ["trainer.precision=bf16"],
+    "llama_dpo_packed": ["model.data.packing=true"],
     "llama_dpo_recompute_full": ["model.activations_checkpoint_granularity=full"],
     "llama_dpo_recompute_selective": ["model.activations_checkpoint_granularity=selective"],
     "llama_dpo_bf16_chunked": ["trainer.precision=bf16", "model.log_prob_chunk_size=20"],  # not a divisor of the tokens: a short last chunk
@@ -66,6 +67,7 @@ VARIANTS = {
 }
 
 VARIANTS["gpt2_ipo_sft_chunked"] = VARIANTS["gpt2_ipo_sft"] + ["model.log_prob_chunk_size=7"]  # untied output layer
+VARIANTS["gpt2_ipo_sft_packed"] = VARIANTS["gpt2_ipo_sft"] + ["model.data.packing=true"]  # learned positions
 
 
 def _tp_attrs(param):

@@ -88,6 +88,8 @@ def test_chunked_log_probs_and_recomputation_give_the_same_step(baseline):
         ("gpt2_ipo_sft_chunked", "gpt2_ipo_sft"),
         ("llama_dpo_recompute_full", "llama_dpo"),
         ("llama_dpo_recompute_selective", "llama_dpo"),
+        ("llama_dpo_packed", "llama_dpo"),
+        ("gpt2_ipo_sft_packed", "gpt2_ipo_sft"),
     ):
         got, want = baseline[chunked], baseline[whole]
         for key in ("loss", "preference_loss", "sft_loss", "reward_margin", "grad_norm"):
@@ -130,7 +132,7 @@ def test_tensor_parallel_2(baseline, workdir):
 
 
 def test_pipeline_parallel_2(baseline, workdir):
-    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked"]
+    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed"]
     ranks = _launch(workdir, "pp2", 1, 2, variants)
     for variant in variants:
         assert_same_step(baseline, ranks, variant)

@@ -86,3 +86,80 @@ def collate_microbatches(
         }
         for start in range(0, len(rows), rows_per_micro)
     ]
+
+
+def collate_packed_microbatches(pairs: list, micro_batch_size: int, pad_id: int, pack_length: int) -> list:
+    """Like ``collate_microbatches``, but several pairs share a row (a pack) of ``pack_length`` tokens.
+
+    A pair's chosen and rejected sequences always go into the same pack, one after
+    the other; packs are filled first-fit in order. Each microbatch still holds
+    ``micro_batch_size`` pairs. Per row:
+    - ``position_ids`` restart at 0 for every sequence;
+    - ``attention_mask`` [rows, 1, L, L] (True = masked) is causal within a sequence
+      and blocks attention across sequences;
+    - ``segment_ids`` give each token's sequence (2i chosen, 2i+1 rejected of pair i),
+      so that per-sequence sums can be taken (losses/preference.py);
+    - a sequence's last token predicts nothing (its label is masked).
+    All microbatches of a call have the same number of rows (shapes must match across
+    pipeline stages), padded with empty rows.
+    """
+    if micro_batch_size < 1 or not pairs or len(pairs) % micro_batch_size:
+        raise ValueError(
+            f"number of pairs ({len(pairs)}) must be a positive multiple of micro_batch_size ({micro_batch_size})"
+        )
+    groups = [pairs[i : i + micro_batch_size] for i in range(0, len(pairs), micro_batch_size)]
+    packs = [_first_fit(group, pack_length) for group in groups]
+    rows = max(len(p) for p in packs)
+    return [_packed_tensors(group, layout, rows, pad_id, pack_length) for group, layout in zip(groups, packs)]
+
+
+def _first_fit(group: list, pack_length: int) -> list:
+    """Row assignment: a list of rows, each a list of pair indices (chosen then rejected each)."""
+    rows, used = [], []
+    for index, pair in enumerate(group):
+        size = 2 * len(pair.prompt) + len(pair.chosen) + len(pair.rejected)
+        if size > pack_length:
+            raise ValueError(f"a pair of {size} tokens does not fit a pack of {pack_length}")
+        for row, taken in enumerate(used):
+            if taken + size <= pack_length:
+                rows[row].append(index)
+                used[row] += size
+                break
+        else:
+            rows.append([index])
+            used.append(size)
+    return rows
+
+
+def _packed_tensors(group: list, layout: list, num_rows: int, pad_id: int, length: int) -> dict:
+    tokens = torch.full((num_rows, length), pad_id, dtype=torch.long)
+    labels = torch.full((num_rows, length), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((num_rows, length), dtype=torch.float)
+    position_ids = torch.zeros((num_rows, length), dtype=torch.long)
+    segment_ids = torch.zeros((num_rows, length), dtype=torch.long)
+    attention_mask = torch.ones((num_rows, 1, length, length), dtype=torch.bool)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    for row, indices in enumerate(layout):
+        start = 0
+        for index in indices:
+            pair = group[index]
+            for side, response in enumerate((pair.chosen, pair.rejected)):
+                sequence = torch.tensor(pair.prompt + response, dtype=torch.long)
+                end = start + len(sequence)
+                tokens[row, start:end] = sequence
+                labels[row, start : end - 1] = sequence[1:]
+                loss_mask[row, start + max(len(pair.prompt) - 1, 0) : end - 1] = 1.0
+                position_ids[row, start:end] = torch.arange(len(sequence))
+                segment_ids[row, start:end] = 2 * index + side
+                attention_mask[row, 0, start:end, start:end] = ~causal[: end - start, : end - start]
+                start = end
+    gt_rewards = torch.tensor([r for p in group for r in (p.chosen_reward, p.rejected_reward)], dtype=torch.float)
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "attention_mask": attention_mask,
+        "gt_rewards": gt_rewards,
+    }

@@ -23,7 +23,7 @@ from megatron.core.transformer.module import Float16Module
 from omegaconf import OmegaConf
 
 from nemo_dpo.config import data_files, preference_loss_config
-from nemo_dpo.data.batching import collate_microbatches, dp_shard, global_batches
+from nemo_dpo.data.batching import collate_microbatches, collate_packed_microbatches, dp_shard, global_batches
 from nemo_dpo.data.preference_dataset import read_preference_jsonl, tokenize_pairs
 from nemo_dpo.data.tokenizer import (
     SentencePieceTokenizer,
@@ -233,9 +233,13 @@ class DPOTrainer:
 
         ``ref_sums`` ([pairs, 2], chosen and rejected) are the precomputed reference sums.
         """
-        layout, mbs = self.layout, self.cfg.model.micro_batch_size
+        layout, m = self.layout, self.cfg.model
+        mbs = m.micro_batch_size
         local = dp_shard(global_pairs, layout.dp_rank, layout.dp)
-        microbatches = collate_microbatches(local, mbs, self.tokenizer.pad_id)
+        if m.data.packing:  # a pack fits any pair: both sides may be encoder_seq_length long
+            microbatches = collate_packed_microbatches(local, mbs, self.tokenizer.pad_id, 2 * m.encoder_seq_length)
+        else:
+            microbatches = collate_microbatches(local, mbs, self.tokenizer.pad_id)
         if ref_sums is not None:
             local_ref = dp_shard(list(ref_sums), layout.dp_rank, layout.dp)
             for i, mb in enumerate(microbatches):
