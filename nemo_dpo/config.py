@@ -10,9 +10,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
 from nemo_dpo.distributed.init import check_layout
 from nemo_dpo.losses.preference import PreferenceLossConfig
-from nemo_dpo.models.gpt import check_model_config
+from nemo_dpo.models.gpt import HAVE_TE, check_model_config
+from nemo_dpo.models.lora import TARGETS
+from nemo_dpo.training.initial_policy import resolve
 from nemo_dpo.training.optimizer import OPTIMIZERS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -83,8 +86,6 @@ def preference_loss_config(cfg: DictConfig) -> PreferenceLossConfig:
 
 def data_files(cfg: DictConfig) -> dict:
     """Training and validation JSONL paths; the embedded default where unset."""
-    from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
-
     prefix = cfg.model.data.data_prefix
     files = {
         "train": prefix.train or os.path.join(DEFAULT_DATA_DIR, "train.jsonl"),
@@ -101,8 +102,6 @@ def prepare(cfg: DictConfig, world_size: int) -> list:
 
     Returns the config changes the initial policy made, one line each.
     """
-    from nemo_dpo.training.initial_policy import resolve
-
     try:
         changes = resolve(cfg.model)
     except (OSError, ValueError, RuntimeError) as err:
@@ -131,8 +130,6 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
     if model.optim.name not in OPTIMIZERS:
         raise ConfigError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {model.optim.name!r}")
-    from nemo_dpo.models.gpt import HAVE_TE
-
     if model.data.packing and HAVE_TE:
         raise ConfigError(
             "model.data.packing: packed rows need per-sequence attention masks, which the transformer-engine "
@@ -147,8 +144,6 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if model.peft.peft_scheme not in ("none", "lora"):
         raise ConfigError(f"model.peft.peft_scheme must be 'none' or 'lora', got {model.peft.peft_scheme!r}")
     if model.peft.peft_scheme == "lora":
-        from nemo_dpo.models.lora import TARGETS
-
         lora = model.peft.lora_tuning
         unknown = sorted(set(lora.target_modules) - set(TARGETS))
         if unknown or not lora.target_modules:

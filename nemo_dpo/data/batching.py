@@ -67,11 +67,7 @@ def collate_microbatches(
     labels = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((len(rows), seq_len), dtype=torch.float)
     for row, (prompt, response) in enumerate(rows):
-        sequence = torch.tensor(prompt + response, dtype=torch.long)
-        tokens[row, : len(sequence)] = sequence
-        labels[row, : len(sequence) - 1] = sequence[1:]
-        # Position t predicts token t+1, so response tokens are targets at positions len(prompt)-1 ...
-        loss_mask[row, max(len(prompt) - 1, 0) : len(sequence) - 1] = 1.0
+        _place(tokens, labels, loss_mask, row, 0, prompt, response)
     position_ids = torch.arange(seq_len, dtype=torch.long).repeat(len(rows), 1)
     gt_rewards = torch.tensor([r for p in pairs for r in (p.chosen_reward, p.rejected_reward)], dtype=torch.float)
 
@@ -86,6 +82,20 @@ def collate_microbatches(
         }
         for start in range(0, len(rows), rows_per_micro)
     ]
+
+
+def _place(tokens, labels, loss_mask, row: int, start: int, prompt: list, response: list) -> int:
+    """Write one sequence at ``start`` of ``row``; returns where it ends.
+
+    Position t predicts token t+1, so the response's tokens (and EOS) are the
+    targets at positions len(prompt)-1 ... end-2; the last position predicts nothing.
+    """
+    sequence = torch.tensor(prompt + response, dtype=torch.long)
+    end = start + len(sequence)
+    tokens[row, start:end] = sequence
+    labels[row, start : end - 1] = sequence[1:]
+    loss_mask[row, start + max(len(prompt) - 1, 0) : end - 1] = 1.0
+    return end
 
 
 def collate_packed_microbatches(pairs: list, micro_batch_size: int, pad_id: int, pack_length: int) -> list:
@@ -144,12 +154,8 @@ def _packed_tensors(group: list, layout: list, num_rows: int, pad_id: int, lengt
         for index in indices:
             pair = group[index]
             for side, response in enumerate((pair.chosen, pair.rejected)):
-                sequence = torch.tensor(pair.prompt + response, dtype=torch.long)
-                end = start + len(sequence)
-                tokens[row, start:end] = sequence
-                labels[row, start : end - 1] = sequence[1:]
-                loss_mask[row, start + max(len(pair.prompt) - 1, 0) : end - 1] = 1.0
-                position_ids[row, start:end] = torch.arange(len(sequence))
+                end = _place(tokens, labels, loss_mask, row, start, pair.prompt, response)
+                position_ids[row, start:end] = torch.arange(end - start)
                 segment_ids[row, start:end] = 2 * index + side
                 attention_mask[row, 0, start:end, start:end] = ~causal[: end - start, : end - start]
                 start = end

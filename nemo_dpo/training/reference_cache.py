@@ -62,19 +62,18 @@ def compute(trainer, pairs: list) -> torch.Tensor:
     """[len(pairs), 2] reference sums (chosen, rejected), the same on every rank."""
     m, layout = trainer.cfg.model, trainer.layout
     table = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    for start in range(0, len(pairs), m.global_batch_size):
-        indices = list(range(start, min(start + m.global_batch_size, len(pairs))))
-        padded = indices + [-1] * (m.global_batch_size - len(indices))  # a full batch; extra rows are ignored
-        microbatches = trainer.microbatches([pairs[i] for i in padded])
-        with trainer.reference.swapped_in():
+    with trainer.reference.swapped_in():  # once for the whole pass
+        for start in range(0, len(pairs), m.global_batch_size):
+            indices = list(range(start, min(start + m.global_batch_size, len(pairs))))
+            padded = indices + [-1] * (m.global_batch_size - len(indices))  # a full batch; extra rows are ignored
+            microbatches = trainer.microbatches([pairs[i] for i in padded])
             log_probs = trainer.step_fn.log_probs(microbatches)
-        if log_probs and parallel_state.get_tensor_model_parallel_rank() == 0:
-            sums = torch.cat([sequence_sums(lp, mb) for lp, mb in zip(log_probs, microbatches)])
-            for row, index in enumerate(dp_shard(padded, layout.dp_rank, layout.dp)):
-                if index >= 0:
-                    table[index] = sums[2 * row : 2 * row + 2].double().cpu()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    table = table.to(device)
+            if log_probs and parallel_state.get_tensor_model_parallel_rank() == 0:
+                sums = torch.cat([sequence_sums(lp, mb) for lp, mb in zip(log_probs, microbatches)])
+                for row, index in enumerate(dp_shard(padded, layout.dp_rank, layout.dp)):
+                    if index >= 0:
+                        table[index] = sums[2 * row : 2 * row + 2].double().cpu()
+    table = table.to(layout.device)
     dist.all_reduce(table)  # each pair was computed by exactly one rank
     return table.cpu()
 
