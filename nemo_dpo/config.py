@@ -13,7 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
 from nemo_dpo.distributed.init import check_layout
 from nemo_dpo.losses.preference import PreferenceLossConfig
-from nemo_dpo.models.gpt import HAVE_TE, check_model_config
+from nemo_dpo.models.gpt import check_model_config
 from nemo_dpo.models.lora import TARGETS
 from nemo_dpo.training.initial_policy import resolve
 from nemo_dpo.training.optimizer import OPTIMIZERS
@@ -130,11 +130,6 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
     if model.optim.name not in OPTIMIZERS:
         raise ConfigError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {model.optim.name!r}")
-    if model.data.packing and HAVE_TE:
-        raise ConfigError(
-            "model.data.packing: packed rows need per-sequence attention masks, which the transformer-engine "
-            "layer spec does not take here yet (it needs packed_seq_params); set model.data.packing=false"
-        )
     if cfg.trainer.precision not in ("fp32", "bf16"):
         raise ConfigError(f"trainer.precision must be 'fp32' or 'bf16', got {cfg.trainer.precision!r}")
     if model.dpo.reference_logprobs not in ("online", "precomputed"):

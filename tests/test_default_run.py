@@ -26,7 +26,8 @@ def test_torchrun_default_job_learns(tmp_path):
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
     assert [r["step"] for r in train] == list(range(1, 126))
-    assert all(KEYS | {"grad_norm", "lr"} <= set(r) for r in train)
+    timings = {"time_reference", "time_policy", "time_optimizer", "time_step"}
+    assert all(KEYS | timings | {"grad_norm", "lr"} <= set(r) for r in train)
     assert all(KEYS <= set(r) for r in val)
     assert [r["step"] for r in val] == [25, 50, 75, 100, 125]
     assert train[0]["loss"] == train[0]["preference_loss"]

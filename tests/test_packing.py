@@ -1,4 +1,4 @@
-"""Packed microbatches: whole pairs per row, positions restarting, attention kept within each sequence.
+"""Packed microbatches: a microbatch per row, sequences back to back, positions restarting.
 
 (That a packed step equals an unpacked one, at PP=1 and PP=2, with RoPE and learned
 positions, is in tests/test_parallel_equivalence.py.)
@@ -18,25 +18,28 @@ PAIRS = [
 ]
 
 
-def test_pairs_are_packed_whole_with_restarting_positions_and_blocked_attention():
-    first, second = collate_packed_microbatches(PAIRS, micro_batch_size=2, pad_id=0, pack_length=16)
-    assert first["tokens"].shape == second["tokens"].shape == (2, 16)  # the same row count in every microbatch
-    # Pairs 0 and 1 (9 + 6 tokens) share one row: c0 r0 c1 r1.
-    assert first["tokens"][0].tolist() == [10, 11, 20, 2, 10, 11, 21, 22, 2, 12, 23, 2, 12, 24, 2, 0]
-    assert first["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 0]
+def test_a_microbatch_is_one_row_of_sequences_with_restarting_positions():
+    first, second = collate_packed_microbatches(PAIRS, micro_batch_size=2, pad_id=0)
+    # Pairs 0+1 take 15 tokens, pairs 2+3 take 17: both rows are 24 long (17 rounded up to 8).
+    assert first["tokens"].shape == second["tokens"].shape == (1, 24)
+    assert first["tokens"][0, :15].tolist() == [10, 11, 20, 2, 10, 11, 21, 22, 2, 12, 23, 2, 12, 24, 2]
+    assert first["tokens"][0, 15:].eq(0).all()
+    assert first["position_ids"][0, :15].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2]
     assert first["segment_ids"][0, :15].tolist() == [0] * 4 + [1] * 5 + [2] * 3 + [3] * 3
-    assert first["loss_mask"][0].tolist() == [0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1, 0, 0]
+    assert first["loss_mask"][0].tolist() == [0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1, 0] + [0] * 9
     assert first["labels"][0, :3].tolist() == [11, 20, 2] and first["loss_mask"][0, 3] == 0  # no cross-sequence target
-    mask = first["attention_mask"][0, 0]
-    assert not mask[5, 4] and not mask[5, 5] and mask[5, 6]  # causal inside the rejected sequence
-    assert mask[5, 3] and mask[9, 0]  # nothing from another sequence
-    assert first["tokens"][1].eq(0).all()  # an empty row, to match the second microbatch
+    # Sequence starts (the padding is a last segment of its own); the longest segment is the padding.
+    assert first["cu_seqlens"].tolist() == [0, 4, 9, 12, 15, 24] and first["cu_seqlens"].dtype == torch.int32
+    assert int(first["max_seqlen"]) == 9
+    assert second["cu_seqlens"].tolist() == [0, 6, 11, 14, 17, 24] and int(second["max_seqlen"]) == 7
     assert first["gt_rewards"].tolist() == [1.0, 0.0, 0.5, 0.0]
-    # Pairs 2 (11 tokens) and 3 (6 tokens) do not fit one row of 16: one row each.
-    assert second["segment_ids"][0, :11].tolist() == [0] * 6 + [1] * 5
-    assert second["segment_ids"][1, :6].tolist() == [2, 2, 2, 3, 3, 3]
 
 
-def test_a_pair_longer_than_a_pack_is_an_error():
-    with pytest.raises(ValueError, match="a pair of 11 tokens does not fit a pack of 10"):
-        collate_packed_microbatches(PAIRS[2:], micro_batch_size=2, pad_id=0, pack_length=10)
+def test_rows_without_padding_have_no_padding_segment():
+    (only,) = collate_packed_microbatches(PAIRS[:2], micro_batch_size=2, pad_id=0, pad_multiple=1)
+    assert only["tokens"].shape == (1, 15) and only["cu_seqlens"].tolist() == [0, 4, 9, 12, 15]
+
+
+def test_micro_batch_size_must_divide_the_pairs():
+    with pytest.raises(ValueError, match=r"number of pairs \(3\) must be a positive multiple of micro_batch_size \(2\)"):
+        collate_packed_microbatches(PAIRS[:3], micro_batch_size=2, pad_id=0)

@@ -98,67 +98,46 @@ def _place(tokens, labels, loss_mask, row: int, start: int, prompt: list, respon
     return end
 
 
-def collate_packed_microbatches(pairs: list, micro_batch_size: int, pad_id: int, pack_length: int) -> list:
-    """Like ``collate_microbatches``, but several pairs share a row (a pack) of ``pack_length`` tokens.
+def collate_packed_microbatches(pairs: list, micro_batch_size: int, pad_id: int, pad_multiple: int = 8) -> list:
+    """Microbatches of ``micro_batch_size`` pairs, each packed into ONE row with no padding between sequences.
 
-    A pair's chosen and rejected sequences always go into the same pack, one after
-    the other; packs are filled first-fit in order. Each microbatch still holds
-    ``micro_batch_size`` pairs. Per row:
-    - ``position_ids`` restart at 0 for every sequence;
-    - ``attention_mask`` [rows, 1, L, L] (True = masked) is causal within a sequence
-      and blocks attention across sequences;
-    - ``segment_ids`` give each token's sequence (2i chosen, 2i+1 rejected of pair i),
-      so that per-sequence sums can be taken (losses/preference.py);
-    - a sequence's last token predicts nothing (its label is masked).
-    All microbatches of a call have the same number of rows (shapes must match across
-    pipeline stages), padded with empty rows.
+    The row holds chosen 0, rejected 0, chosen 1, rejected 1, ... back to back
+    (megatron's ``thd`` format): ``cu_seqlens`` [sequences + 1] (int32) marks where
+    each sequence starts, so attention stays inside a sequence (models/attention.py,
+    or transformer-engine's kernels); ``position_ids`` restart at 0 for every
+    sequence; ``segment_ids`` give each token's sequence (2i chosen, 2i+1 rejected
+    of pair i) for per-sequence sums (losses/preference.py); a sequence's last token
+    predicts nothing (its label is masked). Every microbatch of a call has the same
+    length (pipeline stages exchange fixed shapes): the longest, rounded up to
+    ``pad_multiple``; the padding is one more segment at the end, masked out of the loss.
     """
     if micro_batch_size < 1 or not pairs or len(pairs) % micro_batch_size:
         raise ValueError(
             f"number of pairs ({len(pairs)}) must be a positive multiple of micro_batch_size ({micro_batch_size})"
         )
     groups = [pairs[i : i + micro_batch_size] for i in range(0, len(pairs), micro_batch_size)]
-    packs = [_first_fit(group, pack_length) for group in groups]
-    rows = max(len(p) for p in packs)
-    return [_packed_tensors(group, layout, rows, pad_id, pack_length) for group, layout in zip(groups, packs)]
+    longest = max(sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in group) for group in groups)
+    length = -(-longest // pad_multiple) * pad_multiple
+    return [_packed_row(group, pad_id, length) for group in groups]
 
 
-def _first_fit(group: list, pack_length: int) -> list:
-    """Row assignment: a list of rows, each a list of pair indices (chosen then rejected each)."""
-    rows, used = [], []
+def _packed_row(group: list, pad_id: int, length: int) -> dict:
+    tokens = torch.full((1, length), pad_id, dtype=torch.long)
+    labels = torch.full((1, length), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((1, length), dtype=torch.float)
+    position_ids = torch.zeros((1, length), dtype=torch.long)
+    segment_ids = torch.zeros((1, length), dtype=torch.long)
+    bounds = [0]
     for index, pair in enumerate(group):
-        size = 2 * len(pair.prompt) + len(pair.chosen) + len(pair.rejected)
-        if size > pack_length:
-            raise ValueError(f"a pair of {size} tokens does not fit a pack of {pack_length}")
-        for row, taken in enumerate(used):
-            if taken + size <= pack_length:
-                rows[row].append(index)
-                used[row] += size
-                break
-        else:
-            rows.append([index])
-            used.append(size)
-    return rows
-
-
-def _packed_tensors(group: list, layout: list, num_rows: int, pad_id: int, length: int) -> dict:
-    tokens = torch.full((num_rows, length), pad_id, dtype=torch.long)
-    labels = torch.full((num_rows, length), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((num_rows, length), dtype=torch.float)
-    position_ids = torch.zeros((num_rows, length), dtype=torch.long)
-    segment_ids = torch.zeros((num_rows, length), dtype=torch.long)
-    attention_mask = torch.ones((num_rows, 1, length, length), dtype=torch.bool)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    for row, indices in enumerate(layout):
-        start = 0
-        for index in indices:
-            pair = group[index]
-            for side, response in enumerate((pair.chosen, pair.rejected)):
-                end = _place(tokens, labels, loss_mask, row, start, pair.prompt, response)
-                position_ids[row, start:end] = torch.arange(end - start)
-                segment_ids[row, start:end] = 2 * index + side
-                attention_mask[row, 0, start:end, start:end] = ~causal[: end - start, : end - start]
-                start = end
+        for side, response in enumerate((pair.chosen, pair.rejected)):
+            start = bounds[-1]
+            end = _place(tokens, labels, loss_mask, 0, start, pair.prompt, response)
+            position_ids[0, start:end] = torch.arange(end - start)
+            segment_ids[0, start:end] = 2 * index + side
+            bounds.append(end)
+    if bounds[-1] < length:
+        bounds.append(length)  # the padding: a segment of its own, position 0, no loss
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     gt_rewards = torch.tensor([r for p in group for r in (p.chosen_reward, p.rejected_reward)], dtype=torch.float)
     return {
         "tokens": tokens,
@@ -166,6 +145,7 @@ def _packed_tensors(group: list, layout: list, num_rows: int, pad_id: int, lengt
         "loss_mask": loss_mask,
         "position_ids": position_ids,
         "segment_ids": segment_ids,
-        "attention_mask": attention_mask,
+        "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
+        "max_seqlen": torch.tensor(longest),
         "gt_rewards": gt_rewards,
     }

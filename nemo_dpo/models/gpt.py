@@ -12,6 +12,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_dpo.models.attention import SDPAttention
+
 try:  # transformer-engine is an optional GPU accelerator.
     import transformer_engine  # noqa: F401
 
@@ -168,6 +170,7 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig) -> GPTModel
         layer_spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         layer_spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+        layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
     tp = model_cfg.tensor_model_parallel_size
     return GPTModel(
         config=config,

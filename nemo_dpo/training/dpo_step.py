@@ -15,6 +15,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_dpo.losses.logprobs import chunked_log_probs, vocab_parallel_log_probs
@@ -44,7 +45,7 @@ class DPOStep:
 
     def _forward_step(self, loss_func, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed_seq_params(batch))
         return output, partial(loss_func, batch)
 
     def _token_log_probs(self, batch, output):
@@ -95,6 +96,16 @@ class DPOStep:
         """
         stats = self._run(microbatches, self._policy_loss, forward_only=forward_only)
         return reduce_metrics(stats)
+
+
+def packed_seq_params(batch: dict) -> PackedSeqParams | None:
+    """megatron's description of a packed (``thd``) microbatch; None for one sequence per row."""
+    if "cu_seqlens" not in batch:
+        return None
+    cu_seqlens, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=longest, max_seqlen_kv=longest
+    )
 
 
 def reduce_metrics(microbatch_stats: list) -> dict:

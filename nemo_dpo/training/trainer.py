@@ -42,6 +42,13 @@ from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_d
 from nemo_dpo.training.reference import BaseModelReference, ReferencePolicy
 
 
+def clock() -> float:
+    """Seconds, after the device has finished the work queued so far (for honest time splits)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def log0(layout: Layout, message: str) -> None:
     if layout.rank == 0:
         print(message, flush=True)
@@ -236,8 +243,8 @@ class DPOTrainer:
         layout, m = self.layout, self.cfg.model
         mbs = m.micro_batch_size
         local = dp_shard(global_pairs, layout.dp_rank, layout.dp)
-        if m.data.packing:  # a pack fits any pair: both sides may be encoder_seq_length long
-            microbatches = collate_packed_microbatches(local, mbs, self.tokenizer.pad_id, 2 * m.encoder_seq_length)
+        if m.data.packing:
+            microbatches = collate_packed_microbatches(local, mbs, self.tokenizer.pad_id)
         else:
             microbatches = collate_microbatches(local, mbs, self.tokenizer.pad_id)
         if ref_sums is not None:
@@ -247,29 +254,38 @@ class DPOTrainer:
         return [{k: v.to(layout.device) for k, v in mb.items()} for mb in microbatches]
 
     def forward_backward(self, global_pairs: list, ref_sums=None) -> dict:
-        """Reference pass (unless precomputed), then policy forward/backward; gradients stay in DDP's buffers."""
+        """Reference pass (unless precomputed), then policy forward/backward; gradients stay in DDP's buffers.
+
+        The metrics include the seconds spent in each pass (``time_reference``, ``time_policy``).
+        """
+        start = clock()
         microbatches = self.microbatches(global_pairs, ref_sums)
         if ref_sums is None:
             self.step_fn.reference(microbatches, self.reference)
+        reference_done = clock()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        return self.step_fn.policy(microbatches)
+        metrics = self.step_fn.policy(microbatches)
+        metrics.update(time_reference=reference_done - start, time_policy=clock() - reference_done)
+        return metrics
 
     def optimizer_step(self) -> dict:
+        start = clock()
         self.scheduler.step(1)  # the schedule's value for this step (warmup starts above 0)
         lr = self.optimizer.param_groups[0]["lr"]
         success, grad_norm, _ = self.optimizer.step()
         if not success:
             raise RuntimeError(f"optimizer step {self.step} failed (non-finite gradients)")
         self.step += 1
-        return {"grad_norm": float(grad_norm), "lr": lr}
+        return {"grad_norm": float(grad_norm), "lr": lr, "time_optimizer": clock() - start}
 
     def train_step(self, global_pairs: list, ref_sums=None) -> dict:
-        start = time.perf_counter()
+        """One optimizer step on a global batch; ``tokens_per_sec`` counts real (non-pad) tokens."""
+        start = clock()
         metrics = self.forward_backward(global_pairs, ref_sums)
         metrics.update(self.optimizer_step())
-        elapsed = time.perf_counter() - start
-        metrics["tokens_per_sec"] = sum(map(pair_tokens, global_pairs)) / elapsed
+        metrics["time_step"] = clock() - start
+        metrics["tokens_per_sec"] = sum(map(pair_tokens, global_pairs)) / metrics["time_step"]
         return metrics
 
     # -- validation ---------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""Core attention for the local (no transformer-engine) layer spec: PyTorch's fused SDPA.
+
+megatron-core's local ``DotProductAttention`` materialises the [b, heads, s, s]
+scores and probabilities and keeps both for backward; it also refuses packed
+sequences. This module computes the same causal softmax attention with
+``torch.nn.functional.scaled_dot_product_attention`` (flash kernels on CPU and
+GPU: O(s) memory, nothing quadratic saved) and takes megatron's ``thd`` packed
+format: a microbatch as one row of concatenated sequences, ``cu_seqlens`` marking
+where each starts, attention never crossing a boundary. transformer-engine's
+``TEDotProductAttention`` takes the same ``packed_seq_params`` on GPU.
+"""
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in for megatron's ``DotProductAttention`` (same constructor and forward signature)."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float = None,
+        softmax_scale: float = None,
+        cp_comm_type: str = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not implement context parallelism (context_parallel_size must be 1)")
+        tp = config.tensor_model_parallel_size
+        self.heads = divide(config.num_attention_heads, tp)
+        self.groups = divide(config.num_query_groups, tp)
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def _attend(self, query, key, value):
+        """Causal attention over [s, b, heads, dim] inputs; returns [s, b, heads * dim]."""
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, dim]
+        dropout = self.dropout if self.training else 0.0
+        # Dropout draws from the model-parallel RNG stream (different per TP rank), as megatron's does.
+        with tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale,
+                enable_gqa=self.groups != self.heads,
+            )
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params: PackedSeqParams = None,
+    ):
+        if attention_mask is not None or attention_bias is not None:
+            raise ValueError("SDPAttention is causal; pass packed_seq_params, not an attention mask or bias")
+        if packed_seq_params is None:
+            return self._attend(query, key, value)
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention packs in 'thd' format, got {packed_seq_params.qkv_format!r}")
+        bounds = packed_seq_params.cu_seqlens_q.tolist()  # query/key/value: [tokens, heads, dim]
+        pieces = [
+            self._attend(query[start:end, None], key[start:end, None], value[start:end, None])
+            for start, end in zip(bounds[:-1], bounds[1:])
+            if end > start
+        ]
+        return torch.cat(pieces).squeeze(1)
