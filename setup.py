@@ -11,7 +11,7 @@ setup(
     package_data={"nemo_dpo": ["data/default/*.jsonl"]},
     install_requires=[
         # Any torch that megatron-core supports; on a CPU box install the CPU wheel first.
-        "torch>=2.4",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         # 0.16 is what pip resolves on Python 3.11; GPU containers on Python 3.12 get 0.17+.
         "megatron-core>=0.16.1,<0.18",
         "omegaconf>=2.3",
@@ -23,5 +23,7 @@ setup(
         "test": ["pytest>=8", "transformers"],  # transformers: reference models for the HF conversion tests
         # Optional GPU accelerators, used when importable: transformer-engine, apex.
         "gpu": ["transformer-engine[pytorch]"],
+        # bench/bench_dpo.py runs the same workload through TRL's DPOTrainer.
+        "bench": ["trl>=1.16", "transformers", "datasets"],
     },
 )

@@ -19,6 +19,7 @@ SMALL = [
     "model.num_query_groups=2",
     "model.global_batch_size=8",
     "model.micro_batch_size=2",
+    "model.log_prob_chunk_size=0",  # the one-shot log-prob path; "llama_dpo_chunked" covers chunks
     # Adam's first step is lr * g / (|g| + eps); a larger eps keeps gradients at
     # rounding-noise level from turning into full-size updates of random sign.
     "model.optim.eps=1e-4",

@@ -21,8 +21,8 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
 
-def _log_probs_and_softmax(logits, target, vocab_size, group):
-    """log p(target) and this shard's softmax, from a [tokens, vocab/TP] logit shard (fp32)."""
+def _log_probs_and_softmax(logits, target, vocab_size, group, with_softmax=True):
+    """log p(target) and (if ``with_softmax``, for the gradient) this shard's softmax, from a [tokens, vocab/TP] shard."""
     logits = logits.float()
     rank = dist.get_rank(group) if group is not None else 0
     shard = logits.shape[-1]
@@ -31,27 +31,25 @@ def _log_probs_and_softmax(logits, target, vocab_size, group):
     padded = ids >= vocab_size
     if padded.any():
         logits = logits.masked_fill(padded, float("-inf"))
-
-    local_max = logits.max(dim=-1).values
-    if group is not None:
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
-    shifted = logits - local_max.unsqueeze(-1)
-
     in_shard = (target >= start) & (target < start + shard)
     local_target = (target - start).clamp(0, shard - 1)
+
+    if group is None:  # the whole vocabulary is here: one fused pass
+        log_softmax = torch.log_softmax(logits, dim=-1)
+        log_probs = log_softmax.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+        return log_probs, log_softmax.exp_() if with_softmax else None, in_shard, local_target
+
+    local_max = logits.max(dim=-1).values
+    dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - local_max.unsqueeze(-1)
     target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
     target_logit = torch.where(in_shard, target_logit, torch.zeros_like(target_logit))
-
     exp = shifted.exp()
-    sum_exp = exp.sum(dim=-1)
-    if group is not None:
-        stacked = torch.stack([sum_exp, target_logit])
-        dist.all_reduce(stacked, group=group)
-        sum_exp, target_logit = stacked[0], stacked[1]
-
+    stacked = torch.stack([exp.sum(dim=-1), target_logit])
+    dist.all_reduce(stacked, group=group)
+    sum_exp, target_logit = stacked[0], stacked[1]
     log_probs = target_logit - sum_exp.log()
-    softmax = exp.div_(sum_exp.unsqueeze(-1))
-    return log_probs, softmax, in_shard, local_target
+    return log_probs, exp.div_(sum_exp.unsqueeze(-1)) if with_softmax else None, in_shard, local_target
 
 
 def _logit_grad(softmax, in_shard, local_target, grad_output):
@@ -64,8 +62,12 @@ def _logit_grad(softmax, in_shard, local_target, grad_output):
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_size, group):
-        log_probs, softmax, in_shard, local_target = _log_probs_and_softmax(logits, target, vocab_size, group)
-        ctx.save_for_backward(softmax, in_shard, local_target)
+        with_softmax = ctx.needs_input_grad[0]
+        log_probs, softmax, in_shard, local_target = _log_probs_and_softmax(
+            logits, target, vocab_size, group, with_softmax
+        )
+        if with_softmax:
+            ctx.save_for_backward(softmax, in_shard, local_target)
         return log_probs
 
     @staticmethod
@@ -84,7 +86,8 @@ class _ChunkedOutputLogProbs(torch.autograd.Function):
         log_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for lo in range(0, hidden.shape[0], chunk):
             logits = hidden[lo : lo + chunk].to(weight.dtype) @ weight.t()
-            log_probs[lo : lo + chunk] = _log_probs_and_softmax(logits, target[lo : lo + chunk], vocab_size, group)[0]
+            chunk_target = target[lo : lo + chunk]
+            log_probs[lo : lo + chunk] = _log_probs_and_softmax(logits, chunk_target, vocab_size, group, False)[0]
         ctx.save_for_backward(hidden, weight, target)
         ctx.vocab_size, ctx.group, ctx.chunk = vocab_size, group, chunk
         return log_probs

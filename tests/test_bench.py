@@ -1,0 +1,52 @@
+"""bench/bench_dpo.py: the FLOP count it divides by, and a real (tiny) run end to end.
+
+Speed itself is never asserted here; the benchmark is the place for numbers.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import bench_dpo  # noqa: E402
+
+
+def test_matmul_params_are_the_linear_layers_of_the_hf_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = bench_dpo.SHAPES["tiny"]
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], tie_word_embeddings=False,
+    ))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert bench_dpo.matmul_params(shape) == linear
+    # 8N per real token, plus 16 x layers x hidden x L^2 of attention per sequence.
+    n = linear
+    assert bench_dpo.model_flops(shape, [10, 30]) == 8 * n * 40 + 16 * 2 * 64 * (100 + 900)
+
+
+def test_tiny_packed_run_reports_a_consistent_summary(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_dpo.py"), "--shape", "tiny", "--seq", "64",
+           "--data", "spread", "--steps", "2", "--warmup", "1", "--frameworks", "nemo_dpo", "--dtype", "fp32",
+           "--out", str(out), "--ours", "model.data.packing=true"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "real tokens/s" in proc.stdout and "MFU" in proc.stdout
+
+    report = json.loads(out.read_text())
+    result = report["results"]["nemo_dpo"]
+    lengths = [n for step in report["workload"]["lengths"][1:] for n in step]
+    assert len(lengths) == 2 * 2 * 4 and all(32 <= n <= 64 for n in lengths)
+    seconds = sum(row["step"] for row in result["steps"][1:])
+    assert abs(result["tokens_per_s"] - sum(lengths) / seconds) < 1e-6 * result["tokens_per_s"]
+    assert result["reference_s"] + result["policy_s"] + result["optimizer_s"] <= result["step_s"]
+    assert 0 < result["mfu"] < 1 and result["peak_memory_mib"] > 0
+    assert all(row["loss"] > 0 for row in result["steps"])
