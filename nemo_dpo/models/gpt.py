@@ -12,6 +12,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_dpo.models.activations import SwiGLU
 from nemo_dpo.models.attention import SDPAttention
 
 try:  # transformer-engine is an optional GPU accelerator.
@@ -139,6 +140,8 @@ def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_
         perform_initialization=True,
         use_cpu_initialization=False,
         bias_activation_fusion=HAVE_TE and model_cfg.bias and model_cfg.activation != "gelu_tanh",
+        # The local spec's MLP takes its SwiGLU as a module (models/activations.py) through this hook.
+        use_te_activation_func=not HAVE_TE and swiglu,
         bias_dropout_fusion=HAVE_TE,
         masked_softmax_fusion=HAVE_TE,
         apply_rope_fusion=False,
@@ -171,6 +174,8 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig) -> GPTModel
     else:
         layer_spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization)
         layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        if config.use_te_activation_func:
+            layer_spec.submodules.mlp.submodules.activation_func = SwiGLU
     tp = model_cfg.tensor_model_parallel_size
     return GPTModel(
         config=config,

@@ -1,0 +1,60 @@
+"""The two compute kernels nemo-dpo puts into megatron's local layer spec, against plain PyTorch math."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_dpo.models.activations import SwiGLU
+from nemo_dpo.models.attention import SDPAttention
+
+
+def config():
+    return TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                             attention_dropout=0.0)
+
+
+def test_swiglu_matches_autograd_of_the_formula_in_double():
+    x = torch.randn(3, 5, 2 * 7, dtype=torch.float64, requires_grad=True)
+    gate, up = x.detach().chunk(2, dim=-1)
+    swiglu = SwiGLU(config())
+    assert torch.equal(swiglu(x), F.silu(gate) * up)
+    assert torch.autograd.gradcheck(swiglu, (x,))
+
+
+def naive_causal_attention(q, k, v):
+    """[s, heads, dim] -> [s, heads * dim]; k/v heads repeated for grouped queries."""
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scores = torch.einsum("shd,thd->hst", q, k) / math.sqrt(q.shape[-1])
+    causal = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return torch.einsum("hst,thd->shd", probs, v).reshape(q.shape[0], -1)
+
+
+def attention():
+    return SDPAttention(config(), layer_number=1, attn_mask_type=None, attention_type="self")
+
+
+def test_sdpa_attention_is_causal_grouped_query_attention():
+    torch.manual_seed(0)
+    s, b = 6, 2
+    q, k, v = torch.randn(s, b, 4, 8), torch.randn(s, b, 2, 8), torch.randn(s, b, 2, 8)
+    out = attention()(q, k, v, None)
+    assert out.shape == (s, b, 32)
+    for row in range(b):
+        torch.testing.assert_close(out[:, row], naive_causal_attention(q[:, row], k[:, row], v[:, row]))
+
+
+def test_packed_sequences_attend_only_within_themselves():
+    torch.manual_seed(0)
+    bounds = [0, 3, 7, 8, 12]
+    q, k, v = torch.randn(12, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=4, max_seqlen_kv=4)
+    out = attention()(q, k, v, None, packed_seq_params=packed)
+    assert out.shape == (12, 32)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        torch.testing.assert_close(out[start:end], naive_causal_attention(q[start:end], k[start:end], v[start:end]))
