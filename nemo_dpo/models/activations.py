@@ -24,11 +24,11 @@ class _SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         (x,) = ctx.saved_tensors
         gate, up = x.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        # d silu(g) / dg = sig * (1 + g * (1 - sig))
-        grad_gate = grad_output * up * sig * (1 + gate * (1 - sig))
-        return torch.cat([grad_gate, grad_output * silu], dim=-1)
+        grad = torch.empty_like(x)  # written half by half: no concatenation
+        grad_gate, grad_up = grad.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad_output * up, gate, grad_input=grad_gate)
+        torch.mul(F.silu(gate), grad_output, out=grad_up)
+        return grad
 
 
 class SwiGLU(MegatronModule):
