@@ -5,6 +5,7 @@ dotlist syntax (as Hydra and NeMo do); an unknown key or a value of the wrong ty
 is an error that names the key, rather than a silently ignored typo.
 """
 
+import difflib
 import os
 from pathlib import Path
 
@@ -43,6 +44,33 @@ def _check_types(merged, base, prefix=""):
             raise ConfigError(f"{path}: expected {type(default).__name__}, got {value!r}")
 
 
+def _dotted_keys(node, prefix=""):
+    for key, value in node.items():
+        yield f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            yield from _dotted_keys(value, f"{prefix}{key}.")
+
+
+# Names other DPO frameworks use for our keys (TRL's and NeMo-RL's beta is our KL penalty).
+ALIASES = {"beta": "ref_policy_kl_penalty"}
+
+
+def _did_you_mean(key: str, base: DictConfig) -> str:
+    """' (did you mean 'x'?)': the closest key in the same section, else the same name in another section."""
+    section, _, leaf = str(key).rpartition(".")
+    node = OmegaConf.select(base, section) if section else base
+    suggestion = None
+    if isinstance(node, DictConfig):
+        names = list(node.keys())
+        close = [ALIASES[leaf]] if ALIASES.get(leaf) in names else difflib.get_close_matches(leaf, names, 1, 0.6)
+        if close:
+            suggestion = f"{section}.{close[0]}" if section else close[0]
+    if suggestion is None:
+        elsewhere = [k for k in _dotted_keys(base) if k.endswith("." + leaf)]
+        suggestion = elsewhere[0] if len(elsewhere) == 1 else None
+    return f" (did you mean {suggestion!r}?)" if suggestion else ""
+
+
 def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR) -> DictConfig:
     """``<config_dir>/<config_name>.yaml`` with dotlist overrides applied.
 
@@ -59,7 +87,8 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
         try:
             base = OmegaConf.merge(parent, base)
         except Exception as err:
-            raise ConfigError(f"{path}: key {getattr(err, 'full_key', err)!r} is not in the base config") from err
+            key = getattr(err, "full_key", None) or str(err)
+            raise ConfigError(f"{path}: key {key!r} is not in the base config{_did_you_mean(key, parent)}") from err
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -72,7 +101,7 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
         cfg = OmegaConf.merge(base, patch)
     except Exception as err:
         key = getattr(err, "full_key", None) or str(err)
-        raise ConfigError(f"unknown config key {key!r} (not in {path})") from err
+        raise ConfigError(f"unknown config key {key!r} (not in {path}){_did_you_mean(key, base)}") from err
     _check_types(cfg, base)
     OmegaConf.set_struct(cfg, False)
     return cfg

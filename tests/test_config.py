@@ -15,6 +15,25 @@ def check(overrides, world_size=1):
     validate(load_config("gpt_dpo", overrides), world_size)
 
 
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [
+        ("model.dpo.ref_policy_kl_penaly=0.2", "model.dpo.ref_policy_kl_penalty"),  # a typo
+        ("model.dpo.beta=0.2", "model.dpo.ref_policy_kl_penalty"),  # TRL's name for it
+        ("model.optim.sched.warmup=3", "model.optim.sched.warmup_steps"),
+        ("model.lr=1e-5", "model.optim.lr"),  # the right name in another section
+        ("modle.seed=3", "model"),
+    ],
+)
+def test_a_misspelled_key_gets_a_suggestion(override, suggestion):
+    key = override.split("=")[0].split(".")[0] if override.startswith("modle") else override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"unknown config key '{key}' .*did you mean '{suggestion}'\?"):
+        load_config("gpt_dpo", [override])
+    with pytest.raises(ConfigError) as err:
+        load_config("gpt_dpo", ["zzz=1"])
+    assert "did you mean" not in str(err.value)
+
+
 def test_defaults_are_valid_for_one_and_two_processes():
     check([], 1)
     check([], 2)
