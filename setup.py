@@ -20,7 +20,7 @@ setup(
         "psutil",  # megatron-core dist_checkpointing needs it
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers"],  # transformers: reference models for the HF conversion tests
+        "test": ["pytest>=8", "transformers", "hypothesis"],  # transformers: reference models for the HF tests
         # Optional GPU accelerators, used when importable: transformer-engine, apex.
         "gpu": ["transformer-engine[pytorch]"],
         # bench/bench_dpo.py runs the same workload through TRL's DPOTrainer.

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
+from nemo_dpo.data.preference_dataset import BAD_RECORD_POLICIES
 from nemo_dpo.distributed.init import check_layout
 from nemo_dpo.losses.preference import PreferenceLossConfig
 from nemo_dpo.models.gpt import check_model_config
@@ -179,6 +180,10 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             raise ConfigError(f"model.peft.lora_tuning.adapter_dim must be >= 1, got {lora.adapter_dim}")
     if model.optim.sched.name != "CosineAnnealing":
         raise ConfigError(f"model.optim.sched.name must be 'CosineAnnealing', got {model.optim.sched.name!r}")
+    if model.data.on_bad_record not in BAD_RECORD_POLICIES:
+        raise ConfigError(
+            f"model.data.on_bad_record must be one of {list(BAD_RECORD_POLICIES)}, got {model.data.on_bad_record!r}"
+        )
     if model.data.overflow not in ("truncate_prompt", "drop"):
         raise ConfigError(
             f"model.data.overflow must be one of ['truncate_prompt', 'drop'], got {model.data.overflow!r}"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from nemo_dpo.data.preference_dataset import read_preference_jsonl, tokenize_pairs
+from nemo_dpo.data.preference_dataset import read_preference_pairs, tokenize_pairs
 
 EOS = 1
 
@@ -38,7 +38,7 @@ def test_reads_both_schemas_and_default_rewards(tmp_path):
             ),
         ],
     )
-    assert read_preference_jsonl(path) == [
+    assert read_preference_pairs(path)[0] == [
         {"prompt": "p1", "chosen": "c1", "rejected": "r1", "chosen_reward": 1.0, "rejected_reward": 0.0},
         {"prompt": "p2", "chosen": "c2", "rejected": "r2", "chosen_reward": 5.0, "rejected_reward": -1.5},
     ]
@@ -54,24 +54,51 @@ def test_reads_both_schemas_and_default_rewards(tmp_path):
         ('{"prompt": "p", "chosen": 3, "rejected": "r"}', "key 'chosen' must be a string, got int"),
         ('{"prompt": "p", "chosen": "c", "rejected": "r", "chosen_reward": "high"}', "key 'chosen_reward' must be"),
         ('{"prompt": "p", "chosen": "c", "rejected": "r", "rejected_reward": true}', "key 'rejected_reward' must be"),
+        ('{"prompt": "p", "chosen": "  ", "rejected": "r"}', "key 'chosen' is empty"),
+        ('{"prompt": "p", "chosen_response": "c", "rejected_response": ""}', "key 'rejected_response' is empty"),
+        ('{"prompt": "p", "chosen": "same", "rejected": "same"}', "'chosen' and 'rejected' are identical"),
+        ('{"prompt": "p", "chosen": "c", "rejected": "r", "chosen_reward": 1e999}', "must be a finite number"),
+        ("[" * 100000, "JSON nested too deeply"),
     ],
 )
 def test_bad_records_name_file_line_and_problem(tmp_path, bad_line, message):
     good = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
     path = _write(tmp_path / "bad.jsonl", [good, "", bad_line])
     with pytest.raises(ValueError) as e:
-        read_preference_jsonl(path)
+        read_preference_pairs(path)[0]
     assert str(e.value).startswith(f"{path}:3: ")
     assert message in str(e.value)
+
+
+def test_invalid_utf8_is_a_bad_record(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "p", "chosen": "caf\xe9", "rejected": "r"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:1: not UTF-8 text"):
+        read_preference_pairs(str(path))
+
+
+def test_skip_policy_leaves_bad_records_out_and_says_which(tmp_path):
+    good = [json.dumps({"prompt": f"p{i}", "chosen": "c", "rejected": "r"}) for i in range(3)]
+    path = _write(tmp_path / "mixed.jsonl", [good[0], "{oops", good[1], '{"prompt": "p", "chosen": "x", "rejected": "x"}',
+                                             good[2]])
+    records, skipped = read_preference_pairs(path, "skip")
+    assert [r["prompt"] for r in records] == ["p0", "p1", "p2"]
+    assert len(skipped) == 2 and skipped[0].startswith(f"{path}:2: invalid JSON")
+    assert skipped[1].startswith(f"{path}:4: 'chosen' and 'rejected' are identical")
+    only_bad = _write(tmp_path / "bad.jsonl", ["{oops"])
+    with pytest.raises(ValueError, match=r"bad.jsonl: no preference pairs \(all 1 records are bad, e.g. .*:1: invalid"):
+        read_preference_pairs(only_bad, "skip")
+    with pytest.raises(ValueError, match=r"on_bad_record must be one of \('error', 'skip'\), got 'ignore'"):
+        read_preference_pairs(path, "ignore")
 
 
 def test_missing_and_empty_files(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match="nope.jsonl: preference data file not found"):
-        read_preference_jsonl(missing)
+        read_preference_pairs(missing)[0]
     empty = _write(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(ValueError, match="empty.jsonl: no preference pairs"):
-        read_preference_jsonl(empty)
+        read_preference_pairs(empty)[0]
 
 
 def _record(prompt, chosen, rejected):

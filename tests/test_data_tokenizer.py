@@ -5,7 +5,7 @@ import sentencepiece as spm
 
 from nemo_dpo.data import tokenizer as tokenizer_module
 from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
-from nemo_dpo.data.preference_dataset import read_preference_jsonl, tokenize_pairs
+from nemo_dpo.data.preference_dataset import read_preference_pairs, tokenize_pairs
 from nemo_dpo.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer
 
 TRAIN = os.path.join(DEFAULT_DATA_DIR, "train.jsonl")
@@ -28,7 +28,7 @@ def test_trained_tokenizer_ids_and_round_trip(default_tokenizer):
 
 
 def test_default_task_is_short_and_separate_encoding_equals_space_join(default_tokenizer):
-    records = read_preference_jsonl(VALIDATION)
+    records = read_preference_pairs(VALIDATION)[0]
     for r in records:
         for response in (r["chosen"], r["rejected"]):
             joined = default_tokenizer.encode(r["prompt"] + " " + response)
@@ -91,7 +91,7 @@ def test_missing_or_corrupt_model_names_the_path(tmp_path):
 
 def test_pad_falls_back_to_eos_when_the_model_has_no_pad_piece(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(r["prompt"] for r in read_preference_jsonl(VALIDATION)), encoding="utf-8")
+    corpus.write_text("\n".join(r["prompt"] for r in read_preference_pairs(VALIDATION)[0]), encoding="utf-8")
     prefix = str(tmp_path / "nopad")
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=prefix, vocab_size=100, hard_vocab_limit=False, pad_id=-1, minloglevel=2

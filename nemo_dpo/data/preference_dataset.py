@@ -17,6 +17,7 @@ from dataclasses import dataclass
 SCHEMAS = (("prompt", "chosen", "rejected"), ("prompt", "chosen_response", "rejected_response"))
 DEFAULT_REWARDS = {"chosen_reward": 1.0, "rejected_reward": 0.0}
 OVERFLOW_POLICIES = ("truncate_prompt", "drop")
+BAD_RECORD_POLICIES = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ def _normalize(obj, where: str) -> dict:
         if not isinstance(obj[key], str):
             raise ValueError(f"{where}: key '{key}' must be a string, got {type(obj[key]).__name__}")
     record = {"prompt": obj[keys[0]], "chosen": obj[keys[1]], "rejected": obj[keys[2]]}
+    for key in keys[1:]:
+        if not obj[key].strip():
+            raise ValueError(f"{where}: key '{key}' is empty")
+    if record["chosen"] == record["rejected"]:
+        raise ValueError(f"{where}: '{keys[1]}' and '{keys[2]}' are identical (no preference to learn)")
     for key, default in DEFAULT_REWARDS.items():
         value = obj.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -49,28 +55,46 @@ def _normalize(obj, where: str) -> dict:
     return record
 
 
-def read_preference_jsonl(path: str) -> list[dict]:
-    """Return normalized records {prompt, chosen, rejected, chosen_reward, rejected_reward}.
+def _parse_line(raw: bytes, where: str) -> dict:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e})") from e
+    except RecursionError as e:
+        raise ValueError(f"{where}: JSON nested too deeply") from e
+    return _normalize(obj, where)
 
-    Accepts (prompt, chosen, rejected) and NeMo-Aligner's
-    (prompt, chosen_response, rejected_response); blank lines are skipped.
+
+def read_preference_pairs(path: str, on_bad_record: str = "error") -> tuple[list[dict], list[str]]:
+    """Normalized records {prompt, chosen, rejected, chosen_reward, rejected_reward}, and what was skipped.
+
+    Accepts (prompt, chosen, rejected) and NeMo-Aligner's (prompt, chosen_response,
+    rejected_response); blank lines are ignored. A bad record (not UTF-8, invalid
+    JSON, missing or non-string fields, an empty response, chosen == rejected, a
+    non-finite reward) raises ``ValueError`` naming ``file:line`` and the field with
+    ``on_bad_record="error"``; with ``"skip"`` it is left out and its message returned.
     """
+    if on_bad_record not in BAD_RECORD_POLICIES:
+        raise ValueError(f"model.data.on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: preference data file not found")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    records, skipped = [], []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from e
-            records.append(_normalize(obj, where))
+                records.append(_parse_line(raw, f"{path}:{line_no}"))
+            except ValueError as err:
+                if on_bad_record == "error":
+                    raise
+                skipped.append(str(err))
     if not records:
-        raise ValueError(f"{path}: no preference pairs (the file is empty or has only blank lines)")
-    return records
+        detail = f"all {len(skipped)} records are bad, e.g. {skipped[0]}" if skipped else "the file is empty"
+        raise ValueError(f"{path}: no preference pairs ({detail})")
+    return records, skipped
 
 
 def tokenize_pairs(

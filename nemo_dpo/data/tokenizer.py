@@ -14,7 +14,7 @@ import tempfile
 
 import sentencepiece as spm
 
-from nemo_dpo.data.preference_dataset import read_preference_jsonl
+from nemo_dpo.data.preference_dataset import read_preference_pairs
 from nemo_dpo.models.hf_convert import read_json_object
 
 # Bump when the training options below change, so old cached models are not reused.
@@ -108,7 +108,7 @@ def load_or_train_tokenizer(
             corpus = os.path.join(tmp, "corpus.txt")
             with open(corpus, "w", encoding="utf-8") as f:
                 for path in train_files:
-                    for record in read_preference_jsonl(path):
+                    for record in read_preference_pairs(path, "skip")[0]:  # the trainer reports bad ones
                         for key in ("prompt", "chosen", "rejected"):
                             # One sentence a line: fold newlines, which SentencePiece normalizes to spaces anyway.
                             f.write(" ".join(record[key].split()) + "\n")

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from nemo_dpo.config import data_files, preference_loss_config
 from nemo_dpo.data.batching import collate_microbatches, collate_packed_microbatches, dp_shard, global_batches
-from nemo_dpo.data.preference_dataset import read_preference_jsonl, tokenize_pairs
+from nemo_dpo.data.preference_dataset import read_preference_pairs, tokenize_pairs
 from nemo_dpo.data.tokenizer import (
     SentencePieceTokenizer,
     load_or_train_tokenizer,
@@ -85,10 +85,34 @@ def load_tokenizer(cfg, train_file: str, layout: Layout) -> SentencePieceTokeniz
     return SentencePieceTokenizer(path)
 
 
-def load_pairs(path: str, tokenizer, model_cfg, split: str, layout: Layout):
-    pairs, stats = tokenize_pairs(
-        read_preference_jsonl(path), tokenizer, model_cfg.encoder_seq_length, model_cfg.data.overflow
-    )
+def read_records(files: dict, model_cfg, log_dir: str, layout: Layout) -> dict:
+    """Every input file read and checked before anything else; bad records follow ``model.data.on_bad_record``.
+
+    Skipped records are counted on the console and listed in ``<log dir>/skipped_records.txt``.
+    """
+    policy = model_cfg.data.on_bad_record
+    records, skipped = {}, []
+    for split, path in files.items():
+        records[split], bad = read_preference_pairs(path, policy)
+        if bad:
+            log0(layout, f"{split}: skipped {len(bad)} bad record(s) of {path} (model.data.on_bad_record={policy}), "
+                         f"e.g. {bad[0]}")
+        skipped += bad
+    if layout.rank == 0:
+        listing = os.path.join(log_dir, "skipped_records.txt")
+        if skipped:
+            os.makedirs(log_dir, exist_ok=True)
+            with open(listing + ".tmp", "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in skipped))
+            os.replace(listing + ".tmp", listing)
+            log0(layout, f"data: {len(skipped)} skipped record(s) listed in {listing}")
+        elif os.path.exists(listing):
+            os.remove(listing)  # from an earlier run of this log dir
+    return records
+
+
+def tokenize_split(records: list, path: str, tokenizer, model_cfg, split: str, layout: Layout):
+    pairs, stats = tokenize_pairs(records, tokenizer, model_cfg.encoder_seq_length, model_cfg.data.overflow)
     log0(
         layout,
         f"{split}: {stats['pairs']} pairs from {path} (longest {stats['max_len']} tokens, "
@@ -110,10 +134,13 @@ class DPOTrainer:
     def __init__(self, cfg, layout: Layout):
         self.cfg, self.layout = cfg, layout
         m = cfg.model
+        self.log_dir = cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
         files = data_files(cfg)
+        records = read_records(files, m, self.log_dir, layout)
         self.tokenizer = load_tokenizer(cfg, files["train"], layout)
-        self.train_pairs = load_pairs(files["train"], self.tokenizer, m, "train", layout)
-        self.val_pairs = load_pairs(files["validation"], self.tokenizer, m, "validation", layout)
+        self.train_pairs = tokenize_split(records["train"], files["train"], self.tokenizer, m, "train", layout)
+        self.val_pairs = tokenize_split(records["validation"], files["validation"], self.tokenizer, m, "validation",
+                                        layout)
 
         if m.vocab_size is None:
             m.vocab_size = self.tokenizer.vocab_size
@@ -134,7 +161,6 @@ class DPOTrainer:
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
         self.step_fn = DPOStep(self.model, preference_loss_config(cfg), m.vocab_size, m.log_prob_chunk_size)
 
-        self.log_dir = cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
         self.ref_tables = None
         if m.dpo.reference_logprobs == "precomputed":  # from the initial weights, so before resuming
             key = reference_cache.cache_key(
