@@ -30,8 +30,8 @@ the time split (reference forward, policy forward+backward, optimizer), peak mem
     MFU = model FLOPs per second / peak, with the peak measured here by timing a large
     matmul in the run's dtype on the same threads.
 
-The console gets a table and the ratios (nemo-dpo / TRL; memory TRL / nemo-dpo is the
-saving); ``--out`` gets everything as JSON. ``--ours key=value ...`` adds nemo-dpo
+The console gets a table with the ratios nemo-dpo / TRL (above 1 is better for tokens/s and
+MFU, below 1 for times and memory); ``--out`` gets everything as JSON. ``--ours key=value ...`` adds nemo-dpo
 config overrides (packing, chunked log-probs, recomputation).
 """
 
@@ -335,27 +335,27 @@ def summarize(result: dict, work: dict, shape: dict, args, peak_flops: float) ->
     }
 
 
-ROWS = [  # (label, key, format, ratio: "higher" if nemo-dpo / TRL is the gain, "lower" if TRL / nemo-dpo)
-    ("real tokens/s", "tokens_per_s", "{:,.0f}", "higher"),
-    ("pairs/s", "pairs_per_s", "{:.3f}", "higher"),
-    ("step (s)", "step_s", "{:.3f}", "lower"),
-    ("  reference forward (s)", "reference_s", "{:.3f}", "lower"),
-    ("  policy fwd+bwd (s)", "policy_s", "{:.3f}", "lower"),
-    ("  optimizer (s)", "optimizer_s", "{:.3f}", "lower"),
-    ("peak memory (MiB)", "peak_memory_mib", "{:,.0f}", "lower"),
-    ("MFU", "mfu", "{:.1%}", "higher"),
+ROWS = [  # (label, key, format)
+    ("real tokens/s", "tokens_per_s", "{:,.0f}"),
+    ("pairs/s", "pairs_per_s", "{:.3f}"),
+    ("step (s)", "step_s", "{:.3f}"),
+    ("  reference forward (s)", "reference_s", "{:.3f}"),
+    ("  policy fwd+bwd (s)", "policy_s", "{:.3f}"),
+    ("  optimizer (s)", "optimizer_s", "{:.3f}"),
+    ("peak memory (MiB)", "peak_memory_mib", "{:,.0f}"),
+    ("MFU", "mfu", "{:.1%}"),
 ]
 
 
 def table(summaries: dict) -> str:
+    """One column per framework; with two, a last column of first / second."""
     names = list(summaries)
-    lines = [f"{'':26}" + "".join(f"{n:>14}" for n in names) + ("      speed-up" if len(names) == 2 else "")]
-    for label, key, fmt, better in ROWS:
+    ratio = len(names) == 2
+    lines = [f"{'':26}" + "".join(f"{n:>14}" for n in names) + (f"{' / '.join(names):>22}" if ratio else "")]
+    for label, key, fmt in ROWS:
         line = f"{label:26}" + "".join(f"{fmt.format(summaries[n][key]):>14}" for n in names)
-        if len(names) == 2:
-            ours, theirs = summaries[names[0]][key], summaries[names[1]][key]
-            ratio = ours / theirs if better == "higher" else theirs / ours if ours else float("inf")
-            line += f"{ratio:>13.2f}x" if theirs and ours else ""
+        if ratio and summaries[names[1]][key]:
+            line += f"{summaries[names[0]][key] / summaries[names[1]][key]:>21.2f}x"
         lines.append(line)
     return "\n".join(lines)
 
