@@ -12,11 +12,14 @@ import argparse
 import os
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from nemo_dpo.config import CONF_DIR, ConfigError, load_config, prepare
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
-from nemo_dpo.training.trainer import DPOTrainer
+from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError
 
 
+@record  # torchrun's failure report then names the first rank that failed, with its traceback
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-path", default=str(CONF_DIR), help="folder holding the YAML configs")
@@ -33,9 +36,14 @@ def main(argv=None) -> int:
     m = cfg.model
     if changes and int(os.environ.get("RANK", "0")) == 0:
         print(f"from {m.restore_from_path}: " + "; ".join(changes), flush=True)
-    layout = init_distributed(m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed)
+    layout = init_distributed(
+        m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed, cfg.trainer.distributed_timeout_minutes
+    )
     try:
         DPOTrainer(cfg, layout).fit()
+    except NonFiniteError as err:
+        print(f"rank {layout.rank}: stopped: {err}", file=sys.stderr, flush=True)
+        return 3
     finally:
         destroy_distributed()
     return 0

@@ -160,6 +160,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         )
     if model.optim.name not in OPTIMIZERS:
         raise ConfigError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {model.optim.name!r}")
+    if cfg.trainer.distributed_timeout_minutes <= 0:
+        raise ConfigError(
+            f"trainer.distributed_timeout_minutes must be positive, got {cfg.trainer.distributed_timeout_minutes}"
+        )
+    if cfg.trainer.dpo.nan_policy not in ("skip_step", "stop"):
+        raise ConfigError(f"trainer.dpo.nan_policy must be 'skip_step' or 'stop', got {cfg.trainer.dpo.nan_policy!r}")
     if cfg.trainer.precision not in ("fp32", "bf16"):
         raise ConfigError(f"trainer.precision must be 'fp32' or 'bf16', got {cfg.trainer.precision!r}")
     if model.dpo.reference_logprobs not in ("online", "precomputed"):

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after kill -9, fallback from torn checkpoints, resharding across layouts."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -91,6 +92,62 @@ def test_kill_minus_9_and_resume_is_exact(straight_run, tmp_path):
         assert [r[key] for r in a] == [r[key] for r in b], key  # bitwise equal floats
     assert [r["loss"] for r in rows(straight, "val")] == [r["loss"] for r in rows(killed, "val")]
     assert_same_weights(straight / "checkpoints" / "step_20", killed / "checkpoints" / "step_20", tmp_path)
+
+
+def rank_process(launcher, rank: int) -> psutil.Process:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if child.environ().get("RANK") == str(rank):
+            return child
+    raise AssertionError(f"no rank {rank} under torchrun")
+
+
+def test_sigterm_to_one_rank_saves_and_exits_zero_then_resumes_exactly(straight_run, tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(run, straight_run / "cache", wait=False)
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").exists() or len(rows(run)) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before step 3"
+        time.sleep(0.01)
+    rank_process(proc, 1).send_signal(signal.SIGTERM)  # one rank only, as a scheduler might
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "rank 1: got SIGTERM" in out
+    saved = int(out.split("preempted: checkpoint of step ")[1].split()[0])
+    assert 3 <= saved < 20 and len(rows(run)) == saved
+    assert checkpoint.newest_complete(run / "checkpoints") == run / "checkpoints" / f"step_{saved}"
+
+    out = torchrun(run, straight_run / "cache")
+    assert f"step_{saved} at step {saved}" in out
+    for key in ("loss", "accuracy", "reward_margin", "grad_norm", "lr"):
+        assert [r[key] for r in rows(run)] == [r[key] for r in rows(straight_run / "run")], key
+
+
+def test_nan_at_a_step_is_skipped_by_every_rank(straight_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEMO_DPO_FAULT_NAN_AT_STEP", "5")  # NaN gradients on rank 0 only
+    out = torchrun(tmp_path / "run", straight_run / "cache")
+    for rank in (0, 1):
+        assert f"rank {rank}: step 5: non-finite loss or gradients on some rank: step skipped (1 skipped" in out
+    skipped, straight = rows(tmp_path / "run"), rows(straight_run / "run")
+    assert [r["skipped_steps"] for r in skipped] == [0] * 4 + [1] * 16
+    assert [r["loss"] for r in skipped[:5]] == [r["loss"] for r in straight[:5]]  # up to the bad step
+    assert math.isnan(skipped[4]["grad_norm"])
+    assert skipped[5]["lr"] == straight[4]["lr"]  # the schedule did not advance either
+    assert skipped[5]["loss"] != straight[5]["loss"]  # step 6 starts from step 4's weights
+
+
+def test_nan_under_stop_saves_the_last_good_step_and_resume_continues(straight_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv("NEMO_DPO_FAULT_NAN_AT_STEP", "13")
+    proc = torchrun(run, straight_run / "cache", "trainer.dpo.nan_policy=stop", wait=False)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "stopped: step 13: non-finite loss or gradients" in out, out[-3000:]
+    assert "saved as step 12" in out
+    assert checkpoint.newest_complete(run / "checkpoints") == run / "checkpoints" / "step_12"
+
+    monkeypatch.delenv("NEMO_DPO_FAULT_NAN_AT_STEP")
+    out = torchrun(run, straight_run / "cache", "trainer.dpo.nan_policy=stop")
+    assert "step_12 at step 12" in out
+    assert [r["loss"] for r in rows(run)] == [r["loss"] for r in rows(straight_run / "run")]
 
 
 def test_torn_checkpoints_are_skipped(straight_run, tmp_path):

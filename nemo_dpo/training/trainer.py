@@ -11,6 +11,7 @@ end; checkpoints every ``save_interval`` steps and at the end.
 """
 
 import itertools
+import math
 import os
 import tempfile
 import time
@@ -39,7 +40,15 @@ from nemo_dpo.training import checkpoint, initial_policy, reference_cache
 from nemo_dpo.training.dpo_step import DPOStep
 from nemo_dpo.training.metrics_log import MetricsLog
 from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from nemo_dpo.training.preemption import Preemption
 from nemo_dpo.training.reference import BaseModelReference, ReferencePolicy
+
+
+PREEMPTED = "preempted"
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient (trainer.dpo.nan_policy=stop)."""
 
 
 def clock() -> float:
@@ -173,7 +182,9 @@ class DPOTrainer:
         if async_save is None:
             async_save = torch.cuda.is_available()
         self.async_queue = AsyncCallsQueue() if async_save else None
-        self.step = self.saved_step = 0
+        self.step = self.saved_step = self.skipped_steps = 0
+        # Test hook (fault injection): NaN gradients on rank 0 only, at this step.
+        self.nan_at_step = int(os.environ.get("NEMO_DPO_FAULT_NAN_AT_STEP", "0"))
         if cfg.exp_manager.resume_if_exists:
             self.resume()
         self.metrics = MetricsLog(self.log_dir, enabled=layout.rank == 0, resume_step=self.step)
@@ -210,6 +221,7 @@ class DPOTrainer:
             "train_pairs": len(self.train_pairs),
             "global_batch_size": m.global_batch_size,
             "seed": m.seed,
+            "skipped_steps": self.skipped_steps,
         }
 
     def save_checkpoint(self) -> None:
@@ -250,13 +262,14 @@ class DPOTrainer:
         checkpoint.check_compatible(folder, self.cfg.model)
         progress = checkpoint.load(folder, self.model, self.optimizer, self.scheduler)["progress"]
         for key, value in self.progress().items():
-            if key not in ("step", "consumed_samples") and progress[key] != value:
+            if key not in ("step", "consumed_samples", "skipped_steps") and progress[key] != value:
                 raise checkpoint.CheckpointError(
                     f"{folder}: saved with {key}={progress[key]}, this run has {key}={value}; the data "
                     f"position cannot be restored (use a new exp_manager.explicit_log_dir, or "
                     f"exp_manager.resume_if_exists=false)"
                 )
         self.step = self.saved_step = progress["step"]
+        self.skipped_steps = progress.get("skipped_steps", 0)
         log0(self.layout, f"checkpoint: resumed from {folder} at step {self.step}")
 
     # -- one global batch -------------------------------------------------------------
@@ -305,11 +318,39 @@ class DPOTrainer:
         self.step += 1
         return {"grad_norm": float(grad_norm), "lr": lr, "time_optimizer": clock() - start}
 
+    def numerics_ok(self, metrics: dict) -> bool:
+        """Whether the loss and every gradient are finite on every rank (one all-reduce, before the update)."""
+        buffers = self.model.buffers + self.model.expert_parallel_buffers
+        ok = math.isfinite(metrics["loss"]) and all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.layout.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0
+
+    def skip_step(self, metrics: dict) -> dict:
+        """A step whose loss or gradients are not finite: ``trainer.dpo.nan_policy`` decides."""
+        step = self.step + 1
+        if self.cfg.trainer.dpo.nan_policy == "stop":
+            if self.saved_step != self.step:
+                self.save_checkpoint()  # the optimizer has not stepped: this is the last good state
+            self.finish_checkpoints(blocking=True)
+            raise NonFiniteError(
+                f"step {step}: non-finite loss or gradients (loss {metrics['loss']}); the last good state is saved "
+                f"as step {self.step} in {self.checkpoint_dir} (trainer.dpo.nan_policy=stop)"
+            )
+        self.step += 1  # the batch is consumed; weights, optimizer and LR schedule stay as they were
+        self.skipped_steps += 1
+        print(f"rank {self.layout.rank}: step {step}: non-finite loss or gradients on some rank: step skipped "
+              f"({self.skipped_steps} skipped so far; trainer.dpo.nan_policy=skip_step)", flush=True)
+        return {"grad_norm": float("nan"), "lr": self.optimizer.param_groups[0]["lr"], "time_optimizer": 0.0}
+
     def train_step(self, global_pairs: list, ref_sums=None) -> dict:
         """One optimizer step on a global batch; ``tokens_per_sec`` counts real (non-pad) tokens."""
         start = clock()
         metrics = self.forward_backward(global_pairs, ref_sums)
-        metrics.update(self.optimizer_step())
+        if self.step + 1 == self.nan_at_step and self.layout.rank == 0:
+            self.model.buffers[0].grad_data[0] = float("nan")
+        metrics.update(self.optimizer_step() if self.numerics_ok(metrics) else self.skip_step(metrics))
+        metrics["skipped_steps"] = self.skipped_steps
         metrics["time_step"] = clock() - start
         metrics["tokens_per_sec"] = sum(map(pair_tokens, global_pairs)) / metrics["time_step"]
         return metrics
@@ -353,8 +394,8 @@ class DPOTrainer:
     # -- the loop -----------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Train for ``total_steps``; returns the last validation row (None if already done)."""
-        m, dpo = self.cfg.model, self.cfg.trainer.dpo
+        """Train for ``total_steps``; returns the last validation row (None if already done, or preempted)."""
+        m = self.cfg.model
         if self.step >= self.total_steps:
             log0(self.layout, f"nothing to do: the checkpoint is at step {self.step} of {self.total_steps}")
             return None
@@ -365,6 +406,20 @@ class DPOTrainer:
             f"{m.global_batch_size // (m.micro_batch_size * self.layout.dp)} microbatches x DP {self.layout.dp}; "
             f"logs in {self.log_dir}",
         )
+        with Preemption(self.layout.rank, self.layout.device) as preemption:
+            last_val = self._train(preemption)
+        if last_val == PREEMPTED:
+            return None
+        if last_val is None or last_val["step"] != self.step:
+            last_val = self.log("val", self.validate())
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        self.finish_checkpoints(blocking=True)
+        return last_val
+
+    def _train(self, preemption: Preemption):
+        """The steps; returns the last validation row, or PREEMPTED after saving on a signal."""
+        m, dpo = self.cfg.model, self.cfg.trainer.dpo
         last_val = None
         for epoch in itertools.count(self.step // self.steps_per_epoch):
             if self.step >= self.total_steps:
@@ -382,9 +437,11 @@ class DPOTrainer:
                     last_val = self.log("val", self.validate())
                 if dpo.save_interval > 0 and self.step % dpo.save_interval == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
-        if last_val is None or last_val["step"] != self.step:
-            last_val = self.log("val", self.validate())
-        if self.saved_step != self.step:
-            self.save_checkpoint()
-        self.finish_checkpoints(blocking=True)
+                if preemption.requested():
+                    if self.saved_step != self.step:
+                        self.save_checkpoint()
+                    self.finish_checkpoints(blocking=True)
+                    log0(self.layout, f"preempted: checkpoint of step {self.step} complete in {self.checkpoint_dir}; "
+                                      "exiting 0 (rerun the same command to resume)")
+                    return PREEMPTED
         return last_val
