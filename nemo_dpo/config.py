@@ -195,4 +195,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             f"model.data.overflow must be one of ['truncate_prompt', 'drop'], got {model.data.overflow!r}"
         )
     data_files(cfg)
+    tokenizer = cfg.model.tokenizer.model
+    if tokenizer is not None and not os.path.exists(tokenizer):
+        raise ConfigError(f"model.tokenizer.model: {tokenizer} does not exist (a tokenizer.model file or a folder)")
 

@@ -122,6 +122,27 @@ def test_sigterm_to_one_rank_saves_and_exits_zero_then_resumes_exactly(straight_
         assert [r[key] for r in rows(run)] == [r[key] for r in rows(straight_run / "run")], key
 
 
+def test_a_second_signal_exits_at_once_and_leaves_the_last_checkpoint_whole(straight_run, tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(run, straight_run / "cache", wait=False)
+    marker = run / "checkpoints" / "step_10" / checkpoint.MARKER
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
+        time.sleep(0.01)
+    rank0 = rank_process(proc, 0)
+    rank0.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    rank0.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "rank 0: second signal (SIGTERM): exiting now" in out, out[-3000:]
+    newest = checkpoint.newest_complete(run / "checkpoints")
+    assert newest is not None and int(newest.name.split("_")[1]) >= 10
+
+    torchrun(run, straight_run / "cache")  # resumes from it and ends where the straight run ended
+    assert [r["loss"] for r in rows(run)] == [r["loss"] for r in rows(straight_run / "run")]
+
+
 def test_nan_at_a_step_is_skipped_by_every_rank(straight_run, tmp_path, monkeypatch):
     monkeypatch.setenv("NEMO_DPO_FAULT_NAN_AT_STEP", "5")  # NaN gradients on rank 0 only
     out = torchrun(tmp_path / "run", straight_run / "cache")

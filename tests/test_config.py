@@ -57,6 +57,7 @@ def test_defaults_are_valid_for_one_and_two_processes():
         (["model.optim.sched.name=WarmupHold"], 1, r"model.optim.sched.name must be 'CosineAnnealing', got 'WarmupHold'"),
         (["model.data.overflow=wrap"], 1, r"model.data.overflow must be one of \['truncate_prompt', 'drop'\], got 'wrap'"),
         (["model.encoder_seq_length=128"], 1, r"model.encoder_seq_length \(128\) exceeds model.max_position_embeddings \(64\)"),
+        (["model.tokenizer.model=/no/such/tokenizer.model"], 1, r"model.tokenizer.model: /no/such/tokenizer.model does not exist"),
         (["trainer.dpo.nan_policy=ignore"], 1, r"trainer.dpo.nan_policy must be 'skip_step' or 'stop', got 'ignore'"),
         (["trainer.distributed_timeout_minutes=0"], 1, r"trainer.distributed_timeout_minutes must be positive, got 0"),
         (["model.data.on_bad_record=drop"], 1, r"model.data.on_bad_record must be one of \['error', 'skip'\], got 'drop'"),

@@ -20,11 +20,16 @@ another.
 """
 
 import contextlib
+import ctypes
 import json
 import os
 import random
 import shutil
+import signal
+import stat
+import sys
 from functools import partial
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +85,27 @@ def _writer_results_queue_without_spawn() -> None:
     queue and never re-runs the script.
     """
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+        manager = SyncManager(ctx=mp.get_context("fork"))
+        manager.start(initializer=_detach_from_rank)
+        filesystem_async._results_queue = manager.Queue()
+
+
+def _detach_from_rank() -> None:
+    """Run first in the forked manager: let go of the rank's sockets, and die with the rank (Linux).
+
+    The fork inherits the process group's connections; were they kept open, a rank
+    that dies would look alive to its peers, which would then wait out the whole
+    process-group timeout instead of failing at once.
+    """
+    fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else range(3, 4096)
+    for fd in map(int, fds):
+        try:
+            if fd > 2 and stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:
+            pass
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def step_dir(root: Path, step: int) -> Path:
