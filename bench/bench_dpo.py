@@ -44,8 +44,9 @@ import sys
 import tempfile
 import time
 
-import psutil
 import torch
+
+from peak_memory import run_sampling_rss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # Llama style: RMSNorm, SwiGLU, RoPE, untied output layer
@@ -298,18 +299,11 @@ def run_worker(name: str, spec: dict, folder: str) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     log_path = os.path.join(folder, f"{name}.log")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", name, spec_path],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
-        child, peak = psutil.Process(proc.pid), 0
-        while proc.poll() is None:
-            try:
-                peak = max(peak, child.memory_info().rss)
-            except psutil.NoSuchProcess:
-                break
-            time.sleep(0.01)
-    if proc.returncode != 0:
+        status, peak = run_sampling_rss([sys.executable, os.path.abspath(__file__), "--worker", name, spec_path],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
+    if status != 0:
         with open(log_path) as f:
-            raise RuntimeError(f"the {name} worker failed (exit {proc.returncode}):\n{f.read()[-4000:]}")
+            raise RuntimeError(f"the {name} worker failed (exit {status}):\n{f.read()[-4000:]}")
     with open(spec["result"]) as f:
         result = json.load(f)
     result["peak_rss_bytes"] = peak

@@ -16,9 +16,8 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
-import psutil
+from peak_memory import run_sampling_rss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = [  # 8 layers x hidden 512: about 25M parameters, 100 MB in fp32
@@ -30,19 +29,14 @@ SHAPE = [  # 8 layers x hidden 512: about 25M parameters, 100 MB in fp32
 
 
 def peak_rss(args: list) -> tuple:
-    """(peak resident bytes, stdout) of a child process."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    child, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, child.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.02)
-    out = proc.stdout.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{out[-3000:]}")
-    return peak, out
+    """(peak resident bytes, output) of a child process."""
+    with tempfile.TemporaryFile("w+") as out:
+        status, peak = run_sampling_rss(args, interval=0.02, stdout=out, stderr=subprocess.STDOUT, text=True)
+        out.seek(0)
+        output = out.read()
+    if status != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{output[-3000:]}")
+    return peak, output
 
 
 def main() -> int:

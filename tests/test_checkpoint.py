@@ -43,6 +43,14 @@ def torchrun(log_dir, cache, *extra, wait=True):
     return out
 
 
+def wait_for(proc, condition, what: str, timeout: float = 300) -> None:
+    """Poll until ``condition()`` holds while the run is still going."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, f"the run ended (or timed out) before {what}"
+        time.sleep(0.01)
+
+
 def rows(log_dir, split="train"):
     return [r for r in map(json.loads, open(os.path.join(log_dir, "metrics.jsonl"))) if r["split"] == split]
 
@@ -72,11 +80,7 @@ def test_kill_minus_9_and_resume_is_exact(straight_run, tmp_path):
     straight = straight_run / "run"
     killed = tmp_path / "run"
     proc = torchrun(killed, straight_run / "cache", wait=False)
-    marker = killed / "checkpoints" / "step_10" / checkpoint.MARKER
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
-        time.sleep(0.01)
+    wait_for(proc, (killed / "checkpoints" / "step_10" / checkpoint.MARKER).exists, "its step-10 checkpoint")
     ranks = psutil.Process(proc.pid).children(recursive=True)  # torchrun starts ranks in their own sessions
     for p in [psutil.Process(proc.pid), *ranks]:
         p.send_signal(signal.SIGKILL)  # every rank and the launcher, no cleanup
@@ -104,10 +108,7 @@ def rank_process(launcher, rank: int) -> psutil.Process:
 def test_sigterm_to_one_rank_saves_and_exits_zero_then_resumes_exactly(straight_run, tmp_path):
     run = tmp_path / "run"
     proc = torchrun(run, straight_run / "cache", wait=False)
-    deadline = time.time() + 300
-    while not (run / "metrics.jsonl").exists() or len(rows(run)) < 3:
-        assert proc.poll() is None and time.time() < deadline, "the run ended before step 3"
-        time.sleep(0.01)
+    wait_for(proc, lambda: (run / "metrics.jsonl").exists() and len(rows(run)) >= 3, "step 3")
     rank_process(proc, 1).send_signal(signal.SIGTERM)  # one rank only, as a scheduler might
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
@@ -124,23 +125,25 @@ def test_sigterm_to_one_rank_saves_and_exits_zero_then_resumes_exactly(straight_
 
 def test_a_second_signal_exits_at_once_and_leaves_the_last_checkpoint_whole(straight_run, tmp_path):
     run = tmp_path / "run"
-    proc = torchrun(run, straight_run / "cache", wait=False)
-    marker = run / "checkpoints" / "step_10" / checkpoint.MARKER
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
-        time.sleep(0.01)
+    # Long steps (32 microbatches), so that the second signal surely lands before the step ends.
+    proc = torchrun(run, straight_run / "cache", "model.global_batch_size=64", wait=False)
+    wait_for(proc, (run / "checkpoints" / "step_10" / checkpoint.MARKER).exists, "its step-10 checkpoint")
     rank0 = rank_process(proc, 0)
     rank0.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
+    seen = []
+    for line in proc.stdout:  # the first signal is acknowledged before the second is sent
+        seen.append(line)
+        if "rank 0: got SIGTERM" in line:
+            break
     rank0.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
     assert proc.returncode != 0 and "rank 0: second signal (SIGTERM): exiting now" in out, out[-3000:]
+    assert "preempted" not in out
     newest = checkpoint.newest_complete(run / "checkpoints")
-    assert newest is not None and int(newest.name.split("_")[1]) >= 10
+    assert newest == run / "checkpoints" / "step_10"
 
-    torchrun(run, straight_run / "cache")  # resumes from it and ends where the straight run ended
-    assert [r["loss"] for r in rows(run)] == [r["loss"] for r in rows(straight_run / "run")]
+    out = torchrun(run, straight_run / "cache", "model.global_batch_size=64")  # resumes from it
+    assert "step_10 at step 10" in out and [r["step"] for r in rows(run)] == list(range(1, 21))
 
 
 def test_nan_at_a_step_is_skipped_by_every_rank(straight_run, tmp_path, monkeypatch):
