@@ -44,9 +44,6 @@ from nemo_dpo.training.preemption import Preemption
 from nemo_dpo.training.reference import BaseModelReference, ReferencePolicy
 
 
-PREEMPTED = "preempted"
-
-
 class NonFiniteError(RuntimeError):
     """Training stopped on a non-finite loss or gradient (trainer.dpo.nan_policy=stop)."""
 
@@ -407,8 +404,8 @@ class DPOTrainer:
             f"logs in {self.log_dir}",
         )
         with Preemption(self.layout.rank, self.layout.device) as preemption:
-            last_val = self._train(preemption)
-        if last_val == PREEMPTED:
+            last_val, preempted = self._train(preemption)
+        if preempted:
             return None
         if last_val is None or last_val["step"] != self.step:
             last_val = self.log("val", self.validate())
@@ -417,8 +414,8 @@ class DPOTrainer:
         self.finish_checkpoints(blocking=True)
         return last_val
 
-    def _train(self, preemption: Preemption):
-        """The steps; returns the last validation row, or PREEMPTED after saving on a signal."""
+    def _train(self, preemption: Preemption) -> tuple:
+        """The steps; returns (the last validation row, whether a signal stopped them after a save)."""
         m, dpo = self.cfg.model, self.cfg.trainer.dpo
         last_val = None
         for epoch in itertools.count(self.step // self.steps_per_epoch):
@@ -443,5 +440,5 @@ class DPOTrainer:
                     self.finish_checkpoints(blocking=True)
                     log0(self.layout, f"preempted: checkpoint of step {self.step} complete in {self.checkpoint_dir}; "
                                       "exiting 0 (rerun the same command to resume)")
-                    return PREEMPTED
-        return last_val
+                    return last_val, True
+        return last_val, False
