@@ -72,6 +72,16 @@ def _did_you_mean(key: str, base: DictConfig) -> str:
     return f" (did you mean {suggestion!r}?)" if suggestion else ""
 
 
+def _merge_known_keys(base: DictConfig, patch: DictConfig, describe) -> DictConfig:
+    """``patch`` over ``base``, where every key of ``patch`` must exist in ``base`` (with a did-you-mean)."""
+    OmegaConf.set_struct(base, True)
+    try:
+        return OmegaConf.merge(base, patch)
+    except Exception as err:
+        key = getattr(err, "full_key", None) or str(err)
+        raise ConfigError(describe(key) + _did_you_mean(key, base)) from err
+
+
 def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR) -> DictConfig:
     """``<config_dir>/<config_name>.yaml`` with dotlist overrides applied.
 
@@ -84,12 +94,7 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
     base = OmegaConf.load(path)
     if "base_config" in base:
         parent = load_config(base.pop("base_config"), (), config_dir)
-        OmegaConf.set_struct(parent, True)
-        try:
-            base = OmegaConf.merge(parent, base)
-        except Exception as err:
-            key = getattr(err, "full_key", None) or str(err)
-            raise ConfigError(f"{path}: key {key!r} is not in the base config{_did_you_mean(key, parent)}") from err
+        base = _merge_known_keys(parent, base, lambda key: f"{path}: key {key!r} is not in the base config")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -97,12 +102,7 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
         patch = OmegaConf.from_dotlist(list(overrides))
     except Exception as err:
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from err
-    OmegaConf.set_struct(base, True)
-    try:
-        cfg = OmegaConf.merge(base, patch)
-    except Exception as err:
-        key = getattr(err, "full_key", None) or str(err)
-        raise ConfigError(f"unknown config key {key!r} (not in {path}){_did_you_mean(key, base)}") from err
+    cfg = _merge_known_keys(base, patch, lambda key: f"unknown config key {key!r} (not in {path})")
     _check_types(cfg, base)
     OmegaConf.set_struct(cfg, False)
     return cfg
