@@ -16,11 +16,15 @@ setup(
         "megatron-core>=0.16.1,<0.18",
         "omegaconf>=2.3",
         "sentencepiece>=0.2",
+        "jinja2>=3.1",  # chat templates (rendered in its sandbox, as Hugging Face does)
         "numpy",
         "psutil",  # megatron-core dist_checkpointing needs it
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers", "hypothesis"],  # transformers: reference models for the HF tests
+        # Parquet and Arrow data files (JSON Lines needs nothing more).
+        "data": ["pyarrow"],
+        # pyarrow: the Parquet/Arrow data tests.
+        "test": ["pytest>=8", "transformers", "hypothesis", "pyarrow"],  # transformers: reference models for the HF tests
         # Optional GPU accelerators, used when importable: transformer-engine, apex.
         "gpu": ["transformer-engine[pytorch]"],
         # bench/bench_dpo.py runs the same workload through TRL's DPOTrainer.

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from nemo_dpo.data.chat_template import ChatTemplate, template_source
 from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
 from nemo_dpo.data.preference_dataset import BAD_RECORD_POLICIES
+from nemo_dpo.data.readers import data_format, needs_pyarrow, pyarrow_missing
 from nemo_dpo.distributed.init import check_layout
 from nemo_dpo.losses.preference import PreferenceLossConfig
 from nemo_dpo.models.gpt import check_model_config
@@ -124,6 +126,12 @@ def data_files(cfg: DictConfig) -> dict:
     for split, file in files.items():
         if not os.path.isfile(file):
             raise ConfigError(f"model.data.data_prefix.{split}: file {file} does not exist")
+        try:
+            data_format(file)
+        except ValueError as err:
+            raise ConfigError(f"model.data.data_prefix.{split}: {err}") from err
+        if needs_pyarrow(file) and pyarrow_missing():
+            raise ConfigError(f"model.data.data_prefix.{split}: {pyarrow_missing()}")
     return files
 
 
@@ -198,4 +206,17 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     tokenizer = cfg.model.tokenizer.model
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ConfigError(f"model.tokenizer.model: {tokenizer} does not exist (a tokenizer.model file or a folder)")
+    check_record_options(model)
 
+
+def check_record_options(model: DictConfig) -> None:
+    """The chat template (from the config or the tokenizer folder) compiles; the implicit-prompt delimiter is usable."""
+    delimiter = model.data.implicit_prompt_delimiter
+    if delimiter is not None and not (isinstance(delimiter, str) and delimiter):
+        raise ConfigError(f"model.data.implicit_prompt_delimiter must be a non-empty string or null, got {delimiter!r}")
+    try:
+        source = template_source(model.data.chat_template, model.tokenizer.model)
+        if source is not None:
+            ChatTemplate(*source, special_tokens={})
+    except (OSError, ValueError) as err:
+        raise ConfigError(str(err)) from err

@@ -11,6 +11,7 @@ class CharTokenizer:
     """One token per character (ids from 10), so lengths are easy to reason about."""
 
     eos_id = EOS
+    eos_token = None  # no EOS text: the appended EOS is the only one
 
     def encode(self, text):
         return [ord(c) + 10 for c in text]
@@ -81,7 +82,7 @@ def test_skip_policy_leaves_bad_records_out_and_says_which(tmp_path):
     good = [json.dumps({"prompt": f"p{i}", "chosen": "c", "rejected": "r"}) for i in range(3)]
     path = _write(tmp_path / "mixed.jsonl", [good[0], "{oops", good[1], '{"prompt": "p", "chosen": "x", "rejected": "x"}',
                                              good[2]])
-    records, skipped = read_preference_pairs(path, "skip")
+    records, skipped = read_preference_pairs(path, "skip")[:2]
     assert [r["prompt"] for r in records] == ["p0", "p1", "p2"]
     assert len(skipped) == 2 and skipped[0].startswith(f"{path}:2: invalid JSON")
     assert skipped[1].startswith(f"{path}:4: 'chosen' and 'rejected' are identical")

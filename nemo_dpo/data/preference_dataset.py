@@ -1,4 +1,8 @@
-"""Read preference pairs from JSONL and turn them into token sequences.
+"""Read preference pairs from any supported file and turn them into token sequences.
+
+Reading: readers.py gives each file's records (JSON Lines, gzip, JSON, Parquet,
+Arrow), schemas.py turns every accepted schema into one text record, and a bad
+record follows ``model.data.on_bad_record``.
 
 Token rule (one rule for every side of every pair):
     side = encode(prompt) + encode(response) + [eos_id]
@@ -6,16 +10,19 @@ The prompt and response are encoded separately so the boundary between them is
 always a token boundary (the loss mask depends on it). SentencePiece adds a
 word-boundary marker in front of every encoded text, so with the project's
 tokenizer this equals encoding `prompt + " " + response`: store responses
-without a leading space.
+without a leading space. A side ends with exactly one EOS: when the response,
+less trailing whitespace, already ends with the EOS token (chat templates that
+close a turn with the tokenizer's EOS, e.g. ChatML's <|im_end|> when that is the
+eos_token), it is encoded without that whitespace and nothing is appended.
 """
 
-import json
-import math
-import os
+from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
-SCHEMAS = (("prompt", "chosen", "rejected"), ("prompt", "chosen_response", "rejected_response"))
-DEFAULT_REWARDS = {"chosen_reward": 1.0, "rejected_reward": 0.0}
+from nemo_dpo.data.readers import data_format, read_rows
+from nemo_dpo.data.schemas import MissingSetting, RecordOptions, normalize
+
 OVERFLOW_POLICIES = ("truncate_prompt", "drop")
 BAD_RECORD_POLICIES = ("error", "skip")
 
@@ -29,101 +36,99 @@ class TokenizedPair:
     rejected_reward: float
 
 
-def _normalize(obj, where: str) -> dict:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    keys = SCHEMAS[1] if "chosen_response" in obj else SCHEMAS[0]
-    for key in keys:
-        if key not in obj:
-            raise ValueError(
-                f"{where}: missing key '{key}' (keys present: {sorted(obj)}); "
-                f"expected keys {SCHEMAS[0]} or {SCHEMAS[1]}"
-            )
-        if not isinstance(obj[key], str):
-            raise ValueError(f"{where}: key '{key}' must be a string, got {type(obj[key]).__name__}")
-    record = {"prompt": obj[keys[0]], "chosen": obj[keys[1]], "rejected": obj[keys[2]]}
-    for key in keys[1:]:
-        if not obj[key].strip():
-            raise ValueError(f"{where}: key '{key}' is empty")
-    if record["chosen"] == record["rejected"]:
-        raise ValueError(f"{where}: '{keys[1]}' and '{keys[2]}' are identical (no preference to learn)")
-    for key, default in DEFAULT_REWARDS.items():
-        value = obj.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{where}: key '{key}' must be a finite number, got {value!r}")
-        record[key] = float(value)
-    return record
+class PreferenceData(NamedTuple):
+    records: list  # {prompt, chosen, rejected, chosen_reward, rejected_reward}, texts
+    skipped: list  # one message per bad record left out, starting with file:line (or file:row)
+    schemas: dict  # schema name -> records read in it
+    file_format: str  # readers.FORMATS value
 
 
-def _parse_line(raw: bytes, where: str) -> dict:
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text ({e})") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e})") from e
-    except RecursionError as e:
-        raise ValueError(f"{where}: JSON nested too deeply") from e
-    return _normalize(obj, where)
+def read_preference_pairs(path: str, on_bad_record: str = "error", options: RecordOptions = RecordOptions()) -> PreferenceData:
+    """Every record of ``path`` as text, and what was skipped.
 
-
-def read_preference_pairs(path: str, on_bad_record: str = "error") -> tuple[list[dict], list[str]]:
-    """Normalized records {prompt, chosen, rejected, chosen_reward, rejected_reward}, and what was skipped.
-
-    Accepts (prompt, chosen, rejected) and NeMo-Aligner's (prompt, chosen_response,
-    rejected_response); blank lines are ignored. A bad record (not UTF-8, invalid
-    JSON, missing or non-string fields, an empty response, chosen == rejected, a
-    non-finite reward) raises ``ValueError`` naming ``file:line`` and the field with
-    ``on_bad_record="error"``; with ``"skip"`` it is left out and its message returned.
+    A bad record (not UTF-8, invalid JSON, a missing or mistyped field, an empty
+    response, chosen == rejected, a non-finite reward, a non-assistant message in
+    a response, a pair with no implicit prompt, a chat template that fails on it)
+    raises ``ValueError`` naming ``file:line`` (``file:row N`` for Parquet and
+    Arrow) and the field with ``on_bad_record="error"``; with ``"skip"`` it is
+    left out and its message returned. A record that needs a setting the options
+    lack (``schemas.MissingSetting``) always raises.
     """
     if on_bad_record not in BAD_RECORD_POLICIES:
         raise ValueError(f"model.data.on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: preference data file not found")
-    records, skipped = [], []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                records.append(_parse_line(raw, f"{path}:{line_no}"))
-            except ValueError as err:
-                if on_bad_record == "error":
-                    raise
-                skipped.append(str(err))
+    records, skipped, schemas = [], [], Counter()
+    for where, load in read_rows(path):
+        try:
+            record, schema = normalize(load(), where, options)
+        except MissingSetting:
+            raise
+        except ValueError as err:
+            if on_bad_record == "error":
+                raise
+            skipped.append(str(err))
+            continue
+        records.append(record)
+        schemas[schema] += 1
     if not records:
         detail = f"all {len(skipped)} records are bad, e.g. {skipped[0]}" if skipped else "the file is empty"
         raise ValueError(f"{path}: no preference pairs ({detail})")
-    return records, skipped
+    return PreferenceData(records, skipped, dict(schemas), data_format(path))
 
 
-def tokenize_pairs(
-    records: list[dict], tokenizer, max_seq_length: int, overflow: str
-) -> tuple[list[TokenizedPair], dict]:
-    """Tokenize records, applying the overflow policy to pairs longer than `max_seq_length`.
+def encode_response(text: str, tokenizer) -> list[int]:
+    """Response tokens ending with exactly one EOS (see the token rule above)."""
+    trimmed = text.rstrip()
+    if tokenizer.eos_token and trimmed.endswith(tokenizer.eos_token):
+        ids = tokenizer.encode(trimmed)
+        if ids and ids[-1] == tokenizer.eos_id:
+            return ids
+    return tokenizer.encode(text) + [tokenizer.eos_id]
+
+
+def encode_pair(record: dict, tokenizer) -> TokenizedPair:
+    """A record's tokens before any overflow policy."""
+    return TokenizedPair(
+        tokenizer.encode(record["prompt"]),
+        encode_response(record["chosen"], tokenizer),
+        encode_response(record["rejected"], tokenizer),
+        record["chosen_reward"],
+        record["rejected_reward"],
+    )
+
+
+def fit_pair(pair: TokenizedPair, max_seq_length: int, overflow: str) -> tuple[TokenizedPair | None, bool]:
+    """(the pair as it fits ``max_seq_length``, or None if dropped; whether its prompt was truncated).
 
     "truncate_prompt" drops prompt tokens from the left (the end of the prompt
     matters most for the response) but keeps at least one, since the first
     response token is predicted from the last prompt token; a pair whose
     response cannot fit that way is dropped. "drop" drops every too-long pair.
     """
+    longest_response = max(len(pair.chosen), len(pair.rejected))
+    if len(pair.prompt) + longest_response <= max_seq_length:
+        return pair, False
+    prompt_room = max_seq_length - longest_response
+    if overflow == "drop" or prompt_room < 1:
+        return None, False
+    prompt = pair.prompt[len(pair.prompt) - prompt_room :]
+    return TokenizedPair(prompt, pair.chosen, pair.rejected, pair.chosen_reward, pair.rejected_reward), True
+
+
+def tokenize_pairs(
+    records: list[dict], tokenizer, max_seq_length: int, overflow: str
+) -> tuple[list[TokenizedPair], dict]:
+    """Tokenize records (``encode_pair``), applying the overflow policy to pairs longer than `max_seq_length` (``fit_pair``)."""
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"model.data.overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     pairs = []
     truncated = dropped = 0
     for record in records:
-        prompt = tokenizer.encode(record["prompt"])
-        chosen = tokenizer.encode(record["chosen"]) + [tokenizer.eos_id]
-        rejected = tokenizer.encode(record["rejected"]) + [tokenizer.eos_id]
-        longest_response = max(len(chosen), len(rejected))
-        if len(prompt) + longest_response > max_seq_length:
-            prompt_room = max_seq_length - longest_response
-            if overflow == "drop" or prompt_room < 1:
-                dropped += 1
-                continue
-            prompt = prompt[len(prompt) - prompt_room :]
-            truncated += 1
-        pairs.append(TokenizedPair(prompt, chosen, rejected, record["chosen_reward"], record["rejected_reward"]))
+        pair, was_truncated = fit_pair(encode_pair(record, tokenizer), max_seq_length, overflow)
+        if pair is None:
+            dropped += 1
+            continue
+        truncated += was_truncated
+        pairs.append(pair)
     lengths = [len(p.prompt) + len(side) for p in pairs for side in (p.chosen, p.rejected)]
     stats = {
         "pairs": len(pairs),

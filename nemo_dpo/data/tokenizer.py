@@ -9,20 +9,29 @@ with its weights.
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 
 import sentencepiece as spm
 
 from nemo_dpo.data.preference_dataset import read_preference_pairs
+from nemo_dpo.data.schemas import RecordOptions
 from nemo_dpo.models.hf_convert import read_json_object
 
 # Bump when the training options below change, so old cached models are not reused.
 TOKENIZER_FORMAT_VERSION = 1
+# The special pieces of a trained tokenizer (known before it exists: chat templates print them into its corpus).
+TRAINED_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
 
 
 class SentencePieceTokenizer:
-    """Thin wrapper exposing the ids the trainer needs (pad falls back to EOS)."""
+    """Thin wrapper exposing the ids the trainer needs (pad falls back to EOS).
+
+    The BOS and EOS pieces written in text encode to their ids, as Hugging Face
+    tokenizers treat special tokens, so a chat template that prints ``eos_token``
+    means the same with either kind of tokenizer.
+    """
 
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
@@ -39,9 +48,17 @@ class SentencePieceTokenizer:
         if self.eos_id < 0:
             raise ValueError(f"{model_path}: the tokenizer defines no EOS piece; DPO sequences must end with EOS")
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        self.eos_token = self._sp.id_to_piece(self.eos_id)
+        self.bos_token = self._sp.id_to_piece(self.bos_id) if self.bos_id >= 0 else None
+        self._special = {self._sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id) if i >= 0}
+        self._special_re = re.compile("|".join(re.escape(piece) for piece in sorted(self._special, key=len)[::-1]))
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        ids, start = [], 0
+        for match in self._special_re.finditer(text):
+            ids += self._sp.encode(text[start : match.start()]) + [self._special[match.group()]]
+            start = match.end()
+        return ids + self._sp.encode(text[start:])
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
@@ -68,6 +85,8 @@ def train_tokenizer(texts_files: list[str], vocab_size: int, out_path: str) -> s
                 bos_id=1,
                 eos_id=2,
                 pad_id=3,
+                bos_piece=TRAINED_SPECIAL_TOKENS["bos_token"],
+                eos_piece=TRAINED_SPECIAL_TOKENS["eos_token"],
                 num_threads=1,
                 minloglevel=2,
             )
@@ -79,36 +98,42 @@ def train_tokenizer(texts_files: list[str], vocab_size: int, out_path: str) -> s
     return out_path
 
 
-def _cache_key(train_files: list[str], vocab_size: int) -> str:
+def _cache_key(train_files: list[str], vocab_size: int, options: RecordOptions) -> str:
     digest = hashlib.sha256()
     for path in train_files:
         with open(path, "rb") as f:
-            digest.update(hashlib.sha256(f.read()).digest())
-    digest.update(f"vocab_size={vocab_size};format={TOKENIZER_FORMAT_VERSION}".encode())
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    digest.update(f"vocab_size={vocab_size};format={TOKENIZER_FORMAT_VERSION};{options.fingerprint()}".encode())
     return digest.hexdigest()[:16]
 
 
 def load_or_train_tokenizer(
-    model_path: str | None, train_files: list[str], vocab_size: int, cache_dir: str
+    model_path: str | None, train_files: list[str], vocab_size: int, cache_dir: str,
+    options: RecordOptions = RecordOptions(),
 ) -> SentencePieceTokenizer:
-    """Load `model_path`, or train on the text of `train_files` (JSONL) and cache the result.
+    """Load `model_path`, or train on the text of `train_files` and cache the result.
 
-    Training happens in a temporary folder inside `cache_dir` and the finished
-    model is moved into place with `os.replace`, so readers never see a partial
-    file even if a run is killed mid-training.
+    The corpus is the records' text as training sees it: any file format the
+    reader takes, conversations rendered by the chat template in ``options``,
+    implicit prompts split off; so the cache key covers the files' bytes and
+    ``options``. Training happens in a temporary folder inside `cache_dir` and the
+    finished model is moved into place with `os.replace`, so readers never see a
+    partial file even if a run is killed mid-training.
     """
     if model_path is not None:
         return SentencePieceTokenizer(model_path)
     cache_dir = os.path.expanduser(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
-    cached = os.path.join(cache_dir, f"spm_{_cache_key(train_files, vocab_size)}.model")
+    cached = os.path.join(cache_dir, f"spm_{_cache_key(train_files, vocab_size, options)}.model")
     if not os.path.isfile(cached):
         tmp = tempfile.mkdtemp(prefix=".spm_train_", dir=cache_dir)
         try:
             corpus = os.path.join(tmp, "corpus.txt")
             with open(corpus, "w", encoding="utf-8") as f:
                 for path in train_files:
-                    for record in read_preference_pairs(path, "skip")[0]:  # the trainer reports bad ones
+                    for record in read_preference_pairs(path, "skip", options).records:  # the trainer reports bad ones
                         for key in ("prompt", "chosen", "rejected"):
                             # One sentence a line: fold newlines, which SentencePiece normalizes to spaces anyway.
                             f.write(" ".join(record[key].split()) + "\n")
@@ -123,6 +148,7 @@ HF_TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
@@ -178,6 +204,8 @@ class HFTokenizer:
             )
         pad_id = _special_token_id(self._tok, hf_dir, "pad")
         self.pad_id = pad_id if pad_id >= 0 else self.eos_id
+        self.eos_token = self._tok.id_to_token(self.eos_id)
+        self.bos_token = self._tok.id_to_token(self.bos_id) if self.bos_id >= 0 else None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -193,6 +221,19 @@ def load_tokenizer_from_dir(hf_dir: str):
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         return HFTokenizer(hf_dir)
     raise FileNotFoundError(f"{hf_dir}: no tokenizer found (expected tokenizer.model or tokenizer.json)")
+
+
+def open_tokenizer(path: str):
+    """The tokenizer at ``path``: a Hugging Face (or checkpoint) tokenizer folder, or a SentencePiece model file."""
+    return load_tokenizer_from_dir(path) if os.path.isdir(path) else SentencePieceTokenizer(path)
+
+
+def special_token_texts(tokenizer_model: str | None) -> dict:
+    """The BOS and EOS text of ``model.tokenizer.model`` (a trained tokenizer's when null), for chat templates."""
+    if tokenizer_model is None:
+        return dict(TRAINED_SPECIAL_TOKENS)
+    tokenizer = open_tokenizer(tokenizer_model)
+    return {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
 
 
 def tokenizer_files(hf_dir: str) -> list[str]:

@@ -25,13 +25,10 @@ from omegaconf import OmegaConf
 
 from nemo_dpo.config import data_files, preference_loss_config
 from nemo_dpo.data.batching import collate_microbatches, collate_packed_microbatches, dp_shard, global_batches
+from nemo_dpo.data.chat_template import record_options
 from nemo_dpo.data.preference_dataset import read_preference_pairs, tokenize_pairs
-from nemo_dpo.data.tokenizer import (
-    SentencePieceTokenizer,
-    load_or_train_tokenizer,
-    load_tokenizer_from_dir,
-    tokenizer_files,
-)
+from nemo_dpo.data.schemas import RecordOptions
+from nemo_dpo.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer, open_tokenizer, tokenizer_files
 from nemo_dpo.distributed.init import Layout
 from nemo_dpo.models.gpt import build_gpt, transformer_config
 from nemo_dpo.models.init_weights import init_weights
@@ -60,21 +57,19 @@ def log0(layout: Layout, message: str) -> None:
         print(message, flush=True)
 
 
-def load_tokenizer(cfg, train_file: str, layout: Layout) -> SentencePieceTokenizer:
-    """The configured tokenizer, or one trained on the training data by rank 0 and sent to all ranks.
+def load_tokenizer(cfg, train_file: str, layout: Layout, options: RecordOptions) -> SentencePieceTokenizer:
+    """The configured tokenizer, or one trained by rank 0 on the training data's text (per ``options``) and sent to all.
 
     Sending the model bytes (rather than training on every node) guarantees every
     rank uses the identical vocabulary, with or without a shared filesystem.
     """
     tok_cfg = cfg.model.tokenizer
-    if tok_cfg.model is not None and os.path.isdir(tok_cfg.model):
-        return load_tokenizer_from_dir(tok_cfg.model)
     if tok_cfg.model is not None:
-        return SentencePieceTokenizer(tok_cfg.model)
+        return open_tokenizer(tok_cfg.model)
     cache_dir = os.path.expanduser(tok_cfg.cache_dir)
     payload = [None, None]
     if layout.rank == 0:
-        tokenizer = load_or_train_tokenizer(None, [train_file], tok_cfg.vocab_size, cache_dir)
+        tokenizer = load_or_train_tokenizer(None, [train_file], tok_cfg.vocab_size, cache_dir, options)
         with open(tokenizer.model_path, "rb") as f:
             payload = [os.path.basename(tokenizer.model_path), f.read()]
     dist.broadcast_object_list(payload, src=0)
@@ -91,7 +86,7 @@ def load_tokenizer(cfg, train_file: str, layout: Layout) -> SentencePieceTokeniz
     return SentencePieceTokenizer(path)
 
 
-def read_records(files: dict, model_cfg, log_dir: str, layout: Layout) -> dict:
+def read_records(files: dict, model_cfg, log_dir: str, layout: Layout, options: RecordOptions) -> dict:
     """Every input file read and checked before anything else; bad records follow ``model.data.on_bad_record``.
 
     Skipped records are counted on the console and listed in ``<log dir>/skipped_records.txt``.
@@ -99,7 +94,10 @@ def read_records(files: dict, model_cfg, log_dir: str, layout: Layout) -> dict:
     policy = model_cfg.data.on_bad_record
     records, skipped = {}, []
     for split, path in files.items():
-        records[split], bad = read_preference_pairs(path, policy)
+        data = read_preference_pairs(path, policy, options)
+        records[split], bad = data.records, data.skipped
+        schemas = ", ".join(f"{count} {name}" for name, count in data.schemas.items())
+        log0(layout, f"{split}: {data.file_format} file {path}: {schemas}")
         if bad:
             log0(layout, f"{split}: skipped {len(bad)} bad record(s) of {path} (model.data.on_bad_record={policy}), "
                          f"e.g. {bad[0]}")
@@ -142,8 +140,9 @@ class DPOTrainer:
         m = cfg.model
         self.log_dir = cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
         files = data_files(cfg)
-        records = read_records(files, m, self.log_dir, layout)
-        self.tokenizer = load_tokenizer(cfg, files["train"], layout)
+        options = record_options(m)
+        records = read_records(files, m, self.log_dir, layout, options)
+        self.tokenizer = load_tokenizer(cfg, files["train"], layout, options)
         self.train_pairs = tokenize_split(records["train"], files["train"], self.tokenizer, m, "train", layout)
         self.val_pairs = tokenize_split(records["validation"], files["validation"], self.tokenizer, m, "validation",
                                         layout)
@@ -170,7 +169,7 @@ class DPOTrainer:
         self.ref_tables = None
         if m.dpo.reference_logprobs == "precomputed":  # from the initial weights, so before resuming
             key = reference_cache.cache_key(
-                list(files.values()), list(self.tokenizer_files().values()), self.model, m
+                [*files.values(), *options.files()], list(self.tokenizer_files().values()), self.model, m
             )
             splits = {"train": self.train_pairs, "validation": self.val_pairs}
             self.ref_tables = reference_cache.load_or_compute(self, key, splits)
