@@ -19,12 +19,17 @@ setup(
         "jinja2>=3.1",  # chat templates (rendered in its sandbox, as Hugging Face does)
         "numpy",
         "psutil",  # megatron-core dist_checkpointing needs it
+        "tensorboard",  # the default logger (exp_manager.create_tensorboard_logger)
     ],
     extras_require={
         # Parquet and Arrow data files (JSON Lines needs nothing more).
         "data": ["pyarrow"],
         # pyarrow: the Parquet/Arrow data tests.
-        "test": ["pytest>=8", "transformers", "hypothesis", "pyarrow"],  # transformers: reference models for the HF tests
+        "test": ["pytest>=8", "transformers", "hypothesis", "pyarrow", "matplotlib"],  # transformers: reference models for the HF tests
+        # python -m nemo_dpo.plot <log dir>: PNGs of the metrics.
+        "plot": ["matplotlib"],
+        # exp_manager.create_wandb_logger=true.
+        "wandb": ["wandb"],
         # Optional GPU accelerators, used when importable: transformer-engine, apex.
         "gpu": ["transformer-engine[pytorch]"],
         # bench/bench_dpo.py runs the same workload through TRL's DPOTrainer.

@@ -6,6 +6,7 @@ is an error that names the key, rather than a silently ignored typo.
 """
 
 import difflib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -202,6 +203,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(
             f"model.data.overflow must be one of ['truncate_prompt', 'drop'], got {model.data.overflow!r}"
         )
+    check_logging(cfg)
     data_files(cfg)
     tokenizer = cfg.model.tokenizer.model
     if tokenizer is not None and not os.path.exists(tokenizer):
@@ -220,3 +222,21 @@ def check_record_options(model: DictConfig) -> None:
             ChatTemplate(*source, special_tokens={})
     except (OSError, ValueError) as err:
         raise ConfigError(str(err)) from err
+
+
+def check_logging(cfg: DictConfig) -> None:
+    """Console and logger keys; an enabled logger whose package is missing fails here, not at its first write."""
+    if cfg.trainer.dpo.log_interval < 1:
+        raise ConfigError(f"trainer.dpo.log_interval must be >= 1, got {cfg.trainer.dpo.log_interval}")
+    exp_manager = cfg.exp_manager
+    for key, package in (("create_tensorboard_logger", "tensorboard"), ("create_wandb_logger", "wandb")):
+        if exp_manager[key] and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"exp_manager.{key}=true needs the {package} package, which is not installed: "
+                f"pip install {package} (or set exp_manager.{key}=false)"
+            )
+    kwargs = exp_manager.wandb_logger_kwargs
+    if exp_manager.create_wandb_logger and not (isinstance(kwargs.project, str) and kwargs.project):
+        raise ConfigError(f"exp_manager.wandb_logger_kwargs.project must be a non-empty string, got {kwargs.project!r}")
+    if kwargs.name is not None and not isinstance(kwargs.name, str):
+        raise ConfigError(f"exp_manager.wandb_logger_kwargs.name must be a string or null, got {kwargs.name!r}")

@@ -15,6 +15,7 @@ import torch
 
 from checkpoint_scenarios import plain_tensors, steps_with_checkpoint
 from distributed_harness import run_world
+from logging_checks import assert_tensorboard_matches_metrics
 from nemo_dpo.training import checkpoint
 from parallel_scenarios import SMALL
 
@@ -95,6 +96,7 @@ def test_kill_minus_9_and_resume_is_exact(straight_run, tmp_path):
     for key in ("loss", "accuracy", "reward_margin", "grad_norm", "lr"):
         assert [r[key] for r in a] == [r[key] for r in b], key  # bitwise equal floats
     assert [r["loss"] for r in rows(straight, "val")] == [r["loss"] for r in rows(killed, "val")]
+    assert_tensorboard_matches_metrics(killed)  # what the killed run logged after step 10 is hidden
     assert_same_weights(straight / "checkpoints" / "step_20", killed / "checkpoints" / "step_20", tmp_path)
 
 
@@ -121,6 +123,7 @@ def test_sigterm_to_one_rank_saves_and_exits_zero_then_resumes_exactly(straight_
     assert f"step_{saved} at step {saved}" in out
     for key in ("loss", "accuracy", "reward_margin", "grad_norm", "lr"):
         assert [r[key] for r in rows(run)] == [r[key] for r in rows(straight_run / "run")], key
+    assert_tensorboard_matches_metrics(run)
 
 
 def test_a_second_signal_exits_at_once_and_leaves_the_last_checkpoint_whole(straight_run, tmp_path):
@@ -189,6 +192,7 @@ def test_torn_checkpoints_are_skipped(straight_run, tmp_path):
     out = torchrun(run, straight_run / "cache")
     assert "not usable" in out and "resumed from" in out and "step_10 at step 10" in out
     assert [r["loss"] for r in rows(run)] == [r["loss"] for r in rows(straight_run / "run")]
+    assert_tensorboard_matches_metrics(run)  # steps 11-20 once: the replay's, not also the copied run's
     assert_same_weights(straight_run / "run" / "checkpoints" / "step_20", folder, tmp_path)
 
     # A checkpoint without its marker (a save that never finished) is never loaded.

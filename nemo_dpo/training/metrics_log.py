@@ -1,16 +1,25 @@
-"""Rank-0 metrics: one JSON object per step in ``metrics.jsonl`` and a console line."""
+"""Rank 0's record of a run: ``metrics.jsonl`` (one JSON object per step), the loggers, the console."""
 
 import json
 import os
-import sys
+
+from omegaconf import OmegaConf
+
+from nemo_dpo.training.loggers import TensorBoardLogger, WandbLogger
+from nemo_dpo.training.progress import Progress, format_row
 
 
 class MetricsLog:
-    """``metrics.jsonl`` of a run; a resumed run keeps the rows up to its checkpoint's step."""
+    """``metrics.jsonl`` of a run; a resumed run keeps the rows up to its checkpoint's step.
 
-    def __init__(self, log_dir: str, enabled: bool, resume_step: int = 0):
+    Each row also goes to the loggers of ``exp_manager`` (TensorBoard, W&B) and to
+    the console (``trainer.enable_progress_bar``). Disabled (other ranks): does nothing.
+    """
+
+    def __init__(self, cfg, log_dir: str, enabled: bool, resume_step: int = 0, total_steps: int = 0):
         self.enabled = enabled
         self.path = os.path.join(log_dir, "metrics.jsonl")
+        self.loggers = []
         if not enabled:
             return
         os.makedirs(log_dir, exist_ok=True)
@@ -22,27 +31,37 @@ class MetricsLog:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
 
+        self.progress = Progress(total_steps, resume_step, cfg.trainer.enable_progress_bar)
+        exp = cfg.exp_manager
+        if exp.create_tensorboard_logger:
+            tb = TensorBoardLogger(log_dir, resume_step, OmegaConf.to_yaml(cfg, resolve=True))
+            self.loggers.append(tb)
+            self.progress.print(f"tensorboard: {tb.folder} (tensorboard --logdir {tb.folder})")
+        if exp.create_wandb_logger:
+            kwargs = exp.wandb_logger_kwargs
+            name = kwargs.name or cfg.name
+            config = OmegaConf.to_container(cfg, resolve=True)
+            self.loggers.append(WandbLogger(kwargs.project, name, log_dir, config))
+            self.progress.print(f"wandb: project {kwargs.project}, run {name}")
+
     def write(self, row: dict, console: bool = True) -> None:
+        """Append ``row``; ``console``: whether a train row gets a console line (the bar shows every row)."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if console:
-            print(format_row(row), file=sys.stdout, flush=True)
+        for logger in self.loggers:
+            logger.log(row)
+        if row["split"] == "train":
+            self.progress.update(row, console)
+        elif console:
+            self.progress.print(format_row(row))
 
-
-def format_row(row: dict) -> str:
-    parts = [f"{row['split']:>5} step {row['step']}"]
-    for key, fmt in (
-        ("loss", ".4f"),
-        ("accuracy", ".3f"),
-        ("reward_margin", ".4f"),
-        ("rewards_chosen_mean", ".4f"),
-        ("rewards_rejected_mean", ".4f"),
-        ("grad_norm", ".3f"),
-        ("lr", ".2e"),
-        ("tokens_per_sec", ".0f"),
-    ):
-        if key in row:
-            parts.append(f"{key} {row[key]:{fmt}}")
-    return " | ".join(parts)
+    def close(self) -> None:
+        """Flush and close the loggers, leave the console as it was (idempotent)."""
+        if not self.enabled:
+            return
+        self.progress.close()
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []

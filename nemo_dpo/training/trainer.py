@@ -183,7 +183,8 @@ class DPOTrainer:
         self.nan_at_step = int(os.environ.get("NEMO_DPO_FAULT_NAN_AT_STEP", "0"))
         if cfg.exp_manager.resume_if_exists:
             self.resume()
-        self.metrics = MetricsLog(self.log_dir, enabled=layout.rank == 0, resume_step=self.step)
+        self.metrics = MetricsLog(cfg, self.log_dir, enabled=layout.rank == 0, resume_step=self.step,
+                                  total_steps=self.total_steps)
         if layout.rank == 0:
             OmegaConf.save(cfg, os.path.join(self.log_dir, "config.yaml"), resolve=True)
         self._val_reference = None
@@ -391,6 +392,12 @@ class DPOTrainer:
 
     def fit(self) -> dict:
         """Train for ``total_steps``; returns the last validation row (None if already done, or preempted)."""
+        try:
+            return self._fit()
+        finally:
+            self.metrics.close()  # flushes TensorBoard / W&B also when training fails
+
+    def _fit(self) -> dict:
         m = self.cfg.model
         if self.step >= self.total_steps:
             log0(self.layout, f"nothing to do: the checkpoint is at step {self.step} of {self.total_steps}")
