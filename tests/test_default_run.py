@@ -2,9 +2,13 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+
+from logging_checks import assert_tensorboard_matches_metrics, colour_share, png_size
+from nemo_dpo.plot import PLOTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {
@@ -41,3 +45,20 @@ def test_torchrun_default_job_learns(tmp_path):
     assert os.path.isfile(tmp_path / "runs" / "megatron_gpt_dpo" / "config.yaml")
     assert any(name.startswith("spm_") for name in os.listdir(tmp_path / ".cache" / "nemo_dpo"))
     assert "val step 125" in proc.stdout
+
+    # Logging: TensorBoard holds exactly metrics.jsonl; not a terminal, so plain lines with an ETA.
+    log_dir = tmp_path / "runs" / "megatron_gpt_dpo"
+    assert_tensorboard_matches_metrics(log_dir)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("train step ")]
+    assert len(lines) == 125 and "\r" not in proc.stdout  # log_interval 1
+    pattern = r"train step {} \| loss .* \| tokens_per_sec \d+ \| progress {}% of 125 \| elapsed \d+:\d\d \| eta {}"
+    assert re.fullmatch(pattern.format(1, 1, r"\d+:\d\d"), lines[0]), lines[0]
+    assert re.fullmatch(pattern.format(125, 100, "0:00"), lines[-1]), lines[-1]
+
+    # Plots of this run, from the command line.
+    plot = subprocess.run([sys.executable, "-m", "nemo_dpo.plot", str(log_dir), "--out", str(tmp_path / "plots")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0, plot.stderr
+    assert plot.stdout.split() == [str(tmp_path / "plots" / f"{name}.png") for name in PLOTS]
+    for path in plot.stdout.split():
+        assert png_size(path) == (800, 450) and colour_share(path, "#1f77b4") > 0.001, path
