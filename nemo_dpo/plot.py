@@ -1,8 +1,9 @@
 """Plots of a run: ``python -m nemo_dpo.plot <log_dir> [--out DIR]``.
 
-Reads ``<log_dir>/metrics.jsonl`` and writes one PNG per plot below to DIR
-(default ``<log_dir>/plots``), training steps as a line and validation as markers
-on the same axes; prints the paths written. Needs matplotlib (``pip install
+Reads ``<log_dir>/metrics.jsonl`` and writes loss.png, accuracy.png, rewards.png
+(chosen, rejected, margin), grad_norm.png and lr.png to DIR (default
+``<log_dir>/plots``), training steps as a line and validation as markers on the
+same axes; prints the paths written. Needs matplotlib (``pip install
 matplotlib``, or the ``plot`` extra); rendered with Agg, so no display is needed.
 """
 
