@@ -1,6 +1,6 @@
 """Rank 0's console view of training: an updating bar on a terminal, plain lines with an ETA elsewhere.
 
-Our own ~80 lines rather than tqdm: one less dependency, and the non-terminal
+Our own small class rather than tqdm: one less dependency, and the non-terminal
 form (Slurm logs, CI, tests) must stay the grep-able ``train step N | ...`` line.
 """
 
