@@ -164,3 +164,19 @@ def test_trained_tokenizer_learns_the_rendered_text(tmp_path, monkeypatch):
     brackets = template.replace("<{{ m.role }}>", "[{{ m.role }}]").replace("<assistant>", "[assistant]")
     other = RecordOptions(ChatTemplate(brackets, "t", options.chat_template.special_tokens))
     assert load_or_train_tokenizer(None, [path], 512, str(tmp_path / "cache"), other).model_path != tokenizer.model_path
+
+
+def test_a_template_file_is_an_input_of_the_caches(tmp_path):
+    """Editing a .jinja file changes the trained tokenizer's cache key, and it is listed for the reference cache's hash."""
+    jinja = tmp_path / "chat.jinja"
+    jinja.write_text(CHATML)
+    path = write_jsonl(tmp_path / "chat.jsonl", [conversation(r) for r in default_task_records("train", 200)])
+    cfg = load_config("gpt_dpo", [f"model.data.chat_template={jinja}", f"model.data.data_prefix.train={path}"])
+    options = record_options(cfg.model)
+    assert options.files() == [str(jinja)] and options.chat_template.origin == str(jinja)
+    first = load_or_train_tokenizer(None, [path], 400, str(tmp_path / "cache"), options)
+    jinja.write_text(CHATML.replace("You pick words.", "You choose words."))
+    second = load_or_train_tokenizer(None, [path], 400, str(tmp_path / "cache"), record_options(cfg.model))
+    assert first.model_path != second.model_path
+    inline = load_config("gpt_dpo", [f"model.data.chat_template={json.dumps(CHATML)}"])
+    assert record_options(inline.model).files() == []

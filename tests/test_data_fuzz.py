@@ -10,8 +10,11 @@ import tempfile
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from chat_fixtures import CHATML
 
+from nemo_dpo.data.chat_template import ChatTemplate
 from nemo_dpo.data.preference_dataset import read_preference_pairs
+from nemo_dpo.data.schemas import RecordOptions
 
 FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -28,12 +31,12 @@ near_records = st.fixed_dictionaries(
 text_records = st.fixed_dictionaries({"prompt": st.text(), "chosen": st.text(), "rejected": st.text()})
 
 
-def read(content: bytes, policy: str):
+def read(content: bytes, policy: str, options: RecordOptions = RecordOptions()):
     fd, path = tempfile.mkstemp(suffix=".jsonl")
     with os.fdopen(fd, "wb") as f:
         f.write(content)
     try:
-        return path, read_preference_pairs(path, policy)
+        return path, read_preference_pairs(path, policy, options)
     except ValueError as err:
         assert str(err).startswith(path), err
         return path, None
@@ -75,3 +78,38 @@ def test_huge_lines(size, policy):
     huge = json.dumps({"prompt": "x" * size, "chosen": "a", "rejected": "b"}).encode()
     _, result = read(huge + b"\n" + b"{" * size, policy)
     assert (result is None) == (policy == "error")
+
+
+# The other schemas, mostly right or nearly: odd roles and values, ranks of any type, dialogues that may not split.
+message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": st.text(max_size=8)})
+odd_message = st.fixed_dictionaries({"role": json_values, "content": json_values})
+messages = st.lists(message, min_size=1, max_size=3) | st.lists(message | odd_message, max_size=3) | json_values
+answer = st.lists(st.fixed_dictionaries({"role": st.just("assistant"), "content": st.text(min_size=1, max_size=8)}),
+                  min_size=1, max_size=2)
+side = answer | messages
+dialogue = st.lists(st.sampled_from(["\n\nHuman:", "\n\nAssistant:", " hi", " yes", " no", ""]), max_size=6).map("".join)
+shared_start = st.tuples(dialogue | st.lists(message, max_size=3), dialogue | side, dialogue | side).map(
+    lambda t: {"chosen": t[0] + t[1], "rejected": t[0] + t[2]} if type(t[0]) is type(t[1]) is type(t[2])
+    else {"chosen": t[1], "rejected": t[2]})
+ranked = st.lists(st.fixed_dictionaries({"rank": st.integers(0, 9), "completion": answer}), min_size=2, max_size=4,
+                  unique_by=lambda c: c["rank"])
+odd_ranked = st.lists(st.fixed_dictionaries({"rank": st.integers(0, 3) | json_values, "completion": side}), max_size=4)
+hh = st.tuples(dialogue, st.text(max_size=6), st.text(max_size=6)).map(
+    lambda t: {"chosen": f"{t[0]}\n\nAssistant:{t[1]}", "rejected": f"{t[0]}\n\nAssistant:{t[2]}"})
+other_records = (
+    st.fixed_dictionaries({"prompt": messages | st.text(max_size=12), "chosen": side, "rejected": side})
+    | st.fixed_dictionaries({"context": messages, "completions": ranked | odd_ranked})
+    | shared_start
+    | hh
+)
+CHAT = RecordOptions(ChatTemplate(CHATML, "fuzz", {"eos_token": "<|im_end|>"}), "\n\nAssistant:")
+
+
+@FUZZ
+@given(values=st.lists(other_records, min_size=1, max_size=6), policy=st.sampled_from(["error", "skip"]))
+def test_conversational_ranked_and_implicit_records(values, policy):
+    path, result = read("\n".join(json.dumps(v) for v in values).encode(), policy, CHAT)
+    if result is not None:
+        check_records(result.records)
+        assert len(result.records) + len(result.skipped) == len(values)
+        assert sum(result.schemas.values()) == len(result.records)
