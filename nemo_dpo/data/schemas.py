@@ -47,6 +47,12 @@ class RecordOptions:
         return f"template={template};delimiter={self.implicit_prompt_delimiter!r}"
 
 
+def _require(obj: dict, keys: tuple, where: str) -> None:
+    for key in keys:
+        if key not in obj:
+            raise ValueError(f"{where}: missing key '{key}' (keys present: {sorted(obj)}); {SCHEMA_HELP}")
+
+
 def _string(obj: dict, key: str, where: str) -> str:
     if not isinstance(obj[key], str):
         raise ValueError(f"{where}: key '{key}' must be a string, got {type(obj[key]).__name__}")
@@ -99,22 +105,18 @@ def _rendered(prompt: list, chosen: list, rejected: list, keys: tuple, where: st
 
 
 def _explicit(obj: dict, where: str, options: RecordOptions, keys: tuple) -> tuple:
-    for key in keys:
-        if key not in obj:
-            raise ValueError(f"{where}: missing key '{key}' (keys present: {sorted(obj)}); {SCHEMA_HELP}")
+    _require(obj, keys, where)
     prompt, chosen, rejected = (obj[key] for key in keys)
     if keys == EXPLICIT and (isinstance(chosen, list) or isinstance(rejected, list)):
         messages = _prompt_messages(prompt, keys[0], where), _side(chosen, keys[1], where), _side(rejected, keys[2], where)
-        return _rendered(*messages, keys, where, options), "prompt/chosen/rejected (messages)"
+        return _rendered(*messages, keys, where, options), "prompt/chosen/rejected (messages)", keys[1:]
     texts = tuple(_string(obj, key, where) for key in keys)
-    return texts, ("prompt/chosen/rejected" if keys == EXPLICIT else "prompt/chosen_response/rejected_response")
+    return texts, "/".join(keys), keys[1:]
 
 
 def _ranked(obj: dict, where: str, options: RecordOptions) -> tuple:
     """NeMo-RL's format: the lowest rank is chosen and the highest rejected (completions ranked in between are unused)."""
-    for key in RANKED:
-        if key not in obj:
-            raise ValueError(f"{where}: missing key '{key}' (keys present: {sorted(obj)}); {SCHEMA_HELP}")
+    _require(obj, RANKED, where)
     completions = obj["completions"]
     if not isinstance(completions, list) or len(completions) < 2:
         got = f"{len(completions)}" if isinstance(completions, list) else type(completions).__name__
@@ -176,20 +178,19 @@ def _split_messages(chosen: list, rejected: list, where: str) -> tuple:
 
 
 def _implicit(obj: dict, where: str, options: RecordOptions) -> tuple:
-    for key in IMPLICIT:
-        if key not in obj:
-            raise ValueError(f"{where}: missing key '{key}' (keys present: {sorted(obj)}); {SCHEMA_HELP}")
+    _require(obj, IMPLICIT, where)
     chosen, rejected = obj["chosen"], obj["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
-        return _split_text(chosen, rejected, where, options.implicit_prompt_delimiter), \
-            "chosen/rejected (implicit prompt, text)"
+        split = _split_text(chosen, rejected, where, options.implicit_prompt_delimiter)
+        return split, "chosen/rejected (implicit prompt, text)", IMPLICIT
     if isinstance(chosen, str) or isinstance(rejected, str):
         raise ValueError(f"{where}: 'chosen' and 'rejected' must both be strings or both lists of messages, got "
                          f"{type(chosen).__name__} and {type(rejected).__name__}")
     chosen = _messages(chosen, "chosen", where, assistant_only=False)
     rejected = _messages(rejected, "rejected", where, assistant_only=False)
     split = _split_messages(chosen, rejected, where)
-    return _rendered(*split, ("prompt", *IMPLICIT), where, options), "chosen/rejected (implicit prompt, messages)"
+    return _rendered(*split, ("prompt", *IMPLICIT), where, options), "chosen/rejected (implicit prompt, messages)", \
+        IMPLICIT
 
 
 def normalize(obj, where: str, options: RecordOptions) -> tuple[dict, str]:
@@ -197,16 +198,14 @@ def normalize(obj, where: str, options: RecordOptions) -> tuple[dict, str]:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if any(key in obj for key in RANKED):
-        (prompt, chosen, rejected), schema, names = _ranked(obj, where, options)
+        parts = _ranked(obj, where, options)
     elif any(key in obj for key in ALIGNER[1:]):
-        (prompt, chosen, rejected), schema = _explicit(obj, where, options, ALIGNER)
-        names = ALIGNER[1:]
+        parts = _explicit(obj, where, options, ALIGNER)
     elif "prompt" in obj:
-        (prompt, chosen, rejected), schema = _explicit(obj, where, options, EXPLICIT)
-        names = EXPLICIT[1:]
+        parts = _explicit(obj, where, options, EXPLICIT)
     else:
-        (prompt, chosen, rejected), schema = _implicit(obj, where, options)
-        names = IMPLICIT
+        parts = _implicit(obj, where, options)
+    (prompt, chosen, rejected), schema, names = parts  # names: the keys of the two responses, for messages
     for name, text in zip(names, (chosen, rejected)):
         if not text.strip():
             raise ValueError(f"{where}: key '{name}' is empty")
