@@ -23,11 +23,15 @@ from nemo_dpo.training import checkpoint
 from nemo_dpo.training.trainer import DPOTrainer
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     log_dir = tempfile.mkdtemp(prefix="bench_ckpt_") if int(os.environ.get("RANK", "0")) == 0 else None
     cfg = load_config("gpt_dpo", args.overrides + ["exp_manager.resume_if_exists=false", "checkpoint.async_save=false"])
     prepare(cfg, int(os.environ.get("WORLD_SIZE", "1")))

@@ -354,7 +354,7 @@ def table(summaries: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-33m")
     parser.add_argument("--data", choices=("full", "spread"), default="full",
@@ -372,7 +372,11 @@ def main() -> int:
     parser.add_argument("--ours", nargs="*", default=[], help="nemo-dpo config overrides (key=value)")
     parser.add_argument("--out", default="bench_dpo.json")
     parser.add_argument("--worker", nargs=2, metavar=("FRAMEWORK", "SPEC"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.worker:
         return worker(*args.worker)
     frameworks = args.frameworks.split(",")

@@ -39,11 +39,15 @@ def peak_rss(args: list) -> tuple:
     return peak, output
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     common = SHAPE + [f"trainer.dpo.max_steps={args.steps}", "trainer.dpo.val_check_interval=0",
                       "trainer.dpo.limit_val_batches=1", "trainer.dpo.save_interval=0", *args.overrides]
     results, counts = {}, {}

@@ -19,13 +19,17 @@ from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError
 
 
-@record  # torchrun's failure report then names the first rank that failed, with its traceback
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-path", default=str(CONF_DIR), help="folder holding the YAML configs")
     parser.add_argument("--config-name", default="gpt_dpo", help="config file name without .yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@record  # torchrun's failure report then names the first rank that failed, with its traceback
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config_name, args.overrides, args.config_path)
         changes = prepare(cfg, int(os.environ.get("WORLD_SIZE", "1")))

@@ -110,7 +110,7 @@ def _save_model(model, cfg, out: str, tokenizer_files_: dict) -> None:
     checkpoint.save(Path(out), state, extra_files=tokenizer_files_, update_latest=False)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nemo_dpo.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,7 +125,11 @@ def main(argv=None) -> int:
     to_merged = sub.add_parser("merge", help="LoRA checkpoint -> checkpoint with the adapters folded into the base")
     to_merged.add_argument("--ckpt", required=True)
     to_merged.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "hf-to-mcore":
             hf_to_mcore(args.hf_dir, args.out, args.tp, args.pp)

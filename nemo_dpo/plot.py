@@ -106,12 +106,16 @@ def plot(log_dir: str, out_dir: str = None) -> list:
     return written
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nemo_dpo.plot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log_dir", help="a run's log dir (exp_manager.explicit_log_dir), holding metrics.jsonl")
     parser.add_argument("--out", help="folder for the PNGs (default: <log_dir>/plots)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         paths = plot(args.log_dir, args.out)
     except PlotError as err:

@@ -107,7 +107,7 @@ def render(report: dict, model_cfg, show: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-path", default=str(CONF_DIR), help="folder holding the YAML configs")
     parser.add_argument("--config-name", default="gpt_dpo", help="config file name without .yaml")
@@ -116,7 +116,11 @@ def main(argv=None) -> int:
     parser.add_argument("--show", type=int, default=5, help="bad-record reasons to print per file")
     parser.add_argument("--json", metavar="FILE", help="also write the reports as JSON")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for examples/train_dpo.py")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config_name, args.overrides, args.config_path)
         m = cfg.model
