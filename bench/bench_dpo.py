@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> int:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
     if args.worker:
         return worker(*args.worker)
     frameworks = args.frameworks.split(",")

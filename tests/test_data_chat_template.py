@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 from chat_fixtures import CHATML, conversation, default_task_records, save_chatml_tokenizer, write_jsonl
 from transformers import AutoTokenizer
 
