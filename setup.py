@@ -25,7 +25,7 @@ setup(
         # Parquet and Arrow data files (JSON Lines needs nothing more).
         "data": ["pyarrow"],
         # pyarrow: the Parquet/Arrow data tests.
-        "test": ["pytest>=8", "transformers", "hypothesis", "pyarrow", "matplotlib"],  # transformers: reference models for the HF tests
+        "test": ["pytest>=8", "transformers", "hypothesis", "pyarrow", "matplotlib", "dockerfile-parse>=2"],  # transformers: reference models for the HF tests
         # python -m nemo_dpo.plot <log dir>: PNGs of the metrics.
         "plot": ["matplotlib"],
         # exp_manager.create_wandb_logger=true.
