@@ -65,10 +65,12 @@ def ensure_slurm_installed() -> None:
     if shutil.which("apt-get") is None:
         pytest.skip("Slurm is not installed and there is no apt-get to install Debian's slurm-wlm and munge")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"]
+    install = ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", "--no-install-recommends",
+               "slurm-wlm", "munge"]
     proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:  # the package lists may be missing or stale on a fresh machine
-        update = subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True, timeout=900)
+        update = subprocess.run(["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=300"], env=env,
+                                capture_output=True, text=True, timeout=900)
         proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             pytest.skip(f"installing Slurm failed: `{' '.join(install)}` exited {proc.returncode}: "
