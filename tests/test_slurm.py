@@ -296,12 +296,14 @@ def test_the_warning_signal_saves_requeues_and_the_job_resumes(cluster, tmp_path
     cluster.wait_until(lambda: metrics.exists() and train_steps(log_dir), "training step", job)
 
     cluster.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@300 sends
+    cluster.run("scancel", "--batch", "--signal=USR1", job)  # a second warning is not passed on to the ranks
     info = cluster.wait_done(job)  # the requeued run's end: a requeued job is pending, not done
     out = (tmp_path / "logs" / f"preempt-{job}.out").read_text()  # both runs, appended
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, out)
 
     first, second = out.split(f"nemo-dpo: job {job} (restart 1)")
     assert "nemo-dpo: got USR1" in first and "rank 0: got SIGUSR1" in first and "rank 1: got SIGUSR1" in first
+    assert "second signal" not in first
     saved = int(re.search(r"preempted: checkpoint of step (\d+) complete", first).group(1))
     assert saved < steps, "the signal came after the last step: nothing was tested"
     assert f"nemo-dpo: checkpoint saved; requeueing job {job}" in first
