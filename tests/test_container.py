@@ -8,6 +8,7 @@ import os
 import posixpath
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 from dockerfile_parse import DockerfileParser
@@ -154,11 +155,11 @@ def problems_in(text: str, context: str = ROOT) -> list:
 
 
 def test_the_dockerfile_builds_nemo_dpo_on_ngc_pytorch_and_runs_the_example():
-    assert problems_in(open(DOCKERFILE).read()) == []
+    assert problems_in(Path(DOCKERFILE).read_text()) == []
 
 
 def mutated(old: str, new: str) -> str:
-    text = open(DOCKERFILE).read()
+    text = Path(DOCKERFILE).read_text()
     assert old in text, f"the Dockerfile no longer contains {old!r}: update this test's mutation"
     return text.replace(old, new, 1)
 

@@ -77,10 +77,15 @@ def ensure_slurm_installed() -> None:
                         f"{(proc.stderr or proc.stdout).strip()[-1500:]} (apt-get update: {update.stderr.strip()[-500:]})")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list:
+    sockets = [socket.socket() for _ in range(n)]  # all open at once, so the ports differ
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class Cluster:
@@ -101,12 +106,13 @@ class Cluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
         r = self.root
+        ctld_port, slurmd_port = free_ports(2)
         self.conf.write_text(f"""\
 ClusterName=nemodpotest
 SlurmctldHost={host}
 SlurmUser=root
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
@@ -143,8 +149,8 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
                      lambda: self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle")
 
     def _daemon(self, cmd, log, ready, timeout=60) -> None:
-        out = open(self.root / f"{cmd[0]}.stdout", "w")
-        proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.root / f"{cmd[0]}.stdout", "w") as out:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.daemons.append(proc)
         deadline = time.time() + timeout
         while not ready():
@@ -235,7 +241,9 @@ def cluster(tmp_path_factory):
 
 
 def train_steps(log_dir) -> list:
-    rows = [json.loads(line) for line in open(log_dir / "metrics.jsonl")]
+    """Steps of the train rows in metrics.jsonl so far (a line still being written is left out)."""
+    lines = (log_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    rows = [json.loads(line) for line in lines if line.endswith("\n")]
     return [r["step"] for r in rows if r["split"] == "train"]
 
 
