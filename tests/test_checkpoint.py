@@ -259,3 +259,24 @@ def test_incompatible_checkpoint_is_named_and_left_alone(straight_run):
     with pytest.raises(checkpoint.CheckpointError, match=r"step_20: checkpoint has model.hidden_size=128, this run has model.hidden_size=256"):
         checkpoint.check_compatible(folder, cfg.model)
     assert checkpoint._manifest(folder) == before and checkpoint.problem(folder) is None
+
+
+def test_the_checkpoint_queue_manager_leaves_scheduler_signals_to_the_rank():
+    """Slurm signals every process of a job step: the forked queue manager must neither run the rank's
+    preemption handler (a second "got SIGUSR1") nor die of SIGTERM while the rank saves."""
+    script = """
+import os, signal, time
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from nemo_dpo.training.checkpoint import _writer_results_queue_without_spawn
+signal.signal(signal.SIGUSR1, lambda *_: print("handler ran in", os.getpid(), flush=True))
+_writer_results_queue_without_spawn()
+queue = filesystem_async._results_queue
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    os.kill(queue._manager._process.pid, sig)
+time.sleep(1)
+queue.put("still serving")
+print(queue.get(timeout=10), flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout == "still serving\n", proc.stdout

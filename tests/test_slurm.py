@@ -310,7 +310,9 @@ def test_the_warning_signal_saves_requeues_and_the_job_resumes(cluster, tmp_path
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, out)
 
     first, second = out.split(f"nemo-dpo: job {job} (restart 1)")
-    assert "nemo-dpo: got USR1" in first and "rank 0: got SIGUSR1" in first and "rank 1: got SIGUSR1" in first
+    assert "nemo-dpo: got USR1" in first
+    # Slurm signals every process of the step; only the ranks themselves react (once each)
+    assert first.count("rank 0: got SIGUSR1") == 1 and first.count("rank 1: got SIGUSR1") == 1, first
     assert "second signal" not in first
     saved = int(re.search(r"preempted: checkpoint of step (\d+) complete", first).group(1))
     assert saved < steps, "the signal came after the last step: nothing was tested"

@@ -91,12 +91,16 @@ def _writer_results_queue_without_spawn() -> None:
 
 
 def _detach_from_rank() -> None:
-    """Run first in the forked manager: let go of the rank's sockets, and die with the rank (Linux).
+    """Run first in the forked manager: let go of the rank's sockets and signal handlers, and die with the rank.
 
     The fork inherits the process group's connections; were they kept open, a rank
     that dies would look alive to its peers, which would then wait out the whole
-    process-group timeout instead of failing at once.
+    process-group timeout instead of failing at once. It also inherits the rank's
+    preemption handler, but a scheduler's SIGTERM/SIGUSR1 (Slurm signals every
+    process of a job step) is for the rank: the manager ignores them and ends with it.
     """
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else range(3, 4096)
     for fd in map(int, fds):
         try:
