@@ -57,7 +57,7 @@ def log0(layout: Layout, message: str) -> None:
         print(message, flush=True)
 
 
-def load_tokenizer(cfg, train_file: str, layout: Layout, options: RecordOptions) -> SentencePieceTokenizer:
+def load_tokenizer(cfg, train_file: str, layout: Layout, options: RecordOptions):
     """The configured tokenizer, or one trained by rank 0 on the training data's text (per ``options``) and sent to all.
 
     Sending the model bytes (rather than training on every node) guarantees every
