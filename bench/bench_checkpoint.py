@@ -41,7 +41,7 @@ def main() -> int:
     cfg.exp_manager.explicit_log_dir = holder[0]
     try:
         trainer = DPOTrainer(cfg, layout)
-        trainer.train_step(trainer.train_pairs[: cfg.model.global_batch_size])
+        trainer.train_step(list(range(cfg.model.global_batch_size)))
         saves, loads = [], []
         for _ in range(args.repeats):
             dist.barrier()

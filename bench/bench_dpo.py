@@ -186,7 +186,7 @@ def run_nemo_dpo(spec: dict) -> dict:
         pairs = spec["pairs"]
         rows = []
         for step in range(total):
-            metrics = trainer.train_step(trainer.train_pairs[step * pairs : (step + 1) * pairs])
+            metrics = trainer.train_step(list(range(step * pairs, (step + 1) * pairs)))
             rows.append({
                 "step": metrics["time_step"],
                 "reference": metrics["time_reference"],

@@ -48,12 +48,12 @@ def steps_with_checkpoint(tp: int, pp: int, log_dir: str, cache_dir: str, save_a
         if resumed_at == 0:
             gbs = trainer.cfg.model.global_batch_size
             for i in range(save_after):
-                trainer.train_step(trainer.train_pairs[i * gbs : (i + 1) * gbs])
+                trainer.train_step(list(range(i * gbs, (i + 1) * gbs)))
             trainer.save_checkpoint()
         gbs = trainer.cfg.model.global_batch_size
         after = [trainer.validate()]
         for i in range(save_after, save_after + 2):
-            after.append(trainer.train_step(trainer.train_pairs[i * gbs : (i + 1) * gbs]))
+            after.append(trainer.train_step(list(range(i * gbs, (i + 1) * gbs))))
         return {"resumed_at": resumed_at, "after": after}
     finally:
         destroy_distributed()

@@ -6,6 +6,7 @@ import torch
 
 from nemo_dpo.config import load_config
 from nemo_dpo.data.tokenizer import tokenizer_files
+from nemo_dpo.distributed import layout
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.losses.logprobs import vocab_parallel_log_probs
 from nemo_dpo.models.gpt import build_gpt, padded_vocab_size, transformer_config
@@ -55,7 +56,7 @@ def load_and_score(tp: int, hf_dirs: dict, tokens: torch.Tensor, export_root: st
             positions = torch.arange(tokens.shape[1]).expand_as(tokens)
             with torch.no_grad():
                 logits = model(tokens, positions, None)
-                results[name] = vocab_parallel_log_probs(logits[:, :-1], tokens[:, 1:], vocab)
+                results[name] = vocab_parallel_log_probs(logits[:, :-1], tokens[:, 1:], vocab, layout.current().tp_group)
             if export_root is not None:
                 names = local_to_global_names(model, config)
                 global_weights = {names[n]: p.detach().clone() for n, p in model.named_parameters()}

@@ -4,6 +4,7 @@ import torch
 from megatron.core import parallel_state
 
 from nemo_dpo.config import load_config
+from nemo_dpo.distributed import layout
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.losses.logprobs import vocab_parallel_log_probs
 from nemo_dpo.models.gpt import unwrap
@@ -81,8 +82,7 @@ def _tp_attrs(param):
 
 def one_step(trainer: DPOTrainer) -> dict:
     """One optimizer step on the first global batch; loss, grads (before the step) and new weights."""
-    pairs = trainer.train_pairs[: trainer.cfg.model.global_batch_size]
-    metrics = trainer.forward_backward(pairs)
+    metrics = trainer.forward_backward(list(range(trainer.cfg.model.global_batch_size)))
     module = unwrap(trainer.model)
     names = local_to_global_names(module, trainer.config)
     use_grads = not trainer.cfg.model.optim.use_distributed_optimizer  # sharded grads otherwise
@@ -104,7 +104,7 @@ def one_step(trainer: DPOTrainer) -> dict:
 
 def layout_steps(tp: int, pp: int, variants: list, log_dir: str, cache_dir: str, extra=()) -> dict:
     """In one process group: one step for each named variant (plus ``extra`` overrides)."""
-    layout = init_distributed(tp, pp, seed=1234)
+    ranks = init_distributed(tp, pp, seed=1234)
     results = {}
     try:
         for name in variants:
@@ -114,7 +114,7 @@ def layout_steps(tp: int, pp: int, variants: list, log_dir: str, cache_dir: str,
                 f"model.tokenizer.cache_dir={cache_dir}",
                 f"exp_manager.explicit_log_dir={log_dir}/{name}",
             ]
-            results[name] = one_step(DPOTrainer(load_config("gpt_dpo", overrides), layout))
+            results[name] = one_step(DPOTrainer(load_config("gpt_dpo", overrides), ranks))
         if tp > 1:
             results["logprobs"] = vocab_parallel_logprob_check()
     finally:
@@ -133,7 +133,7 @@ def vocab_parallel_logprob_check() -> dict:
     upstream = torch.randn(3, 5, generator=gen)
     shard = padded_vocab // tp
     local = full_logits[..., tp_rank * shard : (tp_rank + 1) * shard].clone().requires_grad_(True)
-    log_probs = vocab_parallel_log_probs(local, target, vocab)
+    log_probs = vocab_parallel_log_probs(local, target, vocab, layout.current().tp_group)
     (log_probs * upstream).sum().backward()
     return {
         "full_logits": full_logits,

@@ -4,6 +4,7 @@ import torch
 from megatron.core import parallel_state
 
 from nemo_dpo.config import load_config, prepare
+from nemo_dpo.data.batching import Microbatch
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.training.trainer import DPOTrainer
 
@@ -26,11 +27,13 @@ def score(source: str, tp: int, pp: int, log_dir: str, tokens: torch.Tensor, con
     layout = init_distributed(tp, pp, cfg.model.seed)
     try:
         trainer = DPOTrainer(cfg, layout)
-        batch = {
-            "tokens": tokens,
-            "labels": torch.roll(tokens, -1, dims=1),
-            "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens),
-        }
+        batch = Microbatch(  # forward only: no loss, so no mask and no rewards
+            tokens=tokens,
+            labels=torch.roll(tokens, -1, dims=1),
+            loss_mask=torch.zeros(tokens.shape),
+            position_ids=torch.arange(tokens.shape[1]).expand_as(tokens),
+            gt_rewards=torch.zeros(tokens.shape[0]),
+        )
         log_probs = trainer.step_fn.log_probs([batch])
         keep = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
         return log_probs[0][:, :-1] if keep else None

@@ -40,37 +40,37 @@ def _pair(prompt, chosen, rejected, rewards=(1.0, 0.0)):
 def test_collate_interleaves_shifts_labels_masks_responses_and_pads():
     pairs = [_pair([10, 11], [20, 21], [30], (2.0, -1.0)), _pair([12], [22], [31, 32, 33], (0.5, 0.25))]
     (mb,) = collate_microbatches(pairs, micro_batch_size=2, pad_id=PAD, pad_multiple=4)
-    assert mb["tokens"].tolist() == [
+    assert mb.tokens.tolist() == [
         [10, 11, 20, 21, EOS, PAD, PAD, PAD],
         [10, 11, 30, EOS, PAD, PAD, PAD, PAD],
         [12, 22, EOS, PAD, PAD, PAD, PAD, PAD],
         [12, 31, 32, 33, EOS, PAD, PAD, PAD],
     ]
-    assert mb["labels"].tolist() == [
+    assert mb.labels.tolist() == [
         [11, 20, 21, EOS, PAD, PAD, PAD, PAD],
         [11, 30, EOS, PAD, PAD, PAD, PAD, PAD],
         [22, EOS, PAD, PAD, PAD, PAD, PAD, PAD],
         [31, 32, 33, EOS, PAD, PAD, PAD, PAD],
     ]
-    assert mb["loss_mask"].tolist() == [
+    assert mb.loss_mask.tolist() == [
         [0, 1, 1, 1, 0, 0, 0, 0],
         [0, 1, 1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0, 0],
         [1, 1, 1, 1, 0, 0, 0, 0],
     ]
-    assert mb["position_ids"].tolist() == [list(range(8))] * 4
-    assert mb["gt_rewards"].tolist() == [2.0, -1.0, 0.5, 0.25]
-    assert mb["tokens"].dtype == mb["labels"].dtype == mb["position_ids"].dtype == torch.long
-    assert mb["loss_mask"].dtype == mb["gt_rewards"].dtype == torch.float
+    assert mb.position_ids.tolist() == [list(range(8))] * 4
+    assert mb.gt_rewards.tolist() == [2.0, -1.0, 0.5, 0.25]
+    assert mb.tokens.dtype == mb.labels.dtype == mb.position_ids.dtype == torch.long
+    assert mb.loss_mask.dtype == mb.gt_rewards.dtype == torch.float
 
 
 def test_one_sequence_length_for_all_microbatches():
     pairs = [_pair([10], [20], [30]), _pair([10] * 5, [20] * 6, [30])]
     microbatches = collate_microbatches(pairs, micro_batch_size=1, pad_id=PAD)
-    assert [mb["tokens"].shape for mb in microbatches] == [torch.Size([2, 16])] * 2
-    assert microbatches[1]["tokens"][0].tolist()[:12] == [10] * 5 + [20] * 6 + [EOS]
+    assert [mb.tokens.shape for mb in microbatches] == [torch.Size([2, 16])] * 2
+    assert microbatches[1].tokens[0].tolist()[:12] == [10] * 5 + [20] * 6 + [EOS]
     padded = collate_microbatches(pairs, micro_batch_size=2, pad_id=PAD, pad_to=20)
-    assert padded[0]["tokens"].shape == (4, 20)
+    assert padded[0].tokens.shape == (4, 20)
 
 
 def test_collate_rejects_bad_sizes():

@@ -7,7 +7,7 @@ import sys
 import torch.distributed as dist
 from chat_fixtures import conversation, default_task_records, save_chatml_tokenizer, write_jsonl
 
-from nemo_dpo.data.prepare import main
+from nemo_dpo.cli.prepare import main
 
 
 def run(capsys, *argv):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from logging_checks import assert_tensorboard_matches_metrics, colour_share, png_size
-from nemo_dpo.plot import PLOTS
+from nemo_dpo.cli.plot import PLOTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {

@@ -11,9 +11,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from logging_checks import assert_tensorboard_matches_metrics, read_tensorboard
+from nemo_dpo.cli import train as train_cli
 from nemo_dpo.config import ConfigError, load_config, validate
+from nemo_dpo.console import duration
 from nemo_dpo.training.metrics_log import MetricsLog
-from nemo_dpo.training.progress import Progress, duration
+from nemo_dpo.training.progress import Progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +130,7 @@ def test_a_missing_logger_package_is_a_config_error_before_training(monkeypatch,
     spec = importlib.util.spec_from_file_location("train_dpo", os.path.join(ROOT, "examples", "train_dpo.py"))
     train_dpo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_dpo)
-    monkeypatch.setattr(train_dpo, "init_distributed", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(train_cli, "init_distributed", lambda *a: pytest.fail("training started"))
     assert train_dpo.main.__wrapped__(["exp_manager.create_tensorboard_logger=false", "exp_manager.create_wandb_logger=true"]) == 2
     assert "config error: exp_manager.create_wandb_logger=true needs the wandb package" in capsys.readouterr().err
 

@@ -43,12 +43,11 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-BATCH = {"loss_mask": MASK, "gt_rewards": GT}
 COUNTS = MASK.sum(-1)
 
 
 def sums(values):
-    return sequence_sums(values, BATCH)
+    return sequence_sums(values, MASK)
 
 
 def run(**kwargs):
@@ -136,19 +135,15 @@ def test_gradient_reaches_only_response_tokens():
 
 
 def test_average_guards_empty_responses():
-    empty = {"loss_mask": torch.zeros_like(MASK), "gt_rewards": GT}
-    assert per_sequence(sequence_sums(POLICY, empty), torch.zeros(4), average=True).tolist() == [0.0] * 4
+    assert per_sequence(sequence_sums(POLICY, torch.zeros_like(MASK)), torch.zeros(4), average=True).tolist() == [0.0] * 4
 
 
 def test_packed_rows_sum_by_segment():
     """Two packed rows holding the same four sequences as the unpacked batch give the same sums."""
-    packed = {
-        "loss_mask": MASK.reshape(2, 6),  # row 0: sequences 0 and 1; row 1: sequences 2 and 3
-        "segment_ids": torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 2, 3, 3, 3]]),
-        "gt_rewards": GT,
-    }
+    mask = MASK.reshape(2, 6)  # row 0: sequences 0 and 1; row 1: sequences 2 and 3
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 2, 3, 3, 3]])
     values = POLICY.reshape(2, 6)
-    torch.testing.assert_close(sequence_sums(values, packed), sums(POLICY))
+    torch.testing.assert_close(sequence_sums(values, mask, segment_ids, num_sequences=4), sums(POLICY))
 
 
 @pytest.mark.parametrize(

@@ -21,23 +21,23 @@ PAIRS = [
 def test_a_microbatch_is_one_row_of_sequences_with_restarting_positions():
     first, second = collate_packed_microbatches(PAIRS, micro_batch_size=2, pad_id=0)
     # Pairs 0+1 take 15 tokens, pairs 2+3 take 17: both rows are 24 long (17 rounded up to 8).
-    assert first["tokens"].shape == second["tokens"].shape == (1, 24)
-    assert first["tokens"][0, :15].tolist() == [10, 11, 20, 2, 10, 11, 21, 22, 2, 12, 23, 2, 12, 24, 2]
-    assert first["tokens"][0, 15:].eq(0).all()
-    assert first["position_ids"][0, :15].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2]
-    assert first["segment_ids"][0, :15].tolist() == [0] * 4 + [1] * 5 + [2] * 3 + [3] * 3
-    assert first["loss_mask"][0].tolist() == [0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1, 0] + [0] * 9
-    assert first["labels"][0, :3].tolist() == [11, 20, 2] and first["loss_mask"][0, 3] == 0  # no cross-sequence target
+    assert first.tokens.shape == second.tokens.shape == (1, 24)
+    assert first.tokens[0, :15].tolist() == [10, 11, 20, 2, 10, 11, 21, 22, 2, 12, 23, 2, 12, 24, 2]
+    assert first.tokens[0, 15:].eq(0).all()
+    assert first.position_ids[0, :15].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2]
+    assert first.segment_ids[0, :15].tolist() == [0] * 4 + [1] * 5 + [2] * 3 + [3] * 3
+    assert first.loss_mask[0].tolist() == [0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1, 0] + [0] * 9
+    assert first.labels[0, :3].tolist() == [11, 20, 2] and first.loss_mask[0, 3] == 0  # no cross-sequence target
     # Sequence starts (the padding is a last segment of its own); the longest segment is the padding.
-    assert first["cu_seqlens"].tolist() == [0, 4, 9, 12, 15, 24] and first["cu_seqlens"].dtype == torch.int32
-    assert int(first["max_seqlen"]) == 9
-    assert second["cu_seqlens"].tolist() == [0, 6, 11, 14, 17, 24] and int(second["max_seqlen"]) == 7
-    assert first["gt_rewards"].tolist() == [1.0, 0.0, 0.5, 0.0]
+    assert first.cu_seqlens.tolist() == [0, 4, 9, 12, 15, 24] and first.cu_seqlens.dtype == torch.int32
+    assert int(first.max_seqlen) == 9
+    assert second.cu_seqlens.tolist() == [0, 6, 11, 14, 17, 24] and int(second.max_seqlen) == 7
+    assert first.gt_rewards.tolist() == [1.0, 0.0, 0.5, 0.0]
 
 
 def test_rows_without_padding_have_no_padding_segment():
     (only,) = collate_packed_microbatches(PAIRS[:2], micro_batch_size=2, pad_id=0, pad_multiple=1)
-    assert only["tokens"].shape == (1, 15) and only["cu_seqlens"].tolist() == [0, 4, 9, 12, 15]
+    assert only.tokens.shape == (1, 15) and only.cu_seqlens.tolist() == [0, 4, 9, 12, 15]
 
 
 def test_micro_batch_size_must_divide_the_pairs():

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from logging_checks import colour_share, png_size
-from nemo_dpo.plot import PLOTS, main
+from nemo_dpo.cli.plot import PLOTS, main
 
 LINE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c"]  # matplotlib's C0, C1, C2: one per metric on an axes
 

@@ -2,13 +2,74 @@
 
 Everything is counted in preference PAIRS; a pair's chosen and rejected
 sequences always travel together (adjacent rows) because the DPO loss compares
-them.
+them. A :class:`Microbatch` is the written-down contract between batching, the
+model step, the reference and the losses.
 """
+
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
 from nemo_dpo.data.preference_dataset import TokenizedPair
+
+
+@dataclass
+class Microbatch:
+    """Whole pairs as model input; sequences are chosen/rejected interleaved (2i chosen, 2i+1 rejected of pair i).
+
+    Unpacked, each row is one sequence, right-padded. Packed (``packed``), the
+    microbatch is ONE row of its sequences back to back (megatron's ``thd``
+    format), described by ``segment_ids``, ``cu_seqlens`` and ``max_seqlen``.
+    """
+
+    tokens: torch.Tensor  # [rows, S] int64 input ids
+    labels: torch.Tensor  # [rows, S] the token each position predicts
+    loss_mask: torch.Tensor  # [rows, S] float: 1 where the label is a response token (EOS included)
+    position_ids: torch.Tensor  # [rows, S]; packed: restarting at 0 for every sequence
+    gt_rewards: torch.Tensor  # [sequences] the data's rewards (RPO losses)
+    packed: bool = False
+    segment_ids: torch.Tensor | None = None  # packed: [1, S] the sequence of each token (padding: one more)
+    cu_seqlens: torch.Tensor | None = None  # packed: [segments + 1] int32 start of each segment, then S
+    max_seqlen: int = 0  # packed: the longest segment
+    ref_sums: torch.Tensor | None = None  # [sequences] reference response log-prob sums (set by the reference)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.gt_rewards.shape[0]
+
+    def to(self, device) -> "Microbatch":
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+
+
+class Microbatcher:
+    """A global batch of pairs -> this data-parallel rank's microbatches on the compute device."""
+
+    def __init__(self, micro_batch_size: int, packing: bool, pad_id: int, dp_rank: int, dp: int, device):
+        self.micro_batch_size, self.packing, self.pad_id = micro_batch_size, packing, pad_id
+        self.dp_rank, self.dp, self.device = dp_rank, dp, device
+
+    def local(self, items: list) -> list:
+        """This DP rank's share of a global batch (of pairs, indices, or per-pair rows)."""
+        return dp_shard(items, self.dp_rank, self.dp)
+
+    def __call__(self, global_pairs: list) -> list:
+        collate = collate_packed_microbatches if self.packing else collate_microbatches
+        return [mb.to(self.device) for mb in collate(self.local(global_pairs), self.micro_batch_size, self.pad_id)]
+
+
+def check_batch_sizes(micro_batch_size: int, global_batch_size: int, dp: int) -> None:
+    """A global batch must split into whole microbatches on every DP rank (ValueError naming the keys)."""
+    for key, value in (("micro_batch_size", micro_batch_size), ("global_batch_size", global_batch_size)):
+        if value < 1:
+            raise ValueError(f"model.{key} must be >= 1, got {value}")
+    per_step = micro_batch_size * dp
+    if global_batch_size % per_step != 0:
+        raise ValueError(
+            f"model.global_batch_size ({global_batch_size}) is not divisible by "
+            f"model.micro_batch_size ({micro_batch_size}) x data-parallel size ({dp}) = {per_step}"
+        )
 
 
 def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
@@ -43,7 +104,7 @@ def collate_microbatches(
     pad_id: int,
     pad_to: int | None = None,
     pad_multiple: int = 8,
-) -> list[dict[str, torch.Tensor]]:
+) -> list[Microbatch]:
     """Pad `pairs` to one common length S and split them into microbatches of `micro_batch_size` pairs.
 
     Rows are interleaved (2i = chosen of pair i, 2i+1 = rejected). One S for
@@ -73,13 +134,13 @@ def collate_microbatches(
 
     rows_per_micro = 2 * micro_batch_size
     return [
-        {
-            "tokens": tokens[start : start + rows_per_micro],
-            "labels": labels[start : start + rows_per_micro],
-            "loss_mask": loss_mask[start : start + rows_per_micro],
-            "position_ids": position_ids[start : start + rows_per_micro],
-            "gt_rewards": gt_rewards[start : start + rows_per_micro],
-        }
+        Microbatch(
+            tokens=tokens[start : start + rows_per_micro],
+            labels=labels[start : start + rows_per_micro],
+            loss_mask=loss_mask[start : start + rows_per_micro],
+            position_ids=position_ids[start : start + rows_per_micro],
+            gt_rewards=gt_rewards[start : start + rows_per_micro],
+        )
         for start in range(0, len(rows), rows_per_micro)
     ]
 
@@ -116,12 +177,12 @@ def collate_packed_microbatches(pairs: list, micro_batch_size: int, pad_id: int,
             f"number of pairs ({len(pairs)}) must be a positive multiple of micro_batch_size ({micro_batch_size})"
         )
     groups = [pairs[i : i + micro_batch_size] for i in range(0, len(pairs), micro_batch_size)]
-    longest = max(sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in group) for group in groups)
+    longest = max(sum(pair.num_tokens for pair in group) for group in groups)
     length = -(-longest // pad_multiple) * pad_multiple
     return [_packed_row(group, pad_id, length) for group in groups]
 
 
-def _packed_row(group: list, pad_id: int, length: int) -> dict:
+def _packed_row(group: list, pad_id: int, length: int) -> Microbatch:
     tokens = torch.full((1, length), pad_id, dtype=torch.long)
     labels = torch.full((1, length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((1, length), dtype=torch.float)
@@ -139,13 +200,14 @@ def _packed_row(group: list, pad_id: int, length: int) -> dict:
         bounds.append(length)  # the padding: a segment of its own, position 0, no loss
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     gt_rewards = torch.tensor([r for p in group for r in (p.chosen_reward, p.rejected_reward)], dtype=torch.float)
-    return {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_mask": loss_mask,
-        "position_ids": position_ids,
-        "segment_ids": segment_ids,
-        "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
-        "max_seqlen": torch.tensor(longest),
-        "gt_rewards": gt_rewards,
-    }
+    return Microbatch(
+        tokens=tokens,
+        labels=labels,
+        loss_mask=loss_mask,
+        position_ids=position_ids,
+        gt_rewards=gt_rewards,
+        packed=True,
+        segment_ids=segment_ids,
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        max_seqlen=longest,
+    )

@@ -35,6 +35,11 @@ class TokenizedPair:
     chosen_reward: float
     rejected_reward: float
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the pair puts through the model: the prompt twice (once per side) and both responses."""
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
 
 class PreferenceData(NamedTuple):
     records: list  # {prompt, chosen, rejected, chosen_reward, rejected_reward}, texts
@@ -115,15 +120,20 @@ def fit_pair(pair: TokenizedPair, max_seq_length: int, overflow: str) -> tuple[T
 
 
 def tokenize_pairs(
-    records: list[dict], tokenizer, max_seq_length: int, overflow: str
+    records: list[dict], tokenizer, max_seq_length: int, overflow: str, progress=None
 ) -> tuple[list[TokenizedPair], dict]:
-    """Tokenize records (``encode_pair``), applying the overflow policy to pairs longer than `max_seq_length` (``fit_pair``)."""
+    """Tokenize records (``encode_pair``), applying the overflow policy to pairs longer than `max_seq_length` (``fit_pair``).
+
+    ``progress`` (a ``console.PassProgress``) is advanced once per record.
+    """
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"model.data.overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     pairs = []
     truncated = dropped = 0
     for record in records:
         pair, was_truncated = fit_pair(encode_pair(record, tokenizer), max_seq_length, overflow)
+        if progress is not None:
+            progress.advance()
         if pair is None:
             dropped += 1
             continue

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 
 import sentencepiece as spm
 
@@ -111,7 +112,7 @@ def _cache_key(train_files: list[str], vocab_size: int, options: RecordOptions) 
 
 def load_or_train_tokenizer(
     model_path: str | None, train_files: list[str], vocab_size: int, cache_dir: str,
-    options: RecordOptions = RecordOptions(),
+    options: RecordOptions = RecordOptions(), log=None,
 ) -> SentencePieceTokenizer:
     """Load `model_path`, or train on the text of `train_files` and cache the result.
 
@@ -120,7 +121,8 @@ def load_or_train_tokenizer(
     implicit prompts split off; so the cache key covers the files' bytes and
     ``options``. Training happens in a temporary folder inside `cache_dir` and the
     finished model is moved into place with `os.replace`, so readers never see a
-    partial file even if a run is killed mid-training.
+    partial file even if a run is killed mid-training. ``log`` (a print function)
+    hears when a model is trained, which can take a while on a large file.
     """
     if model_path is not None:
         return SentencePieceTokenizer(model_path)
@@ -128,6 +130,10 @@ def load_or_train_tokenizer(
     os.makedirs(cache_dir, exist_ok=True)
     cached = os.path.join(cache_dir, f"spm_{_cache_key(train_files, vocab_size, options)}.model")
     if not os.path.isfile(cached):
+        start = time.perf_counter()
+        if log is not None:
+            log(f"tokenizer: training a SentencePiece model (vocab_size {vocab_size}) on {', '.join(train_files)}, "
+                f"cached as {cached}")
         tmp = tempfile.mkdtemp(prefix=".spm_train_", dir=cache_dir)
         try:
             corpus = os.path.join(tmp, "corpus.txt")
@@ -140,6 +146,8 @@ def load_or_train_tokenizer(
             os.replace(train_tokenizer([corpus], vocab_size, os.path.join(tmp, "spm.model")), cached)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if log is not None:
+            log(f"tokenizer: trained in {time.perf_counter() - start:.1f} s")
     return SentencePieceTokenizer(cached)
 
 
@@ -239,3 +247,10 @@ def special_token_texts(tokenizer_model: str | None) -> dict:
 def tokenizer_files(hf_dir: str) -> list[str]:
     """Paths of the tokenizer files present in ``hf_dir``, to copy next to exported weights."""
     return [os.path.join(hf_dir, name) for name in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, name))]
+
+
+def source_files(tokenizer) -> dict:
+    """``{file name: path}`` of the files a loaded tokenizer was read from (checkpoints store them)."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return {"tokenizer.model": tokenizer.model_path}
+    return {os.path.basename(f): f for f in tokenizer_files(os.path.dirname(tokenizer.model_path))}

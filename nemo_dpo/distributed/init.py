@@ -2,7 +2,6 @@
 
 import os
 import random
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -11,42 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from nemo_dpo.distributed import cpu_compat
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where this process sits in the TP x PP x DP grid."""
-
-    rank: int
-    world_size: int
-    tp: int
-    pp: int
-    dp: int
-    tp_rank: int
-    pp_rank: int
-    dp_rank: int
-    device: torch.device
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
-
-
-def check_layout(world_size: int, tp: int, pp: int) -> int:
-    """Validate the parallel sizes against the world size; return the DP size."""
-    for key, value in (("model.tensor_model_parallel_size", tp), ("model.pipeline_model_parallel_size", pp)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by model.tensor_model_parallel_size ({tp}) x "
-            f"model.pipeline_model_parallel_size ({pp}) = {tp * pp}"
-        )
-    return world_size // (tp * pp)
+from nemo_dpo.distributed.layout import Layout, check_layout, read_layout, set_current
 
 
 def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> Layout:
@@ -58,7 +22,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dp = check_layout(world_size, tp, pp)
+    check_layout(world_size, tp, pp)
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -81,17 +45,8 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
         pipeline_model_parallel_size=pp,
         distributed_timeout_minutes=timeout_minutes,
     )
-    layout = Layout(
-        rank=rank,
-        world_size=world_size,
-        tp=tp,
-        pp=pp,
-        dp=dp,
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        device=device,
-    )
+    layout = read_layout(rank, world_size, device)
+    set_current(layout)
     seed_everything(seed, layout)
     return layout
 
@@ -113,5 +68,6 @@ def seed_everything(seed: int, layout: Layout) -> None:
 def destroy_distributed() -> None:
     """Tear down megatron's groups and the default process group."""
     parallel_state.destroy_model_parallel()
+    set_current(None)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -17,7 +17,6 @@ real tokens only, at every TP size.
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
 
@@ -106,32 +105,25 @@ class _ChunkedOutputLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
-def _tp_group():
-    if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        return parallel_state.get_tensor_model_parallel_group()
-    return None
-
-
-def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """log p(target) per position, fp32, from logits sharded over the TP group's vocab.
+def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
+    """log p(target) per position, fp32, from logits sharded over ``tp_group``'s vocab (None: TP is 1).
 
     logits: [..., vocab/TP] (any float dtype); target: [...] global token ids.
     The gradient flows back into this rank's logit slice only.
     """
-    return _VocabParallelLogProbs.apply(logits, target, vocab_size, _tp_group())
+    return _VocabParallelLogProbs.apply(logits, target, vocab_size, tp_group)
 
 
-def chunked_log_probs(hidden, weight, target, vocab_size: int, chunk: int) -> torch.Tensor:
+def chunked_log_probs(hidden, weight, target, vocab_size: int, chunk: int, tp_group) -> torch.Tensor:
     """log p(target) from final hidden states and the (vocab-parallel) output weight, ``chunk`` tokens at a time.
 
     hidden: [..., h], replicated over TP; weight: [vocab/TP, h]; target: [...].
     Same values and gradients as the output layer followed by ``vocab_parallel_log_probs``,
     without ever holding the full [tokens, vocab/TP] logits.
     """
-    group = _tp_group()
-    if group is not None:
+    if tp_group is not None:
         hidden = copy_to_tensor_model_parallel_region(hidden)  # backward: sum the hidden grads over TP
     shape = target.shape
     flat = _ChunkedOutputLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1),
-                                       vocab_size, group, chunk)
+                                       vocab_size, tp_group, chunk)
     return flat.reshape(shape)

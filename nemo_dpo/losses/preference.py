@@ -22,10 +22,12 @@ Every loss is a mean over the pairs it is given, so averaging equal-sized
 microbatches and data-parallel ranks gives the global-batch mean.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+
+from nemo_dpo.losses.statistics import Statistic
 
 PREFERENCE_LOSSES = ("dpo", "ipo", "rpo_fwd_kl", "rpo_bwd_kl", "rpo_sq")
 
@@ -54,17 +56,22 @@ class PreferenceLossConfig:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"model.dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
+    @classmethod
+    def from_cfg(cls, dpo_cfg) -> "PreferenceLossConfig":
+        """The loss settings of the ``model.dpo`` config section (ValueError naming a bad one)."""
+        return cls(**{field.name: dpo_cfg[field.name] for field in fields(cls)})
 
-def sequence_sums(token_values: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per-sequence sums of per-token values over response tokens, chosen/rejected interleaved.
 
-    Unpacked, a row is a sequence; packed rows hold several, told apart by ``segment_ids``.
+def sequence_sums(token_values: torch.Tensor, loss_mask: torch.Tensor, segment_ids=None, num_sequences: int = 0):
+    """Per-sequence sums of per-token values over response tokens (``loss_mask``), chosen/rejected interleaved.
+
+    Unpacked, a row is a sequence; packed rows hold several, told apart by
+    ``segment_ids`` (sequence index per token), ``num_sequences`` in all.
     """
-    masked = token_values * batch["loss_mask"]
-    if "segment_ids" not in batch:
+    masked = token_values * loss_mask
+    if segment_ids is None:
         return masked.sum(-1)
-    sums = masked.new_zeros(batch["gt_rewards"].shape[0])
-    return sums.index_add(0, batch["segment_ids"].flatten(), masked.flatten())
+    return masked.new_zeros(num_sequences).index_add(0, segment_ids.flatten(), masked.flatten())
 
 
 def per_sequence(sums: torch.Tensor, counts: torch.Tensor, average: bool) -> torch.Tensor:
@@ -120,11 +127,39 @@ def preference_loss(
 
     loss = cfg.preference_loss_weight * pref + cfg.sft_loss_weight * sft
     with torch.no_grad():
+        rewards_chosen, rewards_rejected = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
         stats = {
             "loss": loss.detach().clone(),  # the schedule scales the returned loss in place
             "preference_loss": pref.detach(),
             "sft_loss": sft.detach(),
-            "rewards_chosen": beta * chosen_ratio.detach(),
-            "rewards_rejected": beta * rejected_ratio.detach(),
+            "rewards_chosen": rewards_chosen,
+            "rewards_rejected": rewards_rejected,
+            "correct": rewards_chosen > rewards_rejected,
+            "reward_margin": rewards_chosen.double() - rewards_rejected.double(),
         }
     return loss, stats
+
+
+class PreferenceLoss:
+    """The losses above behind the interface the training step uses.
+
+    ``needs_reference``: the loss takes the reference's sums, so a reference must
+    be built and run. ``statistics``: what is logged of each microbatch's stats.
+    """
+
+    needs_reference = True
+    statistics = (
+        Statistic("loss", "loss", per_pair=False),
+        Statistic("preference_loss", "preference_loss", per_pair=False),
+        Statistic("sft_loss", "sft_loss", per_pair=False),
+        Statistic("accuracy", "correct", per_pair=True),  # chosen reward above rejected
+        Statistic("rewards_chosen_mean", "rewards_chosen", per_pair=True),
+        Statistic("rewards_rejected_mean", "rewards_rejected", per_pair=True),
+        Statistic("reward_margin", "reward_margin", per_pair=True),
+    )
+
+    def __init__(self, cfg: PreferenceLossConfig):
+        self.cfg = cfg
+
+    def __call__(self, policy_sums, ref_sums, counts, gt_rewards):
+        return preference_loss(self.cfg, policy_sums, ref_sums, counts, gt_rewards)

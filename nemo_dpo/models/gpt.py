@@ -4,7 +4,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -12,6 +11,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_dpo.distributed import layout
 from nemo_dpo.models.activations import SwiGLU
 from nemo_dpo.models.attention import SDPAttention
 
@@ -53,6 +53,8 @@ def check_model_config(model_cfg) -> None:
     pp = model_cfg.pipeline_model_parallel_size
     heads = model_cfg.num_attention_heads
     groups = model_cfg.num_query_groups or heads
+    if model_cfg.encoder_seq_length < 1:
+        raise ValueError(f"model.encoder_seq_length must be >= 1, got {model_cfg.encoder_seq_length}")
     if model_cfg.hidden_size % heads != 0:
         raise ValueError(
             f"model.hidden_size ({model_cfg.hidden_size}) is not divisible by "
@@ -103,6 +105,11 @@ def check_model_config(model_cfg) -> None:
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
 def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_func=None) -> TransformerConfig:
@@ -182,8 +189,8 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig) -> GPTModel
         transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by, tp),
         max_sequence_length=model_cfg.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=layout.current().is_first_stage,
+        post_process=layout.current().is_last_stage,
         parallel_output=True,  # logits stay vocab-parallel: log-probs never gather them
         share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
         position_embedding_type=model_cfg.position_embedding_type,

@@ -11,8 +11,8 @@ import hashlib
 import math
 
 import torch
-from megatron.core import parallel_state
 
+from nemo_dpo.distributed import layout
 from nemo_dpo.models.sharding import full_shape, local_to_global_names, tp_slice
 
 _SCALED_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
@@ -42,8 +42,7 @@ def init_tensor(name: str, shape: tuple, seed: int, std: float, num_layers: int)
 
 def init_weights(model, config, seed: int, trainable_only: bool = False) -> None:
     """Fill the parameters of this rank's model (or only the trainable ones) from the layout-independent draw."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank, tp = layout.current().tp_rank, layout.current().tp
     names = local_to_global_names(model, config)
     with torch.no_grad():
         for local, param in model.named_parameters():

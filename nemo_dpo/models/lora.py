@@ -40,6 +40,26 @@ TARGETS = {
 SUFFIX = "_lora"
 
 
+PEFT_SCHEMES = ("none", "lora")  # model.peft.peft_scheme
+
+
+def check_peft_config(peft_cfg) -> None:
+    """``model.peft`` names a scheme and, for LoRA, known targets and a positive rank (ValueError naming the key)."""
+    if peft_cfg.peft_scheme not in PEFT_SCHEMES:
+        raise ValueError(f"model.peft.peft_scheme must be 'none' or 'lora', got {peft_cfg.peft_scheme!r}")
+    if peft_cfg.peft_scheme != "lora":
+        return
+    lora = peft_cfg.lora_tuning
+    unknown = sorted(set(lora.target_modules) - set(TARGETS))
+    if unknown or not lora.target_modules:
+        raise ValueError(
+            f"model.peft.lora_tuning.target_modules: got {list(lora.target_modules)}, expected a non-empty "
+            f"list of {sorted(TARGETS)}"
+        )
+    if lora.adapter_dim < 1:
+        raise ValueError(f"model.peft.lora_tuning.adapter_dim must be >= 1, got {lora.adapter_dim}")
+
+
 def _tp_attributes(param, partitioned: bool, dim: int, stride: int = 1) -> None:
     param.tensor_model_parallel = partitioned
     param.partition_dim = dim if partitioned else -1

@@ -8,8 +8,9 @@ checkpoint conversion are both built on this one mapping.
 import re
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from nemo_dpo.distributed import layout
 
 _LAYER = re.compile(r"^(.*decoder\.layers\.)(\d+)(\..*)$")
 # transformer-engine's layer spec fuses the norms into the following linear layer;
@@ -69,8 +70,7 @@ def local_to_global_names(model, config) -> dict:
 
 def load_global_state_dict(model, config, full_state: dict) -> None:
     """Copy each local parameter's slice out of a whole-model (TP=1, PP=1) state dict."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank, tp = layout.current().tp_rank, layout.current().tp
     names = local_to_global_names(model, config)
     with torch.no_grad():
         for local, param in model.named_parameters():

@@ -35,13 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 from omegaconf import OmegaConf
 from torch import multiprocessing as mp
 
+from nemo_dpo.distributed import layout
 from nemo_dpo.models.gpt import unwrap
 
 MARKER = "COMPLETE.json"
@@ -191,6 +192,7 @@ def newest_complete(root: Path, log=print):
 
 def _rng_state() -> ShardedObject:
     """This rank's RNG streams, addressed by its place in the (PP, TP, DP) grid."""
+    grid, offset = layout.current().rng_grid
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -198,16 +200,6 @@ def _rng_state() -> ShardedObject:
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    grid = (
-        parallel_state.get_pipeline_model_parallel_world_size(),
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_data_parallel_world_size(),
-    )
-    offset = (
-        parallel_state.get_pipeline_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_data_parallel_rank(),
-    )
     return ShardedObject("rng_state", state, grid, offset, replica_id=0)
 
 
@@ -218,14 +210,6 @@ def _set_rng_state(state: dict) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _layout() -> tuple:
-    return (
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
-        parallel_state.get_data_parallel_world_size(),
-    )
 
 
 def _trainable(sharded) -> bool:
@@ -248,7 +232,7 @@ def sharded_state(model, optimizer=None, scheduler=None, common=None, is_loading
         )
         state["scheduler"] = scheduler.state_dict()
         state["rng_state"] = _rng_state()
-        state["layout"] = _layout()
+        state["layout"] = layout.current().sizes
     state.update(common or {})
     return state
 
@@ -388,7 +372,7 @@ def load(folder: Path, model, optimizer=None, scheduler=None) -> dict:
         state = sharded_state(model, optimizer, scheduler, is_loading=True)
         if optimizer is None:
             state = {"model": state["model"]}
-        elif tuple(common.get("layout", ())) != _layout():
+        elif tuple(common.get("layout", ())) != layout.current().sizes:
             del state["rng_state"]  # RNG streams belong to ranks; another layout starts from its seeds
         loaded = dist_checkpointing.load(state, str(folder))
         _load_model_state(unwrap(model), loaded["model"], folder)

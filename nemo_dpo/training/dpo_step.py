@@ -2,8 +2,9 @@
 
 A global batch arrives as this DP rank's list of microbatches (whole pairs,
 chosen and rejected interleaved). The same forward step serves the reference
-pass (forward only, reference weights swapped in, log-probs stored on the
-microbatch) and the policy pass (forward + backward through the preference loss).
+pass (forward only, per-token log-probs; training/reference.py runs it with the
+reference in the model) and the policy pass (forward + backward through the
+loss, whose declared statistics are averaged into the step's metrics).
 megatron's schedule runs them without pipelining or with 1F1B at PP > 1, and
 divides each microbatch's loss by the number of microbatches; with equal-sized
 microbatches and the gradient averaged over DP by ``finalize_model_grads``,
@@ -14,56 +15,53 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from nemo_dpo.data.batching import Microbatch
 from nemo_dpo.losses.logprobs import chunked_log_probs, vocab_parallel_log_probs
+from nemo_dpo.losses.preference import sequence_sums
+from nemo_dpo.losses.statistics import local_means
 from nemo_dpo.models.gpt import emit_hidden_states, output_weight, unwrap
-from nemo_dpo.losses.preference import PreferenceLossConfig, preference_loss, sequence_sums
 
-METRICS = (
-    "loss",
-    "preference_loss",
-    "sft_loss",
-    "accuracy",
-    "rewards_chosen_mean",
-    "rewards_rejected_mean",
-    "reward_margin",
-)
+
+def response_sums(token_values: torch.Tensor, mb: Microbatch) -> torch.Tensor:
+    """[sequences] sums of per-token values over each sequence's response tokens."""
+    return sequence_sums(token_values, mb.loss_mask, mb.segment_ids if mb.packed else None, mb.num_sequences)
 
 
 class DPOStep:
-    def __init__(self, model, loss_cfg: PreferenceLossConfig, vocab_size: int, chunk_size: int = 0):
-        """``chunk_size`` > 0: the model emits hidden states and log-probs apply the output layer in chunks."""
-        self.model = model
-        self.loss_cfg = loss_cfg
+    def __init__(self, model, loss, vocab_size: int, chunk_size: int, layout):
+        """``loss``: a loss object (losses/); ``chunk_size`` > 0: the model emits hidden states and
+        log-probs apply the output layer in chunks."""
+        self.model, self.loss, self.layout = model, loss, layout
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size
         if chunk_size > 0:
             emit_hidden_states(unwrap(model))
 
     def _forward_step(self, loss_func, data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed_seq_params(batch))
-        return output, partial(loss_func, batch)
+        mb = next(data_iterator)
+        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=packed_seq_params(mb))
+        return output, partial(loss_func, mb)
 
-    def _token_log_probs(self, batch, output):
+    def _token_log_probs(self, mb: Microbatch, output):
+        group = self.layout.tp_group
         if self.chunk_size > 0:
             weight = output_weight(unwrap(self.model))
-            return chunked_log_probs(output, weight, batch["labels"], self.vocab_size, self.chunk_size)
-        return vocab_parallel_log_probs(output, batch["labels"], self.vocab_size)
+            return chunked_log_probs(output, weight, mb.labels, self.vocab_size, self.chunk_size, group)
+        return vocab_parallel_log_probs(output, mb.labels, self.vocab_size, group)
 
-    def _log_probs_only(self, batch, logits):
-        return logits.new_zeros(()), {"log_probs": self._token_log_probs(batch, logits)}
+    def _log_probs_only(self, mb: Microbatch, logits):
+        return logits.new_zeros(()), {"log_probs": self._token_log_probs(mb, logits)}
 
-    def _policy_loss(self, batch, logits):
-        policy_sums = sequence_sums(self._token_log_probs(batch, logits), batch)
-        counts = sequence_sums(torch.ones_like(batch["loss_mask"]), batch)
-        return preference_loss(self.loss_cfg, policy_sums, batch["ref_sums"], counts, batch["gt_rewards"])
+    def _policy_loss(self, mb: Microbatch, logits):
+        policy_sums = response_sums(self._token_log_probs(mb, logits), mb)
+        counts = response_sums(torch.ones_like(mb.loss_mask), mb)
+        return self.loss(policy_sums, mb.ref_sums, counts, mb.gt_rewards)
 
     def _run(self, microbatches, loss_func, forward_only):
-        tokens = microbatches[0]["tokens"]
+        tokens = microbatches[0].tokens
         return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, loss_func),
             data_iterator=iter(microbatches),
@@ -83,57 +81,36 @@ class DPOStep:
             outputs = self._run(microbatches, self._log_probs_only, forward_only=True)
         return [out["log_probs"] for out in outputs]
 
-    def reference(self, microbatches, reference_policy) -> None:
-        """Set ``ref_sums`` (response log-prob sums) on each microbatch (last pipeline stage) from the reference."""
-        with reference_policy.swapped_in():
-            for mb, log_probs in zip(microbatches, self.log_probs(microbatches)):
-                mb["ref_sums"] = sequence_sums(log_probs, mb)
-
     def policy(self, microbatches, forward_only: bool = False) -> dict:
         """Policy forward (and backward unless forward_only); returns DP-averaged metrics on every rank.
 
         Gradients are left in the DDP buffers for the optimizer.
         """
         stats = self._run(microbatches, self._policy_loss, forward_only=forward_only)
-        return reduce_metrics(stats)
+        return reduce_metrics(self.loss.statistics, stats, self.layout)
 
 
-def packed_seq_params(batch: dict) -> PackedSeqParams | None:
+def packed_seq_params(mb: Microbatch) -> PackedSeqParams | None:
     """megatron's description of a packed (``thd``) microbatch; None for one sequence per row."""
-    if "cu_seqlens" not in batch:
+    if not mb.packed:
         return None
-    cu_seqlens, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
     return PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=longest, max_seqlen_kv=longest
+        qkv_format="thd", cu_seqlens_q=mb.cu_seqlens, cu_seqlens_kv=mb.cu_seqlens, max_seqlen_q=mb.max_seqlen,
+        max_seqlen_kv=mb.max_seqlen,
     )
 
 
-def reduce_metrics(microbatch_stats: list) -> dict:
-    """Average per-microbatch statistics over the batch and the DP ranks; every rank gets them.
+def reduce_metrics(statistics: tuple, microbatch_stats: list, layout) -> dict:
+    """The loss's declared statistics averaged over the batch and the DP ranks; every rank gets them.
 
     Only the last pipeline stage has statistics. Each DP replica contributes its
     local mean once (from TP rank 0), and one all-reduce over the world both
     averages over DP and brings the result to rank 0, which logs.
     """
-    values = torch.zeros(len(METRICS), dtype=torch.float64)
-    contributes = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-    if contributes:
-        chosen = torch.cat([s["rewards_chosen"] for s in microbatch_stats]).double()
-        rejected = torch.cat([s["rewards_rejected"] for s in microbatch_stats]).double()
-        mean = lambda key: torch.stack([s[key] for s in microbatch_stats]).double().mean()  # noqa: E731
-        values = torch.stack(
-            [
-                mean("loss"),
-                mean("preference_loss"),
-                mean("sft_loss"),
-                (chosen > rejected).double().mean(),
-                chosen.mean(),
-                rejected.mean(),
-                (chosen - rejected).mean(),
-            ]
-        ).cpu()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    values = values.to(device)
+    values = torch.zeros(len(statistics), dtype=torch.float64)
+    if layout.contributes_metrics:
+        values = local_means(statistics, microbatch_stats).cpu()
+    values = values.to(layout.device)
     dist.all_reduce(values)
-    values /= parallel_state.get_data_parallel_world_size()
-    return dict(zip(METRICS, values.tolist()))
+    values /= layout.dp
+    return dict(zip((stat.metric for stat in statistics), values.tolist()))

@@ -9,8 +9,9 @@ before anything is built, and :func:`load_weights` fills the built model.
 import os
 from pathlib import Path
 
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 
+from nemo_dpo.distributed import layout
 from nemo_dpo.models.gpt import padded_vocab_size
 from nemo_dpo.models.hf_convert import hf_to_global, model_overrides_from_hf, read_hf_config, read_hf_weights
 from nemo_dpo.models.sharding import load_global_state_dict
@@ -64,8 +65,7 @@ def load_weights(model, config, model_cfg) -> None:
     """Fill this rank's model with the weights of ``model_cfg.restore_from_path``."""
     path = model_cfg.restore_from_path
     if is_hf_dir(path):
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        padded = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp)
+        padded = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, layout.current().tp)
         weights = hf_to_global(read_hf_config(path), read_hf_weights(path), padded)
         load_global_state_dict(model, config, weights)
     else:

@@ -9,6 +9,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 OPTIMIZERS = {"adamw": True, "adam": False, "fused_adam": True, "distributed_fused_adam": True}
 
 
+def check_optim_config(optim_cfg) -> None:
+    """``model.optim`` names an optimizer and schedule that exist here (ValueError naming the key)."""
+    if optim_cfg.name not in OPTIMIZERS:
+        raise ValueError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {optim_cfg.name!r}")
+    if optim_cfg.sched.name != "CosineAnnealing":
+        raise ValueError(f"model.optim.sched.name must be 'CosineAnnealing', got {optim_cfg.sched.name!r}")
+
+
 def uses_distributed_optimizer(optim_cfg) -> bool:
     return optim_cfg.use_distributed_optimizer or optim_cfg.name == "distributed_fused_adam"
 

@@ -8,6 +8,8 @@ import shutil
 import sys
 import time
 
+from nemo_dpo.console import duration
+
 # Console fields of a metrics row, in order, with their formats.
 CONSOLE_FIELDS = (
     ("loss", ".4f"),
@@ -26,15 +28,6 @@ def format_row(row: dict) -> str:
     parts = [f"{row['split']:>5} step {row['step']}"]
     parts += [f"{key} {row[key]:{fmt}}" for key, fmt in CONSOLE_FIELDS if key in row]
     return " | ".join(parts)
-
-
-def duration(seconds) -> str:
-    """``M:SS`` or ``H:MM:SS``; ``?`` when not known yet."""
-    if seconds is None:
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class Progress:

@@ -1,11 +1,23 @@
-"""The reference policy: the initial weights, kept off the compute device.
+"""The reference policy: how it runs, and where each batch's reference log-prob sums come from.
 
-DPO needs log pi_ref for every batch. Rather than a second model on the GPU, the
+A loss that compares with a reference (DPO and its kin) needs, for every
+sequence of a microbatch, the sum of the reference's log-probs over its
+response (``Microbatch.ref_sums``). One interface, ``attach(microbatches,
+split, indices)``, with two sources:
+
+- :class:`OnlineReference`: a forward-only pass with the reference in the
+  model, for every training batch. The reference never changes, so validation
+  batches are computed once each, and only the ones validation uses.
+- :class:`PrecomputedReference`: the table computed once before training
+  (``training/reference_cache.py``); a batch just looks its rows up.
+
+The reference runs as a model in one of two ways. :class:`ReferenceWeights`: the
 initial weights live in host memory (pinned when there is a GPU) and are copied
-into the policy's parameters for a forward-only pass, then the policy's weights
-are copied back (on CPU the tensors are simply exchanged). The reference therefore runs through exactly the same modules,
-parallel layout and kernels as the policy. With LoRA the base model *is* the
-reference: no copy at all, the adapters are switched off.
+into the policy's parameters for the pass, then the policy's weights are copied
+back (on CPU the tensors are simply exchanged), so the reference runs through
+exactly the same modules, parallel layout and kernels as the policy, without a
+second model on the device. :class:`AdaptersOff`: with LoRA the base model *is*
+the reference: no copy at all, the adapters are switched off.
 """
 
 from contextlib import contextmanager
@@ -13,6 +25,16 @@ from contextlib import contextmanager
 import torch
 
 from nemo_dpo.models.lora import adapters_disabled
+from nemo_dpo.training.dpo_step import response_sums
+
+REFERENCE_SOURCES = ("online", "precomputed")  # model.dpo.reference_logprobs
+
+
+def check_reference_config(dpo_cfg) -> None:
+    if dpo_cfg.reference_logprobs not in REFERENCE_SOURCES:
+        raise ValueError(
+            f"model.dpo.reference_logprobs must be one of {list(REFERENCE_SOURCES)}, got {dpo_cfg.reference_logprobs!r}"
+        )
 
 
 @contextmanager
@@ -25,7 +47,7 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-class BaseModelReference:
+class AdaptersOff:
     """LoRA's reference: the same model with its adapters switched off."""
 
     def __init__(self, model: torch.nn.Module):
@@ -38,7 +60,9 @@ class BaseModelReference:
             yield
 
 
-class ReferencePolicy:
+class ReferenceWeights:
+    """The model's weights at construction (the initial policy), swapped in on demand."""
+
     def __init__(self, model: torch.nn.Module):
         self.params = [p for p in model.parameters()]
         self.weights = [p.detach().to("cpu", copy=True) for p in self.params]
@@ -73,3 +97,45 @@ class ReferencePolicy:
                 yield
         finally:
             self._exchange(entering=False)
+
+
+def reference_model(model, lora: bool):
+    """How ``model`` runs as the reference: adapters off (LoRA), or the current weights kept aside."""
+    return AdaptersOff(model) if lora else ReferenceWeights(model)
+
+
+class OnlineReference:
+    """Reference sums from a forward-only pass over the batch's own microbatches (last pipeline stage)."""
+
+    def __init__(self, runs_as_reference, log_probs):
+        """``runs_as_reference``: ReferenceWeights or AdaptersOff; ``log_probs``: ``DPOStep.log_probs``."""
+        self.runs_as_reference, self.log_probs = runs_as_reference, log_probs
+        self._validation = {}  # batch indices -> per-microbatch sums: validation batches repeat, the reference not
+
+    def _pass(self, microbatches) -> list:
+        with self.runs_as_reference.swapped_in():
+            return [response_sums(lp, mb) for mb, lp in zip(microbatches, self.log_probs(microbatches))]
+
+    def attach(self, microbatches: list, split: str, indices: list) -> None:
+        if split == "train":
+            sums = self._pass(microbatches)
+        else:
+            key = (split, tuple(indices))
+            if key not in self._validation:
+                self._validation[key] = self._pass(microbatches)
+            sums = self._validation[key]
+        for mb, ref_sums in zip(microbatches, sums):
+            mb.ref_sums = ref_sums
+
+
+class PrecomputedReference:
+    """Reference sums looked up in per-split tables ([pairs, 2]: chosen, rejected) computed before training."""
+
+    def __init__(self, tables: dict, microbatcher):
+        self.tables, self.microbatcher = tables, microbatcher
+
+    def attach(self, microbatches: list, split: str, indices: list) -> None:
+        rows = self.microbatcher.local(list(self.tables[split][indices]))  # this DP rank's pairs, like the batch
+        size = self.microbatcher.micro_batch_size
+        for i, mb in enumerate(microbatches):
+            mb.ref_sums = torch.stack(rows[i * size : (i + 1) * size]).reshape(-1).float().to(mb.tokens.device)

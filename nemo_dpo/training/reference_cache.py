@@ -16,11 +16,10 @@ import time
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
-from nemo_dpo.data.batching import dp_shard
-from nemo_dpo.losses.preference import sequence_sums
+from nemo_dpo.console import PassProgress
+from nemo_dpo.training.dpo_step import response_sums
 
 FILE = "reference_logprobs.pt"
 SHAPING_KEYS = ("encoder_seq_length", "data", "vocab_size", "make_vocab_size_divisible_by", "tokenizer")
@@ -58,29 +57,34 @@ def cache_key(data_files, tokenizer_files, model, model_cfg) -> dict:
     }
 
 
-def compute(trainer, pairs: list) -> torch.Tensor:
-    """[len(pairs), 2] reference sums (chosen, rejected), the same on every rank."""
-    m, layout = trainer.cfg.model, trainer.layout
+def compute_table(pairs: list, runs_as_reference, log_probs, microbatcher, layout, global_batch_size: int,
+                  progress) -> torch.Tensor:
+    """[len(pairs), 2] reference sums (chosen, rejected), the same on every rank.
+
+    The pairs go through in global batches, as training batches them; each pair's
+    sums come from the one rank that holds them (its DP replica's last stage, TP
+    rank 0), and one all-reduce gives every rank the whole table.
+    """
     table = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    with trainer.reference.swapped_in():  # once for the whole pass
-        for start in range(0, len(pairs), m.global_batch_size):
-            indices = list(range(start, min(start + m.global_batch_size, len(pairs))))
-            padded = indices + [-1] * (m.global_batch_size - len(indices))  # a full batch; extra rows are ignored
-            microbatches = trainer.microbatches([pairs[i] for i in padded])
-            log_probs = trainer.step_fn.log_probs(microbatches)
-            if log_probs and parallel_state.get_tensor_model_parallel_rank() == 0:
-                sums = torch.cat([sequence_sums(lp, mb) for lp, mb in zip(log_probs, microbatches)])
-                for row, index in enumerate(dp_shard(padded, layout.dp_rank, layout.dp)):
+    with runs_as_reference.swapped_in():  # once for the whole pass
+        for start in range(0, len(pairs), global_batch_size):
+            indices = list(range(start, min(start + global_batch_size, len(pairs))))
+            padded = indices + [-1] * (global_batch_size - len(indices))  # a full batch; extra rows are ignored
+            microbatches = microbatcher([pairs[i] for i in padded])
+            outputs = log_probs(microbatches)
+            if outputs and layout.tp_rank == 0:
+                sums = torch.cat([response_sums(lp, mb) for lp, mb in zip(outputs, microbatches)])
+                for row, index in enumerate(microbatcher.local(padded)):
                     if index >= 0:
                         table[index] = sums[2 * row : 2 * row + 2].double().cpu()
+            progress.advance(len(indices))
     table = table.to(layout.device)
     dist.all_reduce(table)  # each pair was computed by exactly one rank
     return table.cpu()
 
 
-def load_or_compute(trainer, key: dict, splits: dict) -> dict:
-    """``{split: table}`` from ``<log dir>/reference_logprobs.pt`` if its key matches, else computed and saved."""
-    path = os.path.join(trainer.log_dir, FILE)
+def load_or_compute(path: str, key: dict, splits: dict, compute, rank: int, log) -> dict:
+    """``{split: table}`` from ``path`` if its key matches, else ``compute(pairs, progress)`` per split, saved."""
     if os.path.isfile(path):
         cached = torch.load(path, weights_only=True)
         changed = [name for name, value in key.items() if cached["key"].get(name) != value]
@@ -89,16 +93,19 @@ def load_or_compute(trainer, key: dict, splits: dict) -> dict:
                 f"{path} was computed for other {', '.join(changed)} (key mismatch); delete it to recompute, "
                 f"or use another exp_manager.explicit_log_dir"
             )
-        if trainer.layout.rank == 0:
-            print(f"reference log-probs: loaded from {path}", flush=True)
+        log(f"reference log-probs: loaded from {path}")
         return {split: cached[split] for split in splits}
+    count = sum(len(pairs) for pairs in splits.values())
+    log(f"reference log-probs: computing {count} pairs ({', '.join(f'{len(p)} {s}' for s, p in splits.items())}) "
+        f"once, for every epoch and restart")
     start = time.perf_counter()
-    tables = {split: compute(trainer, pairs) for split, pairs in splits.items()}
-    if trainer.layout.rank == 0:
-        os.makedirs(trainer.log_dir, exist_ok=True)
+    progress = PassProgress("reference log-probs", count, "pairs", log)
+    tables = {split: compute(pairs, progress) for split, pairs in splits.items()}
+    progress.finish()
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save({"key": key, **tables}, path + ".tmp")
         os.replace(path + ".tmp", path)
-        count = sum(len(p) for p in splits.values())
-        print(f"reference log-probs: {count} pairs in {time.perf_counter() - start:.1f} s, saved to {path}", flush=True)
+        log(f"reference log-probs: {count} pairs in {time.perf_counter() - start:.1f} s, saved to {path}")
     dist.barrier()
     return tables

@@ -1,0 +1,53 @@
+"""Train a GPT with DPO (or IPO / RPO) on megatron-core.
+
+    torchrun --nproc_per_node 2 examples/train_dpo.py                      # embedded default task
+    torchrun --nproc_per_node 8 examples/train_dpo.py --config-name gpt_dpo \
+        model.tensor_model_parallel_size=2 model.pipeline_model_parallel_size=2 \
+        model.data.data_prefix.train=/data/train.jsonl model.dpo.preference_loss=ipo
+
+Arguments after the options are OmegaConf ``key=value`` overrides of conf/<config-name>.yaml.
+"""
+
+import argparse
+import os
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from nemo_dpo.config import CONF_DIR, ConfigError, load_config, prepare
+from nemo_dpo.distributed.init import destroy_distributed, init_distributed
+from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-path", default=str(CONF_DIR), help="folder holding the YAML configs")
+    parser.add_argument("--config-name", default="gpt_dpo", help="config file name without .yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    return parser
+
+
+@record  # torchrun's failure report then names the first rank that failed, with its traceback
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config_name, args.overrides, args.config_path)
+        changes = prepare(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+    m = cfg.model
+    if changes and int(os.environ.get("RANK", "0")) == 0:
+        print(f"from {m.restore_from_path}: " + "; ".join(changes), flush=True)
+    layout = init_distributed(
+        m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed, cfg.trainer.distributed_timeout_minutes
+    )
+    try:
+        DPOTrainer(cfg, layout).fit()
+    except NonFiniteError as err:
+        print(f"rank {layout.rank}: stopped: {err}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        destroy_distributed()
+    return 0

@@ -1,0 +1,161 @@
+"""From the ``model`` config to tokenized pairs: the data half of a run, shared by training and ``prepare``.
+
+1. Files: ``model.data.data_prefix`` per split, or the embedded default task.
+2. Records: every file read and checked before anything else; a bad record
+   follows ``model.data.on_bad_record`` (skipped ones are listed in the log dir).
+3. Tokenizer: ``model.tokenizer.model``, or a SentencePiece model trained on the
+   training data's text and cached. In a distributed run rank 0 trains it and
+   sends the model's bytes, so every rank has the identical vocabulary with or
+   without a shared filesystem.
+4. Pairs: tokenized and fitted to ``encoder_seq_length`` (``model.data.overflow``).
+"""
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from nemo_dpo.console import PassProgress
+from nemo_dpo.data.chat_template import ChatTemplate, record_options, template_source
+from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
+from nemo_dpo.data.preference_dataset import BAD_RECORD_POLICIES, OVERFLOW_POLICIES, read_preference_pairs, tokenize_pairs
+from nemo_dpo.data.readers import data_format, needs_pyarrow, pyarrow_missing
+from nemo_dpo.data.schemas import RecordOptions
+from nemo_dpo.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer, open_tokenizer
+
+SPLITS = ("train", "validation")
+SKIPPED_LIST = "skipped_records.txt"  # in the log dir
+
+
+def data_files(data_cfg) -> dict:
+    """``{split: path}`` from ``model.data.data_prefix``; the embedded default where unset. ValueError naming the key."""
+    prefix = data_cfg.data_prefix
+    files = {split: prefix[split] or os.path.join(DEFAULT_DATA_DIR, f"{split}.jsonl") for split in SPLITS}
+    for split, file in files.items():
+        key = f"model.data.data_prefix.{split}"
+        if not os.path.isfile(file):
+            raise ValueError(f"{key}: file {file} does not exist")
+        try:
+            data_format(file)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from err
+        if needs_pyarrow(file) and pyarrow_missing():
+            raise ValueError(f"{key}: {pyarrow_missing()}")
+    return files
+
+
+def check_data_config(model_cfg) -> None:
+    """Everything about data and tokenizer that can be checked before a run (ValueError naming the key)."""
+    data = model_cfg.data
+    if data.on_bad_record not in BAD_RECORD_POLICIES:
+        raise ValueError(
+            f"model.data.on_bad_record must be one of {list(BAD_RECORD_POLICIES)}, got {data.on_bad_record!r}"
+        )
+    if data.overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"model.data.overflow must be one of {list(OVERFLOW_POLICIES)}, got {data.overflow!r}")
+    data_files(data)
+    tokenizer = model_cfg.tokenizer.model
+    if tokenizer is not None and not os.path.exists(tokenizer):
+        raise ValueError(f"model.tokenizer.model: {tokenizer} does not exist (a tokenizer.model file or a folder)")
+    delimiter = data.implicit_prompt_delimiter
+    if delimiter is not None and not (isinstance(delimiter, str) and delimiter):
+        raise ValueError(f"model.data.implicit_prompt_delimiter must be a non-empty string or null, got {delimiter!r}")
+    source = template_source(data.chat_template, tokenizer)  # the chat template compiles
+    if source is not None:
+        ChatTemplate(*source, special_tokens={})
+
+
+def configured_tokenizer(tok_cfg, train_files: list, options: RecordOptions, log=print):
+    """``model.tokenizer.model``, or a SentencePiece model trained on ``train_files`` (cached); one process."""
+    if tok_cfg.model is not None:
+        return open_tokenizer(tok_cfg.model)
+    return load_or_train_tokenizer(None, train_files, tok_cfg.vocab_size, tok_cfg.cache_dir, options, log)
+
+
+def shared_tokenizer(tok_cfg, train_file: str, options: RecordOptions, rank: int, log):
+    """:func:`configured_tokenizer` for every rank of a run: rank 0 trains (if needed) and sends the model bytes."""
+    if tok_cfg.model is not None:
+        return open_tokenizer(tok_cfg.model)
+    cache_dir = os.path.expanduser(tok_cfg.cache_dir)
+    payload = [None, None]
+    if rank == 0:
+        tokenizer = configured_tokenizer(tok_cfg, [train_file], options, log)
+        with open(tokenizer.model_path, "rb") as f:
+            payload = [os.path.basename(tokenizer.model_path), f.read()]
+    dist.broadcast_object_list(payload, src=0)
+    if rank == 0:
+        return tokenizer
+    name, blob = payload
+    path = os.path.join(cache_dir, name)
+    if not os.path.isfile(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".spm_recv_")
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    return SentencePieceTokenizer(path)
+
+
+def read_splits(files: dict, policy: str, options: RecordOptions, log) -> tuple:
+    """(``{split: text records}``, messages of the bad records left out) for every split's file."""
+    records, skipped = {}, []
+    for split, path in files.items():
+        data = read_preference_pairs(path, policy, options)
+        records[split], bad = data.records, data.skipped
+        schemas = ", ".join(f"{count} {name}" for name, count in data.schemas.items())
+        log(f"{split}: {data.file_format} file {path}: {schemas}")
+        if bad:
+            log(f"{split}: skipped {len(bad)} bad record(s) of {path} (model.data.on_bad_record={policy}), "
+                f"e.g. {bad[0]}")
+        skipped += bad
+    return records, skipped
+
+
+def write_skipped_list(log_dir: str, skipped: list, log) -> None:
+    """``<log dir>/skipped_records.txt``: one line per record left out (removed when there is none)."""
+    listing = os.path.join(log_dir, SKIPPED_LIST)
+    if skipped:
+        os.makedirs(log_dir, exist_ok=True)
+        with open(listing + ".tmp", "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in skipped))
+        os.replace(listing + ".tmp", listing)
+        log(f"data: {len(skipped)} skipped record(s) listed in {listing}")
+    elif os.path.exists(listing):
+        os.remove(listing)  # from an earlier run of this log dir
+
+
+@dataclass
+class RunData:
+    """What a run trains and validates on."""
+
+    tokenizer: object  # data.tokenizer's SentencePieceTokenizer or HFTokenizer
+    files: dict  # split -> data file
+    options: RecordOptions  # how records became text (a chat template file is an input too)
+    pairs: dict  # split -> list of TokenizedPair
+
+    def input_files(self) -> list:
+        """Every file the pairs' tokens depend on besides the tokenizer (for cache keys)."""
+        return [*self.files.values(), *self.options.files()]
+
+
+def load_run_data(model_cfg, log_dir: str, rank: int, log) -> RunData:
+    """Files -> checked records -> tokenizer -> pairs, for every split (see the module docstring)."""
+    files = data_files(model_cfg.data)
+    options = record_options(model_cfg)
+    records, skipped = read_splits(files, model_cfg.data.on_bad_record, options, log)
+    if rank == 0:
+        write_skipped_list(log_dir, skipped, log)
+    tokenizer = shared_tokenizer(model_cfg.tokenizer, files["train"], options, rank, log)
+    pairs = {}
+    seq_len, overflow, gbs = model_cfg.encoder_seq_length, model_cfg.data.overflow, model_cfg.global_batch_size
+    for split, path in files.items():
+        progress = PassProgress(f"{split}: tokenizing {path}", len(records[split]), "records", log)
+        pairs[split], stats = tokenize_pairs(records[split], tokenizer, seq_len, overflow, progress)
+        progress.finish()
+        log(f"{split}: {stats['pairs']} pairs from {path} (longest {stats['max_len']} tokens, "
+            f"{stats['truncated']} prompt-truncated and {stats['dropped']} dropped by "
+            f"model.data.overflow={overflow}, encoder_seq_length={seq_len})")
+        if len(pairs[split]) < gbs:
+            raise ValueError(f"{path}: {len(pairs[split])} usable pairs, fewer than model.global_batch_size ({gbs})")
+    return RunData(tokenizer, files, options, pairs)
