@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from nemo_dpo.data.batching import check_batch_sizes
 from nemo_dpo.data.pipeline import check_data_config
 from nemo_dpo.distributed.layout import check_layout
-from nemo_dpo.losses.preference import PreferenceLossConfig
+from nemo_dpo.losses import build_loss
 from nemo_dpo.models.gpt import check_model_config, check_precision
 from nemo_dpo.models.lora import check_peft_config
 from nemo_dpo.training.initial_policy import resolve
@@ -133,7 +133,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     try:
         dp = check_layout(world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size)
         check_model_config(model)
-        PreferenceLossConfig.from_cfg(model.dpo)
+        build_loss(model.dpo)
         check_batch_sizes(model.micro_batch_size, model.global_batch_size, dp)
         check_optim_config(model.optim)
         check_trainer_config(cfg.trainer)

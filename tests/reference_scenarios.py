@@ -17,6 +17,24 @@ def three_steps(trainer) -> dict:
     return {"train": losses, "val": trainer.validate()}
 
 
+def validation_forward_passes(trainer) -> list:
+    """Sequences put through forward-only passes (the reference's) by each of two validations."""
+    seen, log_probs = [0], trainer.step_fn.log_probs
+
+    def counting(microbatches):
+        seen[0] += sum(mb.num_sequences for mb in microbatches)
+        return log_probs(microbatches)
+
+    trainer.step_fn.log_probs = counting
+    trainer.reference.log_probs = counting
+    counts = []
+    for _ in range(2):
+        seen[0] = 0
+        trainer.validate()
+        counts.append(seen[0])
+    return counts
+
+
 def online_then_precomputed(root: str, cache: str) -> dict:
     layout = init_distributed(1, 1, seed=1234)
     try:
@@ -25,7 +43,8 @@ def online_then_precomputed(root: str, cache: str) -> dict:
                                  f"exp_manager.explicit_log_dir={root}/{log}", "trainer.dpo.limit_val_batches=4", *extra]
             return DPOTrainer(load_config("gpt_dpo", overrides), layout)
 
-        results = {"online": three_steps(trainer("online", "online"))}
+        online = trainer("online", "online")
+        results = {"validation_passes": validation_forward_passes(online), "online": three_steps(online)}
         results["precomputed"] = three_steps(trainer("precomputed", "pre"))
         stamp = os.stat(f"{root}/pre/{FILE}").st_mtime_ns
         results["reused"] = three_steps(trainer("precomputed", "pre"))

@@ -1,4 +1,7 @@
-"""Precomputed reference log-probs: same losses as the online reference, reused, and refused when stale (DP=2)."""
+"""Precomputed reference log-probs: same losses as the online reference, reused, and refused when stale (DP=2).
+
+The online reference computes validation's sums once, and only for the batches validation uses.
+"""
 
 import pytest
 
@@ -17,4 +20,7 @@ def test_precomputed_reference_matches_online_and_is_cached(tmp_path):
                     if key in want:
                         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (run, key)
         assert rank["cache_untouched"]
+        # Online, the first validation computes the reference for the 4 batches it uses (limit_val_batches=4:
+        # 4 x 8 pairs, 2 sequences each, half of them on each DP rank), not the whole split; the next none.
+        assert rank["validation_passes"] == [4 * 8 * 2 // 2, 0]
         assert "was computed for other weights (key mismatch)" in rank["refused"]

@@ -161,5 +161,9 @@ class PreferenceLoss:
     def __init__(self, cfg: PreferenceLossConfig):
         self.cfg = cfg
 
+    @classmethod
+    def from_cfg(cls, dpo_cfg) -> "PreferenceLoss":
+        return cls(PreferenceLossConfig.from_cfg(dpo_cfg))
+
     def __call__(self, policy_sums, ref_sums, counts, gt_rewards):
         return preference_loss(self.cfg, policy_sums, ref_sums, counts, gt_rewards)

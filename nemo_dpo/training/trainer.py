@@ -26,7 +26,7 @@ from nemo_dpo.data.batching import Microbatcher, global_batches
 from nemo_dpo.data.pipeline import load_run_data
 from nemo_dpo.data.tokenizer import source_files
 from nemo_dpo.distributed.layout import Layout
-from nemo_dpo.losses.preference import PreferenceLoss, PreferenceLossConfig
+from nemo_dpo.losses import build_loss
 from nemo_dpo.models.gpt import build_gpt, transformer_config
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora
@@ -86,8 +86,7 @@ class DPOTrainer:
         self.total_steps = by_epochs if dpo.max_steps < 0 else min(dpo.max_steps, by_epochs)
         self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val, self.config.bf16)
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
-        loss = PreferenceLoss(PreferenceLossConfig.from_cfg(m.dpo))
-        self.step_fn = DPOStep(self.model, loss, m.vocab_size, m.log_prob_chunk_size, layout)
+        self.step_fn = DPOStep(self.model, build_loss(m.dpo), m.vocab_size, m.log_prob_chunk_size, layout)
         self.microbatcher = Microbatcher(m.micro_batch_size, m.data.packing, self.tokenizer.pad_id, layout.dp_rank,
                                          layout.dp, layout.device)
         self.reference = self.build_reference(runs_as_reference)  # from the initial weights, so before resuming
