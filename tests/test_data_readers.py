@@ -140,3 +140,14 @@ def test_tokenizer_trains_on_the_same_text_from_any_format(tmp_path):
     assert jsonl.model_path != parquet.model_path  # the cache key hashes each file's own bytes
     vocabulary = [(jsonl._sp.id_to_piece(i), jsonl._sp.get_score(i)) for i in range(jsonl.vocab_size)]
     assert vocabulary == [(parquet._sp.id_to_piece(i), parquet._sp.get_score(i)) for i in range(parquet.vocab_size)]
+
+
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.json", "bom_array.json", "bom.jsonl.gz"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name):
+    """Editors on Windows start UTF-8 files with a BOM: line 1 stays a record, an array stays an array."""
+    path = tmp_path / name
+    text = json.dumps(ROWS) if name == "bom_array.json" else "".join(json.dumps(r) + "\n" for r in ROWS)
+    data = b"\xef\xbb\xbf" + text.encode()
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    read = read_preference_pairs(str(path), "error")
+    assert read.records == EXPECTED and read.skipped == []

@@ -9,6 +9,7 @@ deferred to ``load`` so that one undecodable line is one bad record, which
 (unknown extension, damaged gzip or Parquet, pyarrow missing) raises at once.
 """
 
+import codecs
 import gzip
 import importlib.util
 import json
@@ -82,6 +83,8 @@ def _json_lines(path: str, lines):
     line_no = 0
     try:
         for line_no, raw in enumerate(lines, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows start UTF-8 files with one
             if raw.strip():
                 yield f"{path}:{line_no}", partial(_json_value, raw, f"{path}:{line_no}")
     except (OSError, EOFError, zlib.error) as err:  # a damaged gzip stream
@@ -92,7 +95,7 @@ def _json(path: str):
     """JSON Lines, or a whole-file JSON array (one record per element) when the file starts with '['."""
     with _open_bytes(path) as f:
         try:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
             f.seek(0)
         except (OSError, EOFError, zlib.error) as err:
             raise ValueError(f"{path}: cannot read ({err})") from err
@@ -100,7 +103,7 @@ def _json(path: str):
             yield from _json_lines(path, f)
             return
         try:
-            value = _json_value(f.read(), path)
+            value = _json_value(f.read().removeprefix(codecs.BOM_UTF8), path)
         except (OSError, EOFError, zlib.error) as err:
             raise ValueError(f"{path}: cannot read ({err})") from err
     if not isinstance(value, list):
