@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from nemo_dpo.files import read_json_object
 from nemo_dpo.models.safetensors_io import read_safetensors, write_safetensors
 
 SUPPORTED = ("llama", "mistral", "gpt2")
@@ -43,20 +44,6 @@ _BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq
 
 
 # ---------------------------------------------------------------- config.json -> model section
-
-
-def read_json_object(path: str) -> dict:
-    """A JSON object from an optional file ({} when the file is absent)."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def read_hf_config(hf_dir: str) -> dict:
