@@ -53,7 +53,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int, pp: int) -> None:
     layout = cfg.copy()
     layout.model.tensor_model_parallel_size, layout.model.pipeline_model_parallel_size = tp, pp
     check_model_config(layout.model)
-    tokenizer = {f"{initial_policy.TOKENIZER_DIR}/{os.path.basename(f)}": f for f in tokenizer_files(hf_dir)}
+    tokenizer = {f"{checkpoint.TOKENIZER_DIR}/{os.path.basename(f)}": f for f in tokenizer_files(hf_dir)}
     cfg.model.restore_from_path = None
     cfg.model.tokenizer.model = None
     _save_model(model, cfg, out, tokenizer)
@@ -63,7 +63,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int, pp: int) -> None:
 def mcore_to_hf(ckpt: str, out: str) -> None:
     _refuse_existing(out)
     cfg, model, config = _model_from(ckpt)
-    tokenizer_dir = os.path.join(ckpt, initial_policy.TOKENIZER_DIR)
+    tokenizer_dir = os.path.join(ckpt, checkpoint.TOKENIZER_DIR)
     tokenizer = load_tokenizer_from_dir(tokenizer_dir)
     names = local_to_global_names(model, config)
     weights = {names[n]: p.detach() for n, p in model.named_parameters()}
@@ -96,8 +96,8 @@ def merge(ckpt: str, out: str) -> None:
     merge_lora(model)
     model.requires_grad_(True)  # a plain model: the checkpoint holds every parameter
     m.peft.peft_scheme, m.restore_from_path, m.tokenizer.model = "none", None, None
-    tokenizer_dir = Path(ckpt) / initial_policy.TOKENIZER_DIR
-    tokenizer = {f"{initial_policy.TOKENIZER_DIR}/{f.name}": str(f) for f in sorted(tokenizer_dir.iterdir())}
+    tokenizer_dir = Path(ckpt) / checkpoint.TOKENIZER_DIR
+    tokenizer = {f"{checkpoint.TOKENIZER_DIR}/{f.name}": str(f) for f in sorted(tokenizer_dir.iterdir())}
     _save_model(model, cfg, out, tokenizer)
     print(f"wrote {out}: {ckpt} with its adapters merged into the base")
 

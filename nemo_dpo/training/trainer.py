@@ -245,7 +245,7 @@ class DPOTrainer:
             names = {"tokenizer.model": path}
         else:
             names = {os.path.basename(f): f for f in tokenizer_files(os.path.dirname(path))}
-        return {f"{initial_policy.TOKENIZER_DIR}/{name}": source for name, source in names.items()}
+        return {f"{checkpoint.TOKENIZER_DIR}/{name}": source for name, source in names.items()}
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint in the log dir, if any (rank 0 decides)."""
