@@ -23,7 +23,7 @@ from nemo_dpo.config import ConfigError, load_config, prepare
 from nemo_dpo.data.tokenizer import load_tokenizer_from_dir, tokenizer_files
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.models.gpt import build_gpt, check_model_config, transformer_config
-from nemo_dpo.models.hf_convert import global_to_hf, hf_config_from_model, write_hf_dir
+from nemo_dpo.models.hf import global_to_hf, hf_config_from_model, write_hf_dir
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora, merge_lora
 from nemo_dpo.models.sharding import local_to_global_names

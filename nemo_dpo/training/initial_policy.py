@@ -13,7 +13,7 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.gpt import padded_vocab_size
-from nemo_dpo.models.hf_convert import hf_to_global, model_overrides_from_hf, read_hf_config, read_hf_weights
+from nemo_dpo.models.hf import hf_to_global, model_overrides_from_hf, read_hf_config, read_hf_weights
 from nemo_dpo.models.sharding import load_global_state_dict
 from nemo_dpo.training import checkpoint
 
