@@ -68,8 +68,9 @@ def mcore_to_hf(ckpt: str, out: str) -> None:
     names = local_to_global_names(model, config)
     weights = {names[n]: p.detach() for n, p in model.named_parameters()}
     hf_config = hf_config_from_model(cfg.model, cfg.model.vocab_size, tokenizer.eos_id, tokenizer.bos_id)
-    write_hf_dir(out, hf_config, global_to_hf(hf_config, weights), tokenizer_files(tokenizer_dir))
-    print(f"wrote {out}: {hf_config['architectures'][0]}, {len(weights)} tensors")
+    hf_weights = global_to_hf(hf_config, weights)
+    write_hf_dir(out, hf_config, hf_weights, tokenizer_files(tokenizer_dir))
+    print(f"wrote {out}: {hf_config['architectures'][0]}, {len(hf_weights)} tensors")
 
 
 def merge(ckpt: str, out: str) -> None:
