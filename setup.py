@@ -17,6 +17,7 @@ setup(
         "omegaconf>=2.3",
         "sentencepiece>=0.2",
         "jinja2>=3.1",  # chat templates (rendered in its sandbox, as Hugging Face does)
+        "safetensors>=0.4",  # Hugging Face weights in and out (models/hf/safetensors_io.py)
         "numpy",
         "psutil",  # megatron-core dist_checkpointing needs it
         "tensorboard",  # the default logger (exp_manager.create_tensorboard_logger)

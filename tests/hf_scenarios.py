@@ -10,7 +10,7 @@ from nemo_dpo.distributed import layout
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.losses.logprobs import vocab_parallel_log_probs
 from nemo_dpo.models.gpt import build_gpt, padded_vocab_size, transformer_config
-from nemo_dpo.models.hf_convert import (
+from nemo_dpo.models.hf import (
     global_to_hf,
     hf_config_from_model,
     hf_to_global,

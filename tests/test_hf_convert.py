@@ -29,7 +29,7 @@ from distributed_harness import run_world
 from hf_scenarios import load_and_score
 from nemo_dpo.config import load_config
 from nemo_dpo.data.tokenizer import HFTokenizer, load_tokenizer_from_dir, tokenizer_files
-from nemo_dpo.models.hf_convert import (
+from nemo_dpo.models.hf import (
     global_to_hf,
     hf_config_from_model,
     hf_to_global,
@@ -38,7 +38,7 @@ from nemo_dpo.models.hf_convert import (
     read_hf_weights,
     write_hf_dir,
 )
-from nemo_dpo.models.safetensors_io import read_safetensors, write_safetensors
+from nemo_dpo.models.hf.safetensors_io import read_safetensors, write_safetensors
 
 VOCAB = 300
 PADDED_VOCAB = 384  # conf/gpt_dpo.yaml pads to a multiple of 128

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from distributed_harness import run_world
 from hf_fixtures import MODELS, ROOT, TOKENS, convert, hf_log_probs, save_tiny
-from nemo_dpo.models.safetensors_io import read_safetensors
+from nemo_dpo.models.hf.safetensors_io import read_safetensors
 from pipeline_scenarios import score
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from nemo_dpo.config import ConfigError, load_config, prepare
 from nemo_dpo.data.tokenizer import load_tokenizer_from_dir, tokenizer_files
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.models.gpt import build_gpt, check_model_config, transformer_config
-from nemo_dpo.models.hf_convert import global_to_hf, hf_config_from_model, write_hf_dir
+from nemo_dpo.models.hf import global_to_hf, hf_config_from_model, write_hf_dir
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora, merge_lora
 from nemo_dpo.models.sharding import local_to_global_names
@@ -53,7 +53,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int, pp: int) -> None:
     layout = cfg.copy()
     layout.model.tensor_model_parallel_size, layout.model.pipeline_model_parallel_size = tp, pp
     check_model_config(layout.model)
-    tokenizer = {f"{initial_policy.TOKENIZER_DIR}/{os.path.basename(f)}": f for f in tokenizer_files(hf_dir)}
+    tokenizer = {f"{checkpoint.TOKENIZER_DIR}/{os.path.basename(f)}": f for f in tokenizer_files(hf_dir)}
     cfg.model.restore_from_path = None
     cfg.model.tokenizer.model = None
     _save_model(model, cfg, out, tokenizer)
@@ -63,13 +63,14 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int, pp: int) -> None:
 def mcore_to_hf(ckpt: str, out: str) -> None:
     _refuse_existing(out)
     cfg, model, config = _model_from(ckpt)
-    tokenizer_dir = os.path.join(ckpt, initial_policy.TOKENIZER_DIR)
+    tokenizer_dir = os.path.join(ckpt, checkpoint.TOKENIZER_DIR)
     tokenizer = load_tokenizer_from_dir(tokenizer_dir)
     names = local_to_global_names(model, config)
     weights = {names[n]: p.detach() for n, p in model.named_parameters()}
     hf_config = hf_config_from_model(cfg.model, cfg.model.vocab_size, tokenizer.eos_id, tokenizer.bos_id)
-    write_hf_dir(out, hf_config, global_to_hf(hf_config, weights), tokenizer_files(tokenizer_dir))
-    print(f"wrote {out}: {hf_config['architectures'][0]}, {len(weights)} tensors")
+    hf_weights = global_to_hf(hf_config, weights)
+    write_hf_dir(out, hf_config, hf_weights, tokenizer_files(tokenizer_dir))
+    print(f"wrote {out}: {hf_config['architectures'][0]}, {len(hf_weights)} tensors")
 
 
 def merge(ckpt: str, out: str) -> None:
@@ -96,8 +97,8 @@ def merge(ckpt: str, out: str) -> None:
     merge_lora(model)
     model.requires_grad_(True)  # a plain model: the checkpoint holds every parameter
     m.peft.peft_scheme, m.restore_from_path, m.tokenizer.model = "none", None, None
-    tokenizer_dir = Path(ckpt) / initial_policy.TOKENIZER_DIR
-    tokenizer = {f"{initial_policy.TOKENIZER_DIR}/{f.name}": str(f) for f in sorted(tokenizer_dir.iterdir())}
+    tokenizer_dir = Path(ckpt) / checkpoint.TOKENIZER_DIR
+    tokenizer = {f"{checkpoint.TOKENIZER_DIR}/{f.name}": str(f) for f in sorted(tokenizer_dir.iterdir())}
     _save_model(model, cfg, out, tokenizer)
     print(f"wrote {out}: {ckpt} with its adapters merged into the base")
 

@@ -29,7 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nemo_dpo.data.schemas import RecordOptions
 from nemo_dpo.data.tokenizer import special_token_texts
-from nemo_dpo.models.hf_convert import read_json_object
+from nemo_dpo.files import read_json_object
 
 TEMPLATE_FILE = "chat_template.jinja"  # where recent transformers save it, next to tokenizer_config.json
 

@@ -18,7 +18,7 @@ import sentencepiece as spm
 
 from nemo_dpo.data.preference_dataset import read_preference_pairs
 from nemo_dpo.data.schemas import RecordOptions
-from nemo_dpo.models.hf_convert import read_json_object
+from nemo_dpo.files import read_json_object
 
 # Bump when the training options below change, so old cached models are not reused.
 TOKENIZER_FORMAT_VERSION = 1

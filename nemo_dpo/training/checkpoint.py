@@ -4,6 +4,7 @@ Layout on disk::
 
     <log_dir>/checkpoints/
         step_10/            megatron-core dist_checkpointing (torch_dist) + COMPLETE.json
+            tokenizer/      the run's tokenizer files (TOKENIZER_DIR), so the folder is self-contained
         step_20/
         latest              "step_20", replaced atomically after step_20 is complete
 
@@ -43,31 +44,14 @@ from omegaconf import OmegaConf
 from torch import multiprocessing as mp
 
 from nemo_dpo.distributed import layout
+from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.gpt import unwrap
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
 PREFIX = "step_"
+TOKENIZER_DIR = "tokenizer"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-# Keys of the `model` config that define the weights' shapes and meaning: a checkpoint
-# whose values differ cannot be loaded into this model.
-ARCHITECTURE_KEYS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "position_embedding_type",
-    "normalization",
-    "activation",
-    "bias",
-    "share_embeddings_and_output_weights",
-    "vocab_size",
-    "make_vocab_size_divisible_by",
-    "rotary_base",
-    "layernorm_epsilon",
-)
 
 
 class CheckpointError(RuntimeError):

@@ -12,12 +12,11 @@ from pathlib import Path
 from megatron.core import dist_checkpointing
 
 from nemo_dpo.distributed import layout
+from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.gpt import padded_vocab_size
-from nemo_dpo.models.hf_convert import hf_to_global, model_overrides_from_hf, read_hf_config, read_hf_weights
+from nemo_dpo.models.hf import hf_to_global, model_overrides_from_hf, read_hf_config, read_hf_weights
 from nemo_dpo.models.sharding import load_global_state_dict
 from nemo_dpo.training import checkpoint
-
-TOKENIZER_DIR = "tokenizer"
 
 
 def is_hf_dir(path: str) -> bool:
@@ -38,9 +37,9 @@ def _source_settings(path: str) -> dict:
             f"nor a complete nemo-dpo checkpoint ({reason})"
         )
     saved = dist_checkpointing.load_common_state_dict(path)["config"]["model"]
-    settings = {key: saved[key] for key in checkpoint.ARCHITECTURE_KEYS}
-    if os.path.isdir(os.path.join(path, TOKENIZER_DIR)):
-        settings["tokenizer.model"] = os.path.join(path, TOKENIZER_DIR)
+    settings = {key: saved[key] for key in ARCHITECTURE_KEYS}
+    if os.path.isdir(os.path.join(path, checkpoint.TOKENIZER_DIR)):
+        settings["tokenizer.model"] = os.path.join(path, checkpoint.TOKENIZER_DIR)
     return settings
 
 

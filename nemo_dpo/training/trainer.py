@@ -179,7 +179,7 @@ class DPOTrainer:
 
     def tokenizer_files(self) -> dict:
         """The tokenizer, stored in every checkpoint (``tokenizer/``) so that it is self-contained."""
-        return {f"{initial_policy.TOKENIZER_DIR}/{name}": path for name, path in source_files(self.tokenizer).items()}
+        return {f"{checkpoint.TOKENIZER_DIR}/{name}": path for name, path in source_files(self.tokenizer).items()}
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint in the log dir, if any (rank 0 decides)."""
