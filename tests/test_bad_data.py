@@ -5,7 +5,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
+
+pytestmark = pytest.mark.slow  # real multi-process runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +33,7 @@ def test_matmul_params_are_the_linear_layers_of_the_hf_model():
     assert bench_dpo.model_flops(shape, [10, 30]) == 8 * n * 40 + 16 * 2 * 64 * (100 + 900)
 
 
+@pytest.mark.slow
 def test_tiny_packed_run_reports_a_consistent_summary(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_dpo.py"), "--shape", "tiny", "--seq", "64",

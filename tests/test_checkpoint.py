@@ -19,6 +19,8 @@ from logging_checks import assert_tensorboard_matches_metrics
 from nemo_dpo.training import checkpoint
 from parallel_scenarios import SMALL
 
+pytestmark = pytest.mark.slow  # real multi-process runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "examples", "train_dpo.py")
 
@@ -268,6 +270,7 @@ def test_the_checkpoint_queue_manager_leaves_scheduler_signals_to_the_rank():
 import os, signal, time
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from nemo_dpo.training.checkpoint import _writer_results_queue_without_spawn
+
 signal.signal(signal.SIGUSR1, lambda *_: print("handler ran in", os.getpid(), flush=True))
 _writer_results_queue_without_spawn()
 queue = filesystem_async._results_queue

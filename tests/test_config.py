@@ -89,6 +89,7 @@ def test_overrides_apply():
     assert cfg.model.optim.weight_decay == 0  # an int where a float is expected is fine
 
 
+@pytest.mark.slow
 def test_cli_fails_fast_with_the_message(tmp_path):
     """The training script exits with status 2 before initialising anything."""
     env = {**os.environ, "WORLD_SIZE": "3"}

@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from chat_fixtures import CHATML, conversation, default_task_records, save_chatml_tokenizer, write_jsonl
 
+pytestmark = pytest.mark.slow  # real multi-process runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -75,6 +75,7 @@ def test_splits_are_exact(raw, data):
     assert same_start and all(r["prompt"].endswith(DELIMITER) for r in same_start)
 
 
+@pytest.mark.slow
 def test_prepare_reports_counts_lengths_and_overflow(tmp_path, data):
     common = [sys.executable, "-m", "nemo_dpo.data.prepare", "--data", HH, f"model.tokenizer.cache_dir={tmp_path}",
               "model.tokenizer.vocab_size=4000", "model.encoder_seq_length=512", "model.max_position_embeddings=512"]

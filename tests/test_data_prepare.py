@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch.distributed as dist
 from chat_fixtures import conversation, default_task_records, save_chatml_tokenizer, write_jsonl
 
@@ -57,6 +58,7 @@ def test_unreadable_data_or_missing_settings_exit_2(tmp_path, capsys):
     assert status == 2 and "did you mean 'model.encoder_seq_length'" in err
 
 
+@pytest.mark.slow
 def test_the_config_files_by_default_from_the_command_line(tmp_path):
     """No --data: the config's train and validation files, with the tokenizer trained on the train file as a run would."""
     train = write_jsonl(tmp_path / "train.jsonl", default_task_records("train", 300))

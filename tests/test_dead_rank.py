@@ -7,8 +7,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from parallel_scenarios import SMALL
+
+pytestmark = pytest.mark.slow  # real multi-process runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from logging_checks import assert_tensorboard_matches_metrics, colour_share, png_size
 from nemo_dpo.cli.plot import PLOTS
+
+pytestmark = pytest.mark.slow  # real multi-process runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {

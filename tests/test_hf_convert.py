@@ -184,6 +184,7 @@ def test_pytorch_model_bin_is_read_when_there_is_no_safetensors(hf, tmp_path):
     assert set(loaded) == set(weights) and all(torch.equal(loaded[k], weights[k]) for k in weights)
 
 
+@pytest.mark.slow
 def test_log_probs_match_transformers_at_tp1_and_tp2(hf, tp1, tmp_path):
     ranks = run_world(2, str(tmp_path / "tp2"), load_and_score, 2, {n: d for n, (_, d) in hf.items()}, TOKENS, None)
     for name, (model, _) in hf.items():
@@ -194,6 +195,7 @@ def test_log_probs_match_transformers_at_tp1_and_tp2(hf, tp1, tmp_path):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=lambda m: f"{name} {label}: {m}")
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_the_same_weights(hf, tp1):
     export_root = tp1[1]
     for name, (model, hf_dir) in hf.items():

@@ -21,6 +21,8 @@ from hf_fixtures import MODELS, ROOT, TOKENS, convert, hf_log_probs, save_tiny
 from nemo_dpo.models.hf.safetensors_io import read_safetensors
 from pipeline_scenarios import score
 
+pytestmark = pytest.mark.slow  # real multi-process runs
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_pipeline")

@@ -19,6 +19,8 @@ from nemo_dpo.config import load_config, validate
 from nemo_dpo.training import checkpoint
 from pipeline_scenarios import score
 
+pytestmark = pytest.mark.slow  # real multi-process runs
+
 RUN = [
     "model.global_batch_size=8",
     "model.micro_batch_size=2",

@@ -17,6 +17,8 @@ from distributed_harness import run_world
 from nemo_dpo.models.sharding import tp_slice
 from parallel_scenarios import VARIANTS, layout_steps
 
+pytestmark = pytest.mark.slow  # real multi-process runs
+
 ALL_VARIANTS = list(VARIANTS)
 
 

@@ -8,6 +8,8 @@ import pytest
 from distributed_harness import run_world
 from reference_scenarios import online_then_precomputed
 
+pytestmark = pytest.mark.slow  # real multi-process runs
+
 KEYS = ("loss", "preference_loss", "reward_margin", "rewards_chosen_mean", "rewards_rejected_mean", "grad_norm")
 
 

@@ -21,6 +21,8 @@ import pytest
 
 from nemo_dpo.training import checkpoint
 
+pytestmark = pytest.mark.slow  # real multi-process runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = os.path.join(ROOT, "slurm", "train_dpo.sbatch")
 # The header asks for GPU nodes; this overrides it for one CPU node with 2 tasks.

@@ -23,6 +23,7 @@ from nemo_dpo.data.preference_dataset import BAD_RECORD_POLICIES, OVERFLOW_POLIC
 from nemo_dpo.data.readers import data_format, needs_pyarrow, pyarrow_missing
 from nemo_dpo.data.schemas import RecordOptions
 from nemo_dpo.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer, open_tokenizer
+from nemo_dpo.files import write_atomic
 
 SPLITS = ("train", "validation")
 SKIPPED_LIST = "skipped_records.txt"  # in the log dir
@@ -117,9 +118,7 @@ def write_skipped_list(log_dir: str, skipped: list, log) -> None:
     listing = os.path.join(log_dir, SKIPPED_LIST)
     if skipped:
         os.makedirs(log_dir, exist_ok=True)
-        with open(listing + ".tmp", "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in skipped))
-        os.replace(listing + ".tmp", listing)
+        write_atomic(listing, "".join(line + "\n" for line in skipped))
         log(f"data: {len(skipped)} skipped record(s) listed in {listing}")
     elif os.path.exists(listing):
         os.remove(listing)  # from an earlier run of this log dir

@@ -19,19 +19,11 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from nemo_dpo.console import PassProgress
+from nemo_dpo.files import sha256_files
 from nemo_dpo.training.dpo_step import response_sums
 
 FILE = "reference_logprobs.pt"
 SHAPING_KEYS = ("encoder_seq_length", "data", "vocab_size", "make_vocab_size_divisible_by", "tokenizer")
-
-
-def _sha256_files(paths) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _weights_digest(model) -> str:
@@ -50,8 +42,8 @@ def cache_key(data_files, tokenizer_files, model, model_cfg) -> dict:
     shaping = {k: OmegaConf.to_container(model_cfg[k]) if OmegaConf.is_config(model_cfg[k]) else model_cfg[k]
                for k in SHAPING_KEYS}
     return {
-        "data": _sha256_files(data_files),
-        "tokenizer": _sha256_files(tokenizer_files),
+        "data": sha256_files(data_files),
+        "tokenizer": sha256_files(tokenizer_files),
         "weights": _weights_digest(model),
         "config": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
     }
