@@ -104,19 +104,19 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tmp_path, tok_dir):
         answer = whole[len(prompt_text):]
         assert answer == row[side][0]["content"] + "<|im_end|>\n"  # the template's assistant turn, header excluded
         expected = hf.encode(answer.rstrip("\n"), add_special_tokens=False)  # the turn, ending with its <|im_end|>
-        mask = batch["loss_mask"][row_index].bool()
-        assert batch["labels"][row_index][mask].tolist() == expected
+        mask = batch.loss_mask[row_index].bool()
+        assert batch.labels[row_index][mask].tolist() == expected
         # Where the loss is: from the last prompt token to the one before the final <|im_end|>, nowhere else.
         prompt_ids = hf.encode(prompt_text, add_special_tokens=False)
-        tokens = batch["tokens"][row_index]
+        tokens = batch.tokens[row_index]
         assert tokens[: len(prompt_ids)].tolist() == prompt_ids
         assert mask.nonzero().flatten().tolist() == list(range(len(prompt_ids) - 1, len(prompt_ids) + len(expected) - 1))
         # The prompt holds system/user turns, an earlier assistant turn with its own <|im_end|>, and the header:
         # none of those tokens is a target.
         assert hf.decode(prompt_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
         assert prompt_ids.count(im_end) >= 3
-        assert im_start not in batch["labels"][row_index][mask].tolist()
-        assert batch["labels"][row_index][mask].tolist().count(im_end) == 1  # one EOS, not two
+        assert im_start not in batch.labels[row_index][mask].tolist()
+        assert batch.labels[row_index][mask].tolist().count(im_end) == 1  # one EOS, not two
 
 
 def test_eos_is_appended_when_the_turn_does_not_end_with_it(tmp_path):
