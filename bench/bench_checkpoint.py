@@ -51,7 +51,7 @@ def main() -> int:
             folder = checkpoint.step_dir(trainer.checkpoint_dir, trainer.step)
             dist.barrier()
             start = time.perf_counter()
-            checkpoint.load(folder, trainer.model, trainer.optimizer, trainer.scheduler)
+            checkpoint.load(folder, trainer.model, trainer.optimizer)
             dist.barrier()
             loads.append(time.perf_counter() - start)
         if layout.rank == 0:

@@ -1,10 +1,20 @@
 """What each process does in the checkpoint tests (imported by the spawned processes)."""
 
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from nemo_dpo.config import load_config
+from nemo_dpo.distributed import layout
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
+from nemo_dpo.training import checkpoint
 from nemo_dpo.training.trainer import DPOTrainer
 from parallel_scenarios import SMALL
 
@@ -55,5 +65,70 @@ def steps_with_checkpoint(tp: int, pp: int, log_dir: str, cache_dir: str, save_a
         for i in range(save_after, save_after + 2):
             after.append(trainer.train_step(list(range(i * gbs, (i + 1) * gbs))))
         return {"resumed_at": resumed_at, "after": after}
+    finally:
+        destroy_distributed()
+
+
+class Payload:
+    """What an attacker stores in a checkpoint: unpickling it runs a shell command (creating ``marker``)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _seal(folder: Path) -> None:
+    """Rewrite COMPLETE.json for the folder's files as they are now, as an attacker would."""
+    manifest = {str(p.relative_to(folder)): p.stat().st_size
+                for p in sorted(folder.rglob("*")) if p.is_file() and p.name != checkpoint.MARKER}
+    (folder / checkpoint.MARKER).write_text(json.dumps({"files": manifest}))
+
+
+def crafted_checkpoints_are_refused(log_dir: str, cache_dir: str, marker: str) -> dict:
+    """Save a real checkpoint at DP=2, craft malicious copies of it, and try to load each.
+
+    Returns {case: the error message, or None if it loaded}; the payload must never run.
+    """
+    init_distributed(1, 1, seed=1234)
+    try:
+        overrides = SMALL + [f"model.tokenizer.cache_dir={cache_dir}", f"exp_manager.explicit_log_dir={log_dir}",
+                             "exp_manager.resume_if_exists=false", "exp_manager.create_tensorboard_logger=false"]
+        trainer = DPOTrainer(load_config("gpt_dpo", overrides), layout.current())
+        trainer.train_step(list(range(trainer.cfg.model.global_batch_size)))
+        trainer.save_checkpoint()
+        genuine = trainer.checkpoint_dir / "step_1"
+        root = Path(log_dir) / "crafted"
+        cases = {name: root / name for name in ("genuine", "pickled_rng_object", "pickled_index", "pickled_common")}
+
+        # An earlier nemo-dpo's layout: RNG state as a pickled object (here a payload) among the tensors.
+        state = checkpoint.sharded_state(trainer.model, trainer.optimizer)
+        grid, offset = layout.current().rng_grid
+        state["rng_state"] = ShardedObject("rng_state", Payload(marker), grid, offset, replica_id=0)
+        if dist.get_rank() == 0:
+            cases["pickled_rng_object"].mkdir(parents=True)
+        dist.barrier()
+        checkpoint._writer_results_queue_without_spawn()
+        dist_checkpointing.save(state, str(cases["pickled_rng_object"]))
+        if dist.get_rank() == 0:
+            shutil.copytree(genuine, cases["genuine"])
+            shutil.copy(genuine / checkpoint.METADATA, cases["pickled_rng_object"])
+            for name in ("pickled_index", "pickled_common"):
+                shutil.copytree(genuine, cases[name])
+            with open(cases["pickled_index"] / ".metadata", "wb") as f:
+                pickle.dump(Payload(marker), f)
+            torch.save({"optimizer": Payload(marker)}, cases["pickled_common"] / "common.pt")
+            for folder in cases.values():
+                _seal(folder)
+        dist.barrier()
+        results = {}
+        for name, folder in cases.items():
+            try:
+                checkpoint.load(folder, trainer.model, trainer.optimizer)
+                results[name] = None
+            except checkpoint.CheckpointError as err:
+                results[name] = str(err)
+        return results
     finally:
         destroy_distributed()

@@ -20,12 +20,12 @@ import sys
 import pytest
 import safetensors
 import torch
-from megatron.core import dist_checkpointing
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from hf_fixtures import ROOT, convert, save_tokenizer
 from nemo_dpo.config import load_config
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
+from nemo_dpo.training import checkpoint
 
 VOCAB = 300
 FAMILIES = {
@@ -67,7 +67,7 @@ RUN = ["model.global_batch_size=4", "model.micro_batch_size=2", "trainer.dpo.max
 
 
 def _saved_model_config(ckpt) -> dict:
-    return dist_checkpointing.load_common_state_dict(str(ckpt))["config"]["model"]
+    return checkpoint.read_metadata(ckpt)["config"]["model"]
 
 
 @pytest.fixture(scope="module")

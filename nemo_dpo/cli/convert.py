@@ -16,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-from megatron.core import dist_checkpointing
 from omegaconf import OmegaConf
 
 from nemo_dpo.config import ConfigError, load_config, prepare
@@ -79,7 +78,7 @@ def merge(ckpt: str, out: str) -> None:
     reason = checkpoint.problem(Path(ckpt))
     if reason is not None:
         raise checkpoint.CheckpointError(f"cannot merge {ckpt}: {reason}")
-    cfg = OmegaConf.create(dist_checkpointing.load_common_state_dict(ckpt)["config"])
+    cfg = OmegaConf.create(checkpoint.read_metadata(ckpt)["config"])
     m = cfg.model
     if m.peft.peft_scheme != "lora":
         raise ValueError(f"{ckpt}: not a LoRA checkpoint (model.peft.peft_scheme={m.peft.peft_scheme!r})")
@@ -104,11 +103,12 @@ def merge(ckpt: str, out: str) -> None:
 
 
 def _save_model(model, cfg, out: str, tokenizer_files_: dict) -> None:
-    state = checkpoint.sharded_state(model, common={"config": OmegaConf.to_container(cfg, resolve=True)})
+    metadata = {"config": OmegaConf.to_container(cfg, resolve=True)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if os.path.isdir(out):
         os.rmdir(out)  # empty (checked); the checkpoint is renamed into its place
-    checkpoint.save(Path(out), state, extra_files=tokenizer_files_, update_latest=False)
+    checkpoint.save(Path(out), checkpoint.sharded_state(model), metadata, extra_files=tokenizer_files_,
+                    update_latest=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ Layout on disk::
 
     <log_dir>/checkpoints/
         step_10/            megatron-core dist_checkpointing (torch_dist) + COMPLETE.json
+            nemo_dpo.json   config, progress and layout (METADATA)
             tokenizer/      the run's tokenizer files (TOKENIZER_DIR), so the folder is self-contained
         step_20/
         latest              "step_20", replaced atomically after step_20 is complete
@@ -17,7 +18,11 @@ never loaded: resume falls back to the newest complete one and says so.
 
 Model and optimizer state are megatron ShardedTensors (the optimizer in its
 fully reshardable form), so a checkpoint saved at one TP/PP/DP layout loads at
-another.
+another. Everything else is tensors too (each rank's RNG streams) or JSON
+(``nemo_dpo.json``: the config, the progress, the layout): loading a checkpoint
+never unpickles anything but the shard index, and that only through
+safe_load.py's restricted unpickler. The LR schedule is not stored: it is a
+function of the config and the step, rebuilt on resume.
 """
 
 import contextlib
@@ -28,6 +33,7 @@ import random
 import shutil
 import signal
 import stat
+import struct
 import sys
 from functools import partial
 from multiprocessing.managers import SyncManager
@@ -37,25 +43,27 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 from omegaconf import OmegaConf
 from torch import multiprocessing as mp
 
 from nemo_dpo.distributed import layout
+from nemo_dpo.files import fsync_dir, read_json_object, write_atomic
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.gpt import unwrap
+from nemo_dpo.training import safe_load
+from nemo_dpo.training.safe_load import CheckpointError
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
 PREFIX = "step_"
 TOKENIZER_DIR = "tokenizer"
+METADATA = "nemo_dpo.json"
+FORMAT = 2  # 1: metadata and RNG states pickled (not loaded any more); 2: tensors and JSON only
+EXTRA_STATE = "._extra_state"  # megatron layers' pickled extra state, left out of checkpoints
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with the file and the reason."""
 
 
 def _writer_results_queue_without_spawn() -> None:
@@ -120,23 +128,6 @@ def _manifest(folder: Path) -> dict:
     }
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def problem(folder: Path):
     """Why ``folder`` is not a complete checkpoint, or None if it is."""
     marker = folder / MARKER
@@ -155,16 +146,28 @@ def problem(folder: Path):
     return None
 
 
+def _latest_problem(root: Path, latest: Path) -> tuple:
+    """(why ``latest`` cannot be followed or None, the step folder it names): it must name a complete
+    ``step_<N>`` of this ``checkpoints/`` folder, never a path elsewhere."""
+    try:
+        name = latest.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"it cannot be read as text ({err})", None
+    if not (name.startswith(PREFIX) and name[len(PREFIX):].isdigit()):
+        return f"it holds {name[:80]!r}, not the name of a step_<N> folder of {root}", None
+    named = root / name
+    return (problem(named) if named.is_dir() else f"{named} does not exist"), named
+
+
 def newest_complete(root: Path, log=print):
     """The newest complete checkpoint under ``root`` (or None), reporting every one skipped."""
     root = Path(root)
     latest = root / LATEST
     if latest.is_file():
-        named = root / latest.read_text().strip()
-        reason = problem(named) if named.is_dir() else f"{named} does not exist"
+        reason, named = _latest_problem(root, latest)
         if reason is None:
             return named
-        log(f"checkpoint: {latest} points to {named.name}, which is not usable: {reason}")
+        log(f"checkpoint: {latest} is not usable: {reason}; looking for the newest complete checkpoint")
     for step in _steps(root):
         folder = step_dir(root, step)
         reason = problem(folder)
@@ -174,63 +177,91 @@ def newest_complete(root: Path, log=print):
     return None
 
 
-def _rng_state() -> ShardedObject:
-    """This rank's RNG streams, addressed by its place in the (PP, TP, DP) grid."""
-    grid, offset = layout.current().rng_grid
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+def _float_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _rng_tensors() -> dict:
+    """This rank's RNG streams as tensors (no pickled objects): Python's, NumPy's, torch's and megatron's tracker."""
+    version, mt_state, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {
+        "python": torch.tensor([version, *mt_state, gauss is not None, _float_bits(gauss or 0.0)], dtype=torch.int64),
+        "numpy": torch.tensor([*keys.tolist(), pos, has_gauss, _float_bits(cached)], dtype=torch.int64),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    return ShardedObject("rng_state", state, grid, offset, replica_id=0)
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        tensors[f"tracker.{name}"] = state
+    return tensors
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+def _set_rng_tensors(tensors: dict) -> None:
+    python = tensors["python"].tolist()
+    random.setstate((python[0], tuple(python[1:-2]), _bits_float(python[-1]) if python[-2] else None))
+    numpy = tensors["numpy"].tolist()
+    np.random.set_state(("MT19937", np.array(numpy[:-3], dtype=np.uint32), numpy[-3], numpy[-2], _bits_float(numpy[-1])))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda"])
+    prefix = "tracker."
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {name[len(prefix):]: state for name, state in tensors.items() if name.startswith(prefix)}
+    )
+
+
+def _sharded_rng_state() -> dict:
+    """The RNG tensors, each addressed by this rank's place in the (PP, TP, DP) grid."""
+    grid, offset = layout.current().rng_grid
+    axes = [(axis, rank, size) for axis, (rank, size) in enumerate(zip(offset, grid))]
+    return {
+        name: ShardedTensor.from_rank_offsets(f"rng_state.{name}", tensor, *axes, replica_id=0, prepend_axis_num=3)
+        for name, tensor in _rng_tensors().items()
+    }
 
 
 def _trainable(sharded) -> bool:
     return getattr(getattr(sharded, "data", None), "requires_grad", False)
 
 
-def sharded_state(model, optimizer=None, scheduler=None, common=None, is_loading=False) -> dict:
-    """What a checkpoint holds: model (+ optimizer, scheduler, RNG) shards and common state.
+def sharded_state(model, optimizer=None, is_loading=False) -> dict:
+    """What a checkpoint's shards hold: the model's tensors (and the optimizer's, and the RNG streams).
 
     When part of the model is frozen (LoRA), only the trainable parameters are
     stored: the frozen base comes from the run's base (``model.restore_from_path``
-    or the seed), which the checkpoint's config records.
+    or the seed), which the checkpoint's config records. Layers' ``_extra_state``
+    (a pickled object; transformer-engine's FP8 scaling, unused here) is left out.
     """
-    state = {"model": unwrap(model).sharded_state_dict()}
+    model_state = unwrap(model).sharded_state_dict()
+    model_state = {k: v for k, v in model_state.items() if not k.endswith(EXTRA_STATE)}
     if any(not p.requires_grad for p in model.parameters()):
-        state["model"] = {k: v for k, v in state["model"].items() if _trainable(v)}
+        model_state = {k: v for k, v in model_state.items() if _trainable(v)}
+    state = {"model": model_state}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            state["model"], is_loading=is_loading, metadata=OPTIMIZER_METADATA
-        )
-        state["scheduler"] = scheduler.state_dict()
-        state["rng_state"] = _rng_state()
-        state["layout"] = layout.current().sizes
-    state.update(common or {})
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                          metadata=OPTIMIZER_METADATA)
+        state["rng_state"] = _sharded_rng_state()
     return state
 
 
 def save(
-    folder: Path, state: dict, keep_last_k: int = 0, extra_files=None, update_latest: bool = True, async_queue=None
+    folder: Path, state: dict, metadata: dict, keep_last_k: int = 0, extra_files=None, update_latest: bool = True,
+    async_queue=None,
 ) -> Path:
     """Collectively write ``state`` to ``folder`` (``.../step_<N>``) so that it is complete or absent.
 
-    ``extra_files`` ({relative path: source file}) are copied in by rank 0 (the
-    tokenizer). ``update_latest`` points ``<parent>/latest`` at the new checkpoint
-    (a run's checkpoints; not for a standalone converted model). With an
-    ``async_queue`` (megatron's AsyncCallsQueue) the shards are written in the
-    background and the checkpoint is completed when the queue finalizes the write.
+    ``metadata`` (the run's config, its progress; plain data) goes to
+    ``nemo_dpo.json`` with the layout it was saved at. ``extra_files`` ({relative
+    path: source file}) are copied in by rank 0 (the tokenizer). ``update_latest``
+    points ``<parent>/latest`` at the new checkpoint (a run's checkpoints; not for a
+    standalone converted model). With an ``async_queue`` (megatron's
+    AsyncCallsQueue) the shards are written in the background and the checkpoint is
+    completed when the queue finalizes the write.
     """
     folder = Path(folder)
     tmp = folder.parent / f".tmp_{folder.name}"
@@ -239,7 +270,8 @@ def save(
         tmp.mkdir(parents=True)
     dist.barrier()
     _writer_results_queue_without_spawn()
-    finish = partial(_complete, folder, tmp, keep_last_k, extra_files or {}, update_latest)
+    metadata = {"format": FORMAT, "layout": list(layout.current().sizes), **metadata}
+    finish = partial(_complete, folder, tmp, metadata, keep_last_k, extra_files or {}, update_latest)
     if async_queue is None:
         dist_checkpointing.save(state, str(tmp))
         finish()
@@ -250,21 +282,23 @@ def save(
     return folder
 
 
-def _complete(folder: Path, tmp: Path, keep_last_k: int, extra_files: dict, update_latest: bool) -> None:
-    """After every rank has written its shards: marker, rename, ``latest``, then pruning (rank 0)."""
+def _complete(folder: Path, tmp: Path, metadata: dict, keep_last_k: int, extra_files: dict,
+              update_latest: bool) -> None:
+    """After every rank has written its shards: metadata, marker, rename, ``latest``, then pruning (rank 0)."""
     dist.barrier()
     if dist.get_rank() == 0:
         root = folder.parent
         for name, source in extra_files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / name)
-        _write_atomic(tmp / MARKER, json.dumps({"files": _manifest(tmp)}, indent=1))
+        write_atomic(tmp / METADATA, json.dumps(metadata, indent=1))
+        write_atomic(tmp / MARKER, json.dumps({"files": _manifest(tmp)}, indent=1))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-        _fsync_dir(root)
+        fsync_dir(root)
         if update_latest:
-            _write_atomic(root / LATEST, folder.name)
+            write_atomic(root / LATEST, folder.name)
         if keep_last_k > 0:
             older = [step_dir(root, s) for s in _steps(root) if step_dir(root, s) != folder]
             for old in [f for f in older if problem(f) is None][keep_last_k - 1 :]:
@@ -274,23 +308,40 @@ def _complete(folder: Path, tmp: Path, keep_last_k: int, extra_files: dict, upda
 
 
 def _load_model_state(module, state: dict, folder) -> None:
-    """Load all parameters, or (frozen base) exactly the trainable ones."""
+    """Load all parameters and buffers, or (frozen base) exactly the trainable parameters."""
     frozen = any(not p.requires_grad for p in module.parameters())
-    missing, unexpected = module.load_state_dict(state, strict=not frozen)
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    if unexpected or set(missing) & trainable:
+    if frozen:
+        required = {n for n, p in module.named_parameters() if p.requires_grad}
+    else:
+        required = {k for k in module.state_dict() if not k.endswith(EXTRA_STATE)}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or set(missing) & required:
         raise CheckpointError(
-            f"{folder}: parameters missing from the checkpoint: {sorted(set(missing) & trainable)}; "
+            f"{folder}: parameters missing from the checkpoint: {sorted(set(missing) & required)}; "
             f"unexpected: {sorted(unexpected)}"
         )
 
 
+def read_metadata(folder) -> dict:
+    """``nemo_dpo.json`` of a checkpoint: its config, progress, layout (plain JSON, never unpickled)."""
+    path = Path(folder) / METADATA
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder}: no {METADATA} (not a checkpoint written by this nemo-dpo; earlier versions kept their "
+            f"metadata in a pickle, which is not loaded)"
+        )
+    try:
+        return read_json_object(str(path))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+
+
 def check_compatible(folder: Path, model_cfg) -> dict:
-    """The checkpoint's common state, after checking its architecture matches ``model_cfg``."""
-    common = dist_checkpointing.load_common_state_dict(str(folder))
-    saved = (common.get("config") or {}).get("model")
-    if saved is None:
-        raise CheckpointError(f"{folder}: no model config in the checkpoint (not a nemo-dpo checkpoint?)")
+    """The checkpoint's metadata, after checking its architecture matches ``model_cfg``."""
+    metadata = read_metadata(folder)
+    saved = (metadata.get("config") or {}).get("model")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{folder}/{METADATA}: no model config (not a nemo-dpo checkpoint?)")
     keys = list(ARCHITECTURE_KEYS)
     if (saved.get("peft") or {}).get("peft_scheme", "none") != "none":
         keys += ["peft", "restore_from_path", "seed"]  # adapters only: the base must be the same
@@ -301,7 +352,7 @@ def check_compatible(folder: Path, model_cfg) -> dict:
             raise CheckpointError(
                 f"{folder}: checkpoint has model.{key}={saved.get(key)!r}, this run has model.{key}={want!r}"
             )
-    return common
+    return metadata
 
 
 @contextlib.contextmanager
@@ -343,26 +394,31 @@ def _set_states_keeping_step(opt, model_param, tensors):
     DistributedOptimizer._set_main_param_and_optimizer_states(opt, model_param, tensors)
 
 
-def load(folder: Path, model, optimizer=None, scheduler=None) -> dict:
-    """Load model (and optimizer, scheduler, and RNG where the layout matches) from ``folder``.
+def load(folder: Path, model, optimizer=None) -> dict:
+    """Load model (and optimizer, and RNG where the layout matches) from ``folder``; returns its metadata.
 
-    Returns the checkpoint's common state (config, progress).
+    Nothing in the checkpoint is unpickled beyond its shard index (see safe_load.py).
+    The optimizer keeps this run's settings (learning rates, betas, eps, weight
+    decay, from the config) and takes only its state (moments, step) from the
+    checkpoint, so a resume with changed settings runs what its config says.
     """
     reason = problem(Path(folder))
     if reason is not None:
         raise CheckpointError(f"cannot load {folder}: {reason}")
-    common = dist_checkpointing.load_common_state_dict(str(folder))
+    metadata = read_metadata(folder)
+    safe_load.install()
+    safe_load.check_tensors_only(folder)
     with _torch_adam_fallback(optimizer):
-        state = sharded_state(model, optimizer, scheduler, is_loading=True)
-        if optimizer is None:
-            state = {"model": state["model"]}
-        elif tuple(common.get("layout", ())) != layout.current().sizes:
+        state = sharded_state(model, optimizer, is_loading=True)
+        if optimizer is not None and tuple(metadata.get("layout", ())) != layout.current().sizes:
             del state["rng_state"]  # RNG streams belong to ranks; another layout starts from its seeds
-        loaded = dist_checkpointing.load(state, str(folder))
+        loaded = dist_checkpointing.load(state, str(folder), common_strategy=safe_load.WeightsOnlyCommonLoad())
         _load_model_state(unwrap(model), loaded["model"], folder)
         if optimizer is not None:
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(loaded["optimizer"])
-            scheduler.load_state_dict(loaded["scheduler"])
+            for group, own in zip(optimizer.param_groups, settings):
+                group.update(own)
             if "rng_state" in state:
-                _set_rng_state(loaded["rng_state"])
-    return common
+                _set_rng_tensors(loaded["rng_state"])
+    return metadata

@@ -9,8 +9,6 @@ before anything is built, and :func:`load_weights` fills the built model.
 import os
 from pathlib import Path
 
-from megatron.core import dist_checkpointing
-
 from nemo_dpo.distributed import layout
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.gpt import padded_vocab_size
@@ -36,7 +34,7 @@ def _source_settings(path: str) -> dict:
             f"model.restore_from_path: {path} is neither a Hugging Face model folder (no config.json) "
             f"nor a complete nemo-dpo checkpoint ({reason})"
         )
-    saved = dist_checkpointing.load_common_state_dict(path)["config"]["model"]
+    saved = checkpoint.read_metadata(path)["config"]["model"]
     settings = {key: saved[key] for key in ARCHITECTURE_KEYS}
     if os.path.isdir(os.path.join(path, checkpoint.TOKENIZER_DIR)):
         settings["tokenizer.model"] = os.path.join(path, checkpoint.TOKENIZER_DIR)

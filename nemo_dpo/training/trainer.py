@@ -161,11 +161,11 @@ class DPOTrainer:
         }
 
     def save_checkpoint(self) -> None:
-        common = {"config": OmegaConf.to_container(self.cfg, resolve=True), "progress": self.progress()}
-        state = checkpoint.sharded_state(self.model, self.optimizer, self.scheduler, common)
+        metadata = {"config": OmegaConf.to_container(self.cfg, resolve=True), "progress": self.progress()}
         checkpoint.save(
             checkpoint.step_dir(self.checkpoint_dir, self.step),
-            state,
+            checkpoint.sharded_state(self.model, self.optimizer),
+            metadata,
             self.cfg.checkpoint.keep_last_k,
             extra_files=self.tokenizer_files(),
             async_queue=self.async_queue,
@@ -191,7 +191,7 @@ class DPOTrainer:
             return
         folder = Path(found[0])
         checkpoint.check_compatible(folder, self.cfg.model)
-        progress = checkpoint.load(folder, self.model, self.optimizer, self.scheduler)["progress"]
+        progress = checkpoint.load(folder, self.model, self.optimizer)["progress"]
         for key, value in self.progress().items():
             if key not in ("step", "consumed_samples", "skipped_steps") and progress[key] != value:
                 raise checkpoint.CheckpointError(
@@ -201,6 +201,9 @@ class DPOTrainer:
                 )
         self.step = self.saved_step = progress["step"]
         self.skipped_steps = progress.get("skipped_steps", 0)
+        # The LR schedule is this run's config at this step (a changed lr or max_steps applies from here on).
+        self.scheduler.num_steps = self.step - self.skipped_steps
+        self.scheduler.step(0)
         self.log0(f"checkpoint: resumed from {folder} at step {self.step}")
 
     # -- one global batch -------------------------------------------------------------
