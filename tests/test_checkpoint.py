@@ -206,6 +206,53 @@ def test_torn_checkpoints_are_skipped(straight_run, tmp_path):
     assert checkpoint.newest_complete(run / "checkpoints", messages.append) is None
 
 
+def _resumable_copy(straight_run, tmp_path):
+    """The straight run as it was after step 10: its step-20 checkpoint gone, so a resume replays 11-20."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run / "run", run)
+    shutil.rmtree(run / "checkpoints" / "step_20")
+    return run
+
+
+def test_a_garbled_latest_and_a_torn_metrics_line_do_not_stop_a_resume(straight_run, tmp_path):
+    run = _resumable_copy(straight_run, tmp_path)
+    (run / "checkpoints" / "latest").write_bytes(b"\xff\xfestep_\x00\x81")  # not UTF-8
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 21, "split": "train", "loss": 0.6')  # killed in the middle of an append
+    out = torchrun(run, straight_run / "cache")
+    assert "latest is not usable: it cannot be read as text" in out and "step_10 at step 10" in out, out[-3000:]
+    assert "metrics.jsonl: dropped 1 line(s) that are not whole rows (line 23" in out
+    assert [r["step"] for r in rows(run)] == list(range(1, 21))
+    for key in ("loss", "accuracy", "reward_margin", "grad_norm", "lr"):
+        assert [r[key] for r in rows(run)] == [r[key] for r in rows(straight_run / "run")], key
+
+
+def test_latest_never_leads_out_of_the_run(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    other = tmp_path / "other_run" / "checkpoints" / "step_2"
+    for folder in (root / "step_1", other):
+        folder.mkdir(parents=True)
+        (folder / "weights").write_text("w")
+        (folder / checkpoint.MARKER).write_text(json.dumps({"files": {"weights": 1}}))
+    for pointer in ("../../other_run/checkpoints/step_2", str(other), "step_2/../../../other_run/checkpoints/step_2"):
+        (root / "latest").write_text(pointer)
+        messages = []
+        assert checkpoint.newest_complete(root, messages.append) == root / "step_1", pointer
+        assert "not the name of a step_<N> folder" in messages[0]
+
+
+def test_a_resume_runs_the_schedule_its_config_names(straight_run, tmp_path):
+    """lr and max_steps changed on resume apply from the resumed step on, and config.yaml says what ran."""
+    run = _resumable_copy(straight_run, tmp_path)
+    torchrun(run, straight_run / "cache", "model.optim.lr=5e-4", "trainer.dpo.max_steps=12")
+    got = {r["step"]: r["lr"] for r in rows(run)}
+    # The schedule of a 12-step run at lr 5e-4: warmup over 10 steps, then cosine to min_lr 1e-4 at step 12.
+    assert got[11] == pytest.approx(1e-4 + (5e-4 - 1e-4) * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-9)
+    assert got[12] == pytest.approx(1e-4, rel=1e-9) and max(got) == 12
+    assert [got[s] for s in range(1, 11)] == [r["lr"] for r in rows(straight_run / "run")][:10]
+    assert "lr: 0.0005" in (run / "config.yaml").read_text()
+
+
 def test_async_save_writes_the_same_checkpoint(straight_run, tmp_path):
     out = torchrun(tmp_path / "run", straight_run / "cache", "checkpoint.async_save=true")
     assert "checkpoint: saved" in out

@@ -42,15 +42,12 @@ class MetricsLog:
         if not enabled:
             return
         os.makedirs(log_dir, exist_ok=True)
-        kept = []
-        if resume_step > 0 and os.path.isfile(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.progress = Progress(total_steps, resume_step, cfg.trainer.enable_progress_bar)
+        kept = self._rows_to_keep(resume_step) if resume_step > 0 and os.path.isfile(self.path) else []
         with open(self.path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
 
-        self.progress = Progress(total_steps, resume_step, cfg.trainer.enable_progress_bar)
         exp = cfg.exp_manager
         if exp.create_tensorboard_logger:
             tb = TensorBoardLogger(log_dir, resume_step, OmegaConf.to_yaml(cfg, resolve=True))
@@ -62,6 +59,26 @@ class MetricsLog:
             config = OmegaConf.to_container(cfg, resolve=True)
             self.loggers.append(WandbLogger(kwargs.project, name, log_dir, config))
             self.progress.print(f"wandb: project {kwargs.project}, run {name}")
+
+    def _rows_to_keep(self, resume_step: int) -> list:
+        """The lines of rows up to the checkpoint's step; a line that is not a whole row (a run killed, or out of
+        space, in the middle of an append) is dropped with a note rather than stopping the restart."""
+        kept, torn = [], []
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                    step = row["step"]
+                except (ValueError, KeyError, TypeError):
+                    if raw.strip():
+                        torn.append(number)
+                    continue
+                if step <= resume_step:
+                    kept.append(raw.decode("utf-8").rstrip("\n") + "\n")
+        if torn:
+            self.progress.print(f"{self.path}: dropped {len(torn)} line(s) that are not whole rows (line "
+                                f"{', '.join(map(str, torn[:5]))}; a run stopped in the middle of writing them)")
+        return kept
 
     def write(self, row: dict, console: bool = True) -> None:
         """Append ``row``; ``console``: whether a train row gets a console line (the bar shows every row)."""
