@@ -246,8 +246,8 @@ def test_a_resume_runs_the_schedule_its_config_names(straight_run, tmp_path):
     run = _resumable_copy(straight_run, tmp_path)
     torchrun(run, straight_run / "cache", "model.optim.lr=5e-4", "trainer.dpo.max_steps=12")
     got = {r["step"]: r["lr"] for r in rows(run)}
-    # The schedule of a 12-step run at lr 5e-4: warmup over 10 steps, then cosine to min_lr 1e-4 at step 12.
-    assert got[11] == pytest.approx(1e-4 + (5e-4 - 1e-4) * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-9)
+    # The schedule of a 12-step run at lr 5e-4 (SMALL has no warmup): cosine from 5e-4 to min_lr 1e-4 at step 12.
+    assert got[11] == pytest.approx(1e-4 + (5e-4 - 1e-4) * 0.5 * (1 + math.cos(math.pi * 11 / 12)), rel=1e-9)
     assert got[12] == pytest.approx(1e-4, rel=1e-9) and max(got) == 12
     assert [got[s] for s in range(1, 11)] == [r["lr"] for r in rows(straight_run / "run")][:10]
     assert "lr: 0.0005" in (run / "config.yaml").read_text()

@@ -56,10 +56,11 @@ def test_lora_from_hf_then_merge_and_export(tmp_path):
     tensors = run_world(1, str(tmp_path / "plain"), plain_tensors, str(ckpt))[0]
     weights = [k for k, v in tensors.items() if isinstance(v, torch.Tensor) and not k.startswith(("optimizer.", "rng"))]
     assert weights and all("_lora." in k for k in weights), weights
-    assert tensors["config.model.restore_from_path"] == str(base)
+    saved = checkpoint.read_metadata(ckpt)["config"]["model"]
+    assert saved["restore_from_path"] == str(base)
     assert sum(tensors[k].numel() for k in weights) < base_model.num_parameters() / 4  # rank 4 of 64
     other = load_config("gpt_dpo_lora", RUN + [f"model.restore_from_path={tmp_path / 'elsewhere'}"]).model
-    other.update({k: tensors[f"config.model.{k}"] for k in checkpoint.ARCHITECTURE_KEYS})
+    other.update({k: saved[k] for k in checkpoint.ARCHITECTURE_KEYS})
     with pytest.raises(checkpoint.CheckpointError, match="model.restore_from_path"):
         checkpoint.check_compatible(ckpt, other)
 
