@@ -15,8 +15,15 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from nemo_dpo.config import CONF_DIR, ConfigError, load_config, prepare
+from nemo_dpo.distributed.failures import Heartbeat, is_timeout, say_once
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
+from nemo_dpo.training.checkpoint import CheckpointError
 from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError
+
+# What bad input looks like while a run starts (data, files, a checkpoint) and while it trains (a full disk,
+# a checkpoint that cannot be written): said once, without a traceback. Anything else is a bug: traceback.
+STARTUP_ERRORS = (ValueError, OSError, ImportError, CheckpointError)
+TRAINING_ERRORS = (OSError, CheckpointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +41,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config_name, args.overrides, args.config_path)
         changes = prepare(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank of a node checks the same files: one line a node
+            print(f"config error: {err}", file=sys.stderr)
         return 2
 
     m = cfg.model
@@ -43,11 +51,25 @@ def main(argv=None) -> int:
     layout = init_distributed(
         m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed, cfg.trainer.distributed_timeout_minutes
     )
+    started = False
     try:
-        DPOTrainer(cfg, layout).fit()
+        trainer = DPOTrainer(cfg, layout)
+        started = True
+        trainer.fit()
     except NonFiniteError as err:
-        print(f"rank {layout.rank}: stopped: {err}", file=sys.stderr, flush=True)
+        say_once(f"stopped: {err}", layout.rank)
         return 3
+    except STARTUP_ERRORS as err:
+        if started and not isinstance(err, TRAINING_ERRORS):
+            raise
+        say_once(f"error: {err}", layout.rank)
+        return 1
+    except RuntimeError as err:
+        if not is_timeout(err):
+            raise
+        say_once(Heartbeat(layout.rank, layout.world_size).timeout_message(cfg.trainer.distributed_timeout_minutes),
+                 layout.rank)
+        return 1
     finally:
         destroy_distributed()
     return 0

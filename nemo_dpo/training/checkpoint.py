@@ -43,11 +43,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 from omegaconf import OmegaConf
 from torch import multiprocessing as mp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from nemo_dpo.distributed import layout
 from nemo_dpo.files import fsync_dir, read_json_object, write_atomic
@@ -273,7 +275,10 @@ def save(
     metadata = {"format": FORMAT, "layout": list(layout.current().sizes), **metadata}
     finish = partial(_complete, folder, tmp, metadata, keep_last_k, extra_files or {}, update_latest)
     if async_queue is None:
-        dist_checkpointing.save(state, str(tmp))
+        try:
+            dist_checkpointing.save(state, str(tmp))
+        except (Exception, CheckpointException) as err:  # megatron raises on every rank when any rank's write failed
+            _abandon(folder.parent, [tmp], err, _bytes_to_write(state))
         finish()
     else:
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
@@ -282,17 +287,71 @@ def save(
     return folder
 
 
+def finish_background_saves(async_queue, root: Path, blocking: bool) -> None:
+    """Complete the background writes that are done (all if ``blocking``); a failed one is cleaned up and raised."""
+    try:
+        async_queue.maybe_finalize_async_calls(blocking=blocking)
+    except CheckpointWriteError:
+        raise
+    except (Exception, CheckpointException) as err:  # a shard writer failed; megatron raises on every rank
+        _abandon(Path(root), sorted(Path(root).glob(".tmp_" + PREFIX + "*")), err, needed=None)
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, I/O error); the partial folder is gone, ``latest`` unchanged."""
+
+
+def _bytes_to_write(state: dict) -> int:
+    """The checkpoint's tensor bytes, every rank's main replicas together."""
+    local = sum(
+        item.data.numel() * item.data.element_size()
+        for item in nested_values(state)
+        if isinstance(item, ShardedTensor) and is_main_replica(item.replica_id) and item.data is not None
+    )
+    total = torch.tensor([float(local)], device=layout.current().device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _abandon(root: Path, partial_folders: list, err: BaseException, needed) -> None:
+    """Every rank, after a failed write: remove the partial folder(s) and raise one clear error."""
+    if dist.get_rank() == 0:
+        for folder in partial_folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()
+    free = shutil.disk_usage(root).free
+    # torch's writer reports a full disk as ENOSPC, or only as a short write ("unexpected pos"): judge by the space.
+    full = "No space left on device" in str(err) or (needed is not None and free < needed)
+    reason = "the disk has no room for it" if full else str(err).strip().splitlines()[-1][:300]
+    needs = f"it needs about {needed / 2**20:.1f} MiB; " if needed is not None else ""
+    newest = newest_complete(root, log=lambda _: None)
+    kept = f"{newest.name} stays the newest checkpoint" if newest is not None else "there is no earlier checkpoint"
+    names = ", ".join(f.name[len(".tmp_"):] for f in partial_folders) or "a checkpoint"
+    raise CheckpointWriteError(
+        f"{root}: {names} could not be written: {reason} ({needs}{free / 2**20:.1f} MiB are free); the partial "
+        f"write was removed and {kept}"
+    ) from err
+
+
 def _complete(folder: Path, tmp: Path, metadata: dict, keep_last_k: int, extra_files: dict,
               update_latest: bool) -> None:
     """After every rank has written its shards: metadata, marker, rename, ``latest``, then pruning (rank 0)."""
     dist.barrier()
+    failed = [None, 0]  # rank 0's error writing the last files, and the bytes written so far
+    if dist.get_rank() == 0:
+        try:
+            for name, source in extra_files.items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, tmp / name)
+            write_atomic(tmp / METADATA, json.dumps(metadata, indent=1))
+            write_atomic(tmp / MARKER, json.dumps({"files": _manifest(tmp)}, indent=1))
+        except OSError as err:
+            failed = [err, sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())]
+    dist.broadcast_object_list(failed, src=0)
+    if failed[0] is not None:
+        _abandon(folder.parent, [tmp], failed[0], failed[1])
     if dist.get_rank() == 0:
         root = folder.parent
-        for name, source in extra_files.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, tmp / name)
-        write_atomic(tmp / METADATA, json.dumps(metadata, indent=1))
-        write_atomic(tmp / MARKER, json.dumps({"files": _manifest(tmp)}, indent=1))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

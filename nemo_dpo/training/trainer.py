@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from nemo_dpo.data.batching import Microbatcher, global_batches
 from nemo_dpo.data.pipeline import load_run_data
 from nemo_dpo.data.tokenizer import source_files
+from nemo_dpo.distributed.failures import Heartbeat
 from nemo_dpo.distributed.layout import Layout
 from nemo_dpo.losses import build_loss
 from nemo_dpo.models.gpt import build_gpt, transformer_config
@@ -97,8 +98,10 @@ class DPOTrainer:
             async_save = torch.cuda.is_available()
         self.async_queue = AsyncCallsQueue() if async_save else None
         self.step = self.saved_step = self.skipped_steps = 0
-        # Test hook (fault injection): NaN gradients on rank 0 only, at this step.
+        # Test hooks (fault injection): NaN gradients on rank 0 only at a step; an exception at "<step>:<rank>".
         self.nan_at_step = int(os.environ.get("NEMO_DPO_FAULT_NAN_AT_STEP", "0"))
+        self.raise_at = os.environ.get("NEMO_DPO_FAULT_RAISE_AT_STEP", "")
+        self.heartbeat = Heartbeat(layout.rank, layout.world_size)  # names the ranks behind when a collective times out
         if cfg.exp_manager.resume_if_exists:
             self.resume()
         self.metrics = MetricsLog(cfg, self.log_dir, enabled=layout.rank == 0, resume_step=self.step,
@@ -175,7 +178,7 @@ class DPOTrainer:
     def finish_checkpoints(self, blocking: bool) -> None:
         """Complete background checkpoint writes that are done (all of them if ``blocking``)."""
         if self.async_queue is not None:
-            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+            checkpoint.finish_background_saves(self.async_queue, self.checkpoint_dir, blocking)
 
     def tokenizer_files(self) -> dict:
         """The tokenizer, stored in every checkpoint (``tokenizer/``) so that it is self-contained."""
@@ -259,6 +262,9 @@ class DPOTrainer:
     def train_step(self, indices: list) -> dict:
         """One optimizer step on the training pairs ``indices``; ``tokens_per_sec`` counts real (non-pad) tokens."""
         start = clock()
+        if self.raise_at == f"{self.step + 1}:{self.layout.rank}":
+            raise RuntimeError(f"injected fault at step {self.step + 1} on rank {self.layout.rank} "
+                               f"(NEMO_DPO_FAULT_RAISE_AT_STEP={self.raise_at})")
         metrics = self.forward_backward(indices)
         if self.step + 1 == self.nan_at_step and self.layout.rank == 0:
             self.model.buffers[0].grad_data[0] = float("nan")
@@ -340,6 +346,7 @@ class DPOTrainer:
             for indices in batches[self.step % self.steps_per_epoch :]:
                 if self.step >= self.total_steps:
                     break
+                self.heartbeat.beat(self.step + 1)
                 metrics = self.train_step(indices)
                 self.finish_checkpoints(blocking=False)
                 console = self.step % dpo.log_interval == 0 or self.step == self.total_steps

@@ -1,0 +1,141 @@
+"""Failures as a cluster sees them, on real 2-process torchrun jobs: said once, cleaned up, the culprit named.
+
+- a start-up error (an empty training file) is one line, once, without a traceback from the ranks;
+- a save on a full disk leaves no partial folder, says what it needed and what was free, keeps the last
+  checkpoint as ``latest``, and the same command resumes once there is room;
+- an exception inside a step on one rank ends the job within a minute, naming that rank and its error;
+- a hung rank is reported after ``trainer.distributed_timeout_minutes`` with the setting and the rank.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from parallel_scenarios import SMALL
+
+pytestmark = pytest.mark.slow  # real multi-process runs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "examples", "train_dpo.py")
+
+
+def launch(log_dir, *extra, env=None):
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", TRAIN, *SMALL,
+            f"exp_manager.explicit_log_dir={log_dir}", "exp_manager.create_tensorboard_logger=false",
+            "trainer.dpo.limit_val_batches=1", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finish(proc, timeout=300) -> tuple:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def our_tracebacks(out: str) -> list:
+    """Traceback frames from nemo-dpo's own code (torchrun's report of a failed rank has frames of torch only)."""
+    return [line for line in out.splitlines() if line.strip().startswith("File ") and "nemo_dpo" in line]
+
+
+def rows(log_dir):
+    return [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl"))]
+
+
+def test_a_start_up_error_is_said_once_without_a_traceback(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, out = finish(launch(tmp_path / "run", f"model.data.data_prefix.train={empty}",
+                              f"model.tokenizer.cache_dir={tmp_path / 'tok'}"))
+    assert code != 0
+    message = f"error: {empty}: no preference pairs (the file is empty)"
+    assert out.count(message) == 1, out[-3000:]
+    assert our_tracebacks(out) == [], out[-3000:]
+
+
+def _mount_tmpfs(folder, size: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"a small filesystem for the full-disk case needs mount (root): {done.stderr.decode().strip()}")
+
+
+def test_a_save_on_a_full_disk_is_cleaned_up_and_named_and_the_run_resumes(tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "tok"
+    common = [f"model.tokenizer.cache_dir={cache}", "trainer.dpo.save_interval=2", "trainer.dpo.val_check_interval=2"]
+    code, out = finish(launch(tmp_path / "measure", *common, "trainer.dpo.max_steps=2"))
+    assert code == 0, out[-3000:]
+    size = sum(f.stat().st_size for f in (tmp_path / "measure" / "checkpoints" / "step_2").rglob("*") if f.is_file())
+
+    # The log dir's checkpoints on a filesystem with room for step_2 and not for step_4 next to it.
+    checkpoints = run / "checkpoints"
+    _mount_tmpfs(checkpoints, int(size * 1.5))
+    try:
+        code, out = finish(launch(run, *common, "trainer.dpo.max_steps=6"))
+        assert code != 0 and "checkpoint: saved" in out and "step_2" in out, out[-3000:]
+        line = [x for x in out.splitlines() if "step_4 could not be written: the disk has no room for it" in x]
+        assert len(line) == 1, out[-3000:]
+        assert "MiB are free); the partial write was removed and step_2 stays the newest checkpoint" in line[0]
+        assert our_tracebacks(out) == [], out[-3000:]
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_2"]
+        assert (checkpoints / "latest").read_text() == "step_2"
+
+        subprocess.run(["mount", "-o", f"remount,size={size * 4}", str(checkpoints)], check=True)
+        code, out = finish(launch(run, *common, "trainer.dpo.max_steps=6"))
+        assert code == 0 and "step_2 at step 2" in out, out[-3000:]
+        assert [r["step"] for r in rows(run) if r["split"] == "train"] == list(range(1, 7))
+    finally:
+        subprocess.run(["umount", str(checkpoints)])
+
+
+def _rank(proc, rank: int) -> psutil.Process:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if child.environ().get("RANK") == str(rank):
+            return child
+    raise AssertionError(f"no rank {rank} under torchrun")
+
+
+def _wait_for_rows(proc, log_dir, count: int) -> None:
+    deadline = time.time() + 300
+    while not (log_dir / "metrics.jsonl").exists() or len(rows(log_dir)) < count:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its rows"
+        time.sleep(0.05)
+
+
+def test_an_exception_on_one_rank_ends_the_job_naming_rank_and_error(tmp_path):
+    proc = launch(tmp_path / "run", "trainer.dpo.max_steps=500", f"model.tokenizer.cache_dir={tmp_path / 'tok'}",
+                  env={"NEMO_DPO_FAULT_RAISE_AT_STEP": "3:1"})
+    _wait_for_rows(proc, tmp_path / "run", 2)
+    started = time.time()
+    code, out = finish(proc, timeout=120)
+    assert code != 0 and time.time() - started < 60
+    root_cause = out.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause, out[-3000:]
+    assert "RuntimeError: injected fault at step 3 on rank 1" in out
+
+
+def test_a_hung_rank_is_named_when_the_timeout_expires(tmp_path):
+    proc = launch(tmp_path / "run", "trainer.dpo.max_steps=500", "trainer.distributed_timeout_minutes=0.1",
+                  f"model.tokenizer.cache_dir={tmp_path / 'tok'}")
+    _wait_for_rows(proc, tmp_path / "run", 3)
+    hung = _rank(proc, 1)
+    hung.send_signal(signal.SIGSTOP)
+    seen, started = [], time.time()
+    for line in proc.stdout:
+        seen.append(line)
+        if "did not arrive" in line or "gave up waiting" in line:
+            break
+    hung.send_signal(signal.SIGKILL)
+    code, out = finish(proc, timeout=120)
+    out = "".join(seen) + out
+    assert code != 0 and time.time() - started < 90, out[-3000:]
+    message = [x for x in out.splitlines() if "waited longer than trainer.distributed_timeout_minutes=0.1" in x]
+    assert len(message) == 1 and message[0].startswith("rank 0: a collective at step "), out[-3000:]
+    assert "rank 1 (last started step " in message[0] and "did not arrive" in message[0]
+    assert our_tracebacks(out) == [], out[-3000:]
