@@ -161,6 +161,20 @@ def _latest_problem(root: Path, latest: Path) -> tuple:
     return (problem(named) if named.is_dir() else f"{named} does not exist"), named
 
 
+def remove_partial_writes(log_dir: Path, log=print) -> None:
+    """Remove what a run killed in the middle of a write left: ``.tmp_step_<N>`` folders and ``*.tmp`` files
+    in the log dir and its ``checkpoints/`` (rank 0, with the log dir to itself)."""
+    for folder in (Path(log_dir), Path(log_dir) / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name.startswith(".tmp_" + PREFIX) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+                log(f"checkpoint: removed {entry}, a save that did not finish")
+            elif entry.name.endswith(".tmp") and entry.is_file():
+                entry.unlink(missing_ok=True)
+
+
 def newest_complete(root: Path, log=print):
     """The newest complete checkpoint under ``root`` (or None), reporting every one skipped."""
     root = Path(root)

@@ -102,6 +102,8 @@ class DPOTrainer:
         self.nan_at_step = int(os.environ.get("NEMO_DPO_FAULT_NAN_AT_STEP", "0"))
         self.raise_at = os.environ.get("NEMO_DPO_FAULT_RAISE_AT_STEP", "")
         self.heartbeat = Heartbeat(layout.rank, layout.world_size)  # names the ranks behind when a collective times out
+        if layout.rank == 0:
+            checkpoint.remove_partial_writes(Path(self.log_dir), self.log0)
         if cfg.exp_manager.resume_if_exists:
             self.resume()
         self.metrics = MetricsLog(cfg, self.log_dir, enabled=layout.rank == 0, resume_step=self.step,
