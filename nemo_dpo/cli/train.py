@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from nemo_dpo.distributed import launcher  # first: it notes torchrun's pid before the imports below take seconds
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from nemo_dpo.config import CONF_DIR, ConfigError, load_config, prepare
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @record  # torchrun's failure report then names the first rank that failed, with its traceback
 def main(argv=None) -> int:
+    if not launcher.follow_launcher():
+        print(f"rank {os.environ.get('RANK')}: its torchrun (pid {launcher.PARENT_AT_IMPORT}) has already ended; "
+              "exiting", file=sys.stderr, flush=True)
+        return 1
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config_name, args.overrides, args.config_path)
