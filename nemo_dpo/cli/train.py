@@ -17,7 +17,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from nemo_dpo.config import CONF_DIR, ConfigError, load_config, prepare
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
-from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError
+from nemo_dpo.training import run_lock
+from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError, log_dir_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +50,19 @@ def main(argv=None) -> int:
         m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed, cfg.trainer.distributed_timeout_minutes
     )
     try:
+        lock = run_lock.hold(log_dir_of(cfg), layout.rank)  # before anything is written to the log dir
+    except run_lock.LogDirInUse as err:
+        if layout.rank == 0:
+            print(f"not started: {err}", file=sys.stderr, flush=True)
+        destroy_distributed()
+        return 4
+    try:
         DPOTrainer(cfg, layout).fit()
     except NonFiniteError as err:
         print(f"rank {layout.rank}: stopped: {err}", file=sys.stderr, flush=True)
         return 3
     finally:
+        if lock is not None:
+            lock.release()
         destroy_distributed()
     return 0
