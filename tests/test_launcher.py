@@ -11,6 +11,9 @@ import sys
 import time
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.slow  # each test starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,12 +8,11 @@ import json
 import os
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
 
+import psutil
 import pytest
 
 from nemo_dpo.training import run_lock
@@ -27,9 +26,10 @@ def holder(host=HERE, pid=1234, job=None, since="2026-05-09T15:30:02+00:00") -> 
 
 
 def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+    """A pid no process of this host has now (the kernel hands out the top of the range last)."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        top = int(f.read())
+    return next(pid for pid in range(top - 1, 1, -1) if not psutil.pid_exists(pid))
 
 
 def write_lock(log_dir, **fields) -> str:
@@ -138,6 +138,7 @@ def fake_squeue(tmp_path, monkeypatch):
     return install
 
 
+@pytest.mark.slow  # starts processes (a stand-in squeue)
 def test_slurm_is_asked_with_squeue(fake_squeue, monkeypatch):
     """squeue's answers as Slurm 22.05 gives them (tests/test_slurm.py asks a real one)."""
     argv_log = fake_squeue(stdout="RUNNING\n")
@@ -168,7 +169,7 @@ def test_a_free_log_dir_is_taken_and_released(tmp_path):
 
 
 def test_a_lock_held_by_a_live_process_is_refused_and_left_alone(tmp_path):
-    holder_pid = os.getppid()  # alive, started before the lock below
+    holder_pid = 1  # init: alive, and started before the lock below
     text = write_lock(tmp_path, pid=holder_pid, job="77", since=datetime.now().astimezone().isoformat())
     with pytest.raises(LogDirInUse) as err:
         run_lock.acquire(str(tmp_path), lambda line: pytest.fail(line))
@@ -196,9 +197,9 @@ def test_a_lock_being_written_is_read_once_written_and_one_that_cannot_be_read_i
     path = tmp_path / run_lock.LOCK_FILE
     path.write_text("")  # just created by another run, which writes it a moment later
     now = run_lock.this_process()["since"]
-    writer = threading.Timer(0.3, write_lock, (tmp_path,), {"pid": os.getppid(), "since": now})
+    writer = threading.Timer(0.3, write_lock, (tmp_path,), {"pid": 1, "since": now})
     writer.start()
-    with pytest.raises(LogDirInUse, match=f"pid {os.getppid()}, since .* is running on this host"):
+    with pytest.raises(LogDirInUse, match="pid 1, since .* its process 1 is running on this host"):
         run_lock.acquire(str(tmp_path), print)
     writer.join()
     for content in (b"", b"\xff\xfe{"):  # never written (killed right after creating it), or damaged
