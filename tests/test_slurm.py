@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from nemo_dpo.training import checkpoint
+from nemo_dpo.training import checkpoint, run_lock
 
 pytestmark = pytest.mark.slow  # real multi-process runs
 
@@ -324,3 +324,18 @@ def test_the_warning_signal_saves_requeues_and_the_job_resumes(cluster, tmp_path
     assert "requeueing" not in second
     assert train_steps(log_dir) == list(range(1, steps + 1))  # every step once, across the two runs
     assert checkpoint.newest_complete(log_dir / "checkpoints") == log_dir / "checkpoints" / f"step_{steps}"
+
+
+def test_a_run_lock_of_another_slurm_job_stands_while_slurm_says_it_runs(cluster, tmp_path, monkeypatch):
+    """run_lock asks the real squeue: the lock of a job on another node stands while the job runs, not after."""
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    job = cluster.run("sbatch", "--parsable", "-n1", "--wrap", "sleep 300", cwd=tmp_path).stdout.strip()
+    holder = {"host": "another-node", "pid": 1, "slurm_job_id": job, "since": "2026-01-01T00:00:00+00:00"}
+    me = run_lock.this_process()
+    cluster.wait_until(lambda: run_lock.slurm_job_state(job) == "RUNNING", "start", job)
+    assert run_lock.judge(holder, me) == (False, f"Slurm job {job} is RUNNING")
+    cluster.run("scancel", job)
+    cluster.wait_until(lambda: run_lock.slurm_job_state(job) == "CANCELLED", "cancellation", job)
+    assert run_lock.judge(holder, me) == (True, f"Slurm job {job} has ended (CANCELLED)")
+    assert run_lock.slurm_job_state("999999") == ""  # a job Slurm does not know

@@ -12,13 +12,15 @@ import argparse
 import os
 import sys
 
+from nemo_dpo.distributed import launcher  # first: it notes torchrun's pid before the imports below take seconds
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from nemo_dpo.config import CONF_DIR, ConfigError, load_config, prepare
 from nemo_dpo.distributed.failures import Heartbeat, is_timeout, say_once
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
+from nemo_dpo.training import run_lock
 from nemo_dpo.training.checkpoint import CheckpointError
-from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError
+from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError, log_dir_of
 
 # What bad input looks like while a run starts (data, files, a checkpoint) and while it trains (a full disk,
 # a checkpoint that cannot be written): said once, without a traceback. Anything else is a bug: traceback.
@@ -36,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @record  # torchrun's failure report then names the first rank that failed, with its traceback
 def main(argv=None) -> int:
+    if not launcher.follow_launcher():
+        print(f"rank {os.environ.get('RANK')}: its torchrun (pid {launcher.PARENT_AT_IMPORT}) has already ended; "
+              "exiting", file=sys.stderr, flush=True)
+        return 1
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config_name, args.overrides, args.config_path)
@@ -51,6 +57,13 @@ def main(argv=None) -> int:
     layout = init_distributed(
         m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed, cfg.trainer.distributed_timeout_minutes
     )
+    try:
+        lock = run_lock.hold(log_dir_of(cfg), layout.rank)  # before anything is written to the log dir
+    except run_lock.LogDirInUse as err:
+        if layout.rank == 0:
+            print(f"not started: {err}", file=sys.stderr, flush=True)
+        destroy_distributed()
+        return 4
     started = False
     try:
         trainer = DPOTrainer(cfg, layout)
@@ -71,5 +84,7 @@ def main(argv=None) -> int:
                  layout.rank)
         return 1
     finally:
+        if lock is not None:
+            lock.release()
         destroy_distributed()
     return 0

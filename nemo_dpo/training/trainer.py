@@ -55,6 +55,11 @@ def check_trainer_config(trainer_cfg) -> None:
         raise ValueError(f"trainer.dpo.nan_policy must be 'skip_step' or 'stop', got {trainer_cfg.dpo.nan_policy!r}")
 
 
+def log_dir_of(cfg) -> str:
+    """Where a run writes its logs and checkpoints: ``exp_manager.explicit_log_dir``, else ``runs/<name>``."""
+    return cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
+
+
 def clock() -> float:
     """Seconds, after the device has finished the work queued so far (for honest time splits)."""
     if torch.cuda.is_available():
@@ -66,7 +71,7 @@ class DPOTrainer:
     def __init__(self, cfg, layout: Layout):
         self.cfg, self.layout = cfg, layout
         m = cfg.model
-        self.log_dir = cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
+        self.log_dir = log_dir_of(cfg)
         self.data = load_run_data(m, self.log_dir, layout.rank, self.log0)
         self.tokenizer = self.data.tokenizer
         self.train_pairs, self.val_pairs = self.data.pairs["train"], self.data.pairs["validation"]
