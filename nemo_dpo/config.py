@@ -5,8 +5,11 @@ dotlist syntax (as Hydra and NeMo do); an unknown key or a value of the wrong ty
 is an error that names the key, rather than a silently ignored typo.
 
 This module is the composition root: only the command-line programs import it.
-Each package owns the checks of its own keys (raising ``ValueError`` that names
-the key); :func:`validate` calls them all and reports the first as a ``ConfigError``.
+Each package owns the checks of its own keys: the range of every key it reads
+(its ``RANGES`` table, see nemo_dpo/ranges.py) and the rules between keys
+(functions raising ``ValueError`` that names the keys). :func:`validate` checks
+every key against its range, then runs the rules, and reports the first problem
+as a ``ConfigError``.
 """
 
 import difflib
@@ -14,19 +17,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nemo_dpo.data.batching import check_batch_sizes
-from nemo_dpo.data.pipeline import check_data_config
-from nemo_dpo.distributed.layout import check_layout
-from nemo_dpo.losses import build_loss
-from nemo_dpo.models.gpt import check_model_config, check_precision
-from nemo_dpo.models.lora import check_peft_config
-from nemo_dpo.training.initial_policy import resolve
-from nemo_dpo.training.metrics_log import check_logging
-from nemo_dpo.training.optimizer import check_optim_config
-from nemo_dpo.training.reference import check_reference_config
-from nemo_dpo.training.trainer import check_trainer_config
+from nemo_dpo import losses
+from nemo_dpo.data import batching, pipeline
+from nemo_dpo.distributed import init, layout
+from nemo_dpo.losses import preference
+from nemo_dpo.models import gpt, lora
+from nemo_dpo.ranges import check
+from nemo_dpo.training import checkpoint, dpo_step, initial_policy, log_dir, metrics_log, optimizer, reference, trainer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# The modules that read config keys, each with the RANGES of its keys; every key of conf/gpt_dpo.yaml is in one.
+RANGE_OWNERS = (layout, init, gpt, lora, batching, pipeline, preference, dpo_step, reference, optimizer, trainer,
+                checkpoint, metrics_log, log_dir, initial_policy)
+RANGES = {key: allowed for owner in RANGE_OWNERS for key, allowed in owner.RANGES.items()}
 
 
 class ConfigError(ValueError):
@@ -34,6 +38,7 @@ class ConfigError(ValueError):
 
 
 def _check_types(merged, base, prefix=""):
+    """Each value of the type of its default (an int will do for a float); the range checks come later."""
     for key, default in base.items():
         path = f"{prefix}{key}"
         value = merged[key]
@@ -48,7 +53,8 @@ def _check_types(merged, base, prefix=""):
         elif isinstance(default, ListConfig) and isinstance(value, ListConfig):
             continue
         elif type(default) is not type(value):
-            raise ConfigError(f"{path}: expected {type(default).__name__}, got {value!r}")
+            allowed = f" (allowed: {RANGES[path]})" if path in RANGES else ""
+            raise ConfigError(f"{path}: expected {type(default).__name__}, got {value!r}{allowed}")
 
 
 def _dotted_keys(node, prefix=""):
@@ -115,32 +121,37 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
 
 
 def prepare(cfg: DictConfig, world_size: int) -> list:
-    """Adopt ``model.restore_from_path``'s architecture and tokenizer, then validate.
+    """Adopt ``model.restore_from_path``'s architecture and tokenizer, then validate (see :func:`validate`).
 
-    Returns the config changes the initial policy made, one line each.
+    The keys are in range before the folder is read, and checked again with
+    what it brought. Returns the config changes the initial policy made, one line each.
     """
     try:
-        changes = resolve(cfg.model)
+        check_ranges(cfg)
+        changes = initial_policy.resolve(cfg.model)
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(str(err)) from err
     validate(cfg, world_size)
     return changes
 
 
+def check_ranges(cfg: DictConfig) -> None:
+    """Every key in its range (ValueError naming the key, the range and the value)."""
+    for key, allowed in RANGES.items():
+        check(key, OmegaConf.select(cfg, key), allowed)
+
+
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Everything that can be checked without building the model; raises ConfigError."""
     model = cfg.model
     try:
-        dp = check_layout(world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size)
-        check_model_config(model)
-        build_loss(model.dpo)
-        check_batch_sizes(model.micro_batch_size, model.global_batch_size, dp)
-        check_optim_config(model.optim)
-        check_trainer_config(cfg.trainer)
-        check_precision(cfg.trainer.precision)
-        check_reference_config(model.dpo)
-        check_peft_config(model.peft)
-        check_logging(cfg)
-        check_data_config(model)
+        check_ranges(cfg)
+        dp = layout.check_layout(world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size)
+        gpt.check_model_config(model)
+        losses.build_loss(model.dpo)
+        batching.check_batch_sizes(model.micro_batch_size, model.global_batch_size, dp)
+        optimizer.check_optim_config(model.optim)
+        metrics_log.check_logging(cfg)
+        pipeline.check_data_config(model)
     except (OSError, ValueError) as err:
         raise ConfigError(str(err)) from err

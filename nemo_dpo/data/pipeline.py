@@ -22,11 +22,29 @@ from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
 from nemo_dpo.data.preference_dataset import BAD_RECORD_POLICIES, OVERFLOW_POLICIES, read_preference_pairs, tokenize_pairs
 from nemo_dpo.data.readers import data_format, needs_pyarrow, pyarrow_missing
 from nemo_dpo.data.schemas import RecordOptions
-from nemo_dpo.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer, open_tokenizer
+from nemo_dpo.data.tokenizer import (
+    MIN_TRAINED_VOCAB,
+    SentencePieceTokenizer,
+    load_or_train_tokenizer,
+    open_tokenizer,
+)
 from nemo_dpo.files import write_atomic
+from nemo_dpo.ranges import FilePath, Integer, OneOf, Text
 
 SPLITS = ("train", "validation")
 SKIPPED_LIST = "skipped_records.txt"  # in the log dir
+
+RANGES = {
+    "model.data.data_prefix.train": FilePath(nullable=True),
+    "model.data.data_prefix.validation": FilePath(nullable=True),
+    "model.data.chat_template": Text(nullable=True),
+    "model.data.implicit_prompt_delimiter": Text(nullable=True),
+    "model.data.overflow": OneOf(choices=OVERFLOW_POLICIES),
+    "model.data.on_bad_record": OneOf(choices=BAD_RECORD_POLICIES),
+    "model.tokenizer.model": FilePath(nullable=True),
+    "model.tokenizer.vocab_size": Integer(ge=MIN_TRAINED_VOCAB),
+    "model.tokenizer.cache_dir": FilePath(),
+}
 
 
 def data_files(data_cfg) -> dict:
@@ -47,21 +65,15 @@ def data_files(data_cfg) -> dict:
 
 
 def check_data_config(model_cfg) -> None:
-    """Everything about data and tokenizer that can be checked before a run (ValueError naming the key)."""
+    """The data files, the tokenizer and the chat template can be used (ValueError naming the key).
+
+    Runs once every key is in its range (:data:`RANGES`).
+    """
     data = model_cfg.data
-    if data.on_bad_record not in BAD_RECORD_POLICIES:
-        raise ValueError(
-            f"model.data.on_bad_record must be one of {list(BAD_RECORD_POLICIES)}, got {data.on_bad_record!r}"
-        )
-    if data.overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"model.data.overflow must be one of {list(OVERFLOW_POLICIES)}, got {data.overflow!r}")
     data_files(data)
     tokenizer = model_cfg.tokenizer.model
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ValueError(f"model.tokenizer.model: {tokenizer} does not exist (a tokenizer.model file or a folder)")
-    delimiter = data.implicit_prompt_delimiter
-    if delimiter is not None and not (isinstance(delimiter, str) and delimiter):
-        raise ValueError(f"model.data.implicit_prompt_delimiter must be a non-empty string or null, got {delimiter!r}")
     source = template_source(data.chat_template, tokenizer)  # the chat template compiles
     if source is not None:
         ChatTemplate(*source, special_tokens={})
