@@ -15,6 +15,7 @@ as a ``ConfigError``.
 import difflib
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nemo_dpo import losses
@@ -84,14 +85,45 @@ def _did_you_mean(key: str, base: DictConfig) -> str:
     return f" (did you mean {suggestion!r}?)" if suggestion else ""
 
 
+def _check_sections(base: DictConfig, patch: DictConfig, prefix="") -> None:
+    """A section of ``base`` (a mapping of keys) is given as a mapping in ``patch`` too, not as a value or a list."""
+    for key, value in patch.items():
+        if key not in base:
+            continue  # the merge names it, with a suggestion
+        path = f"{prefix}{key}"
+        if isinstance(base[key], DictConfig):
+            if not isinstance(value, DictConfig):
+                names = list(base[key].keys())
+                shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+                raise ConfigError(f"{path}: expected a mapping of its keys ({shown}), got {value!r}")
+            _check_sections(base[key], value, path + ".")
+
+
 def _merge_known_keys(base: DictConfig, patch: DictConfig, describe) -> DictConfig:
     """``patch`` over ``base``, where every key of ``patch`` must exist in ``base`` (with a did-you-mean)."""
+    _check_sections(base, patch)
     OmegaConf.set_struct(base, True)
     try:
         return OmegaConf.merge(base, patch)
     except Exception as err:
         key = getattr(err, "full_key", None) or str(err)
         raise ConfigError(describe(key) + _did_you_mean(key, base)) from err
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """A config file's keys; a file that is not YAML is named with the line and column where reading stopped."""
+    try:
+        node = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as err:
+        where, started = err.problem_mark, err.context_mark
+        context = f" ({err.context} at {started.line + 1}:{started.column + 1})" if err.context and started else ""
+        problem = f"not valid YAML: {err.problem}{context}"
+        raise ConfigError(f"{path}:{where.line + 1}:{where.column + 1}: {problem}") from err
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got a list")
+    return node
 
 
 def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR) -> DictConfig:
@@ -103,7 +135,7 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
     path = Path(config_dir) / f"{config_name}.yaml"
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (--config-path / --config-name)")
-    base = OmegaConf.load(path)
+    base = _read_yaml(path)
     if "base_config" in base:
         parent = load_config(base.pop("base_config"), (), config_dir)
         base = _merge_known_keys(parent, base, lambda key: f"{path}: key {key!r} is not in the base config")

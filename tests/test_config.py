@@ -8,6 +8,7 @@ import sys
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_dpo.cli import train as train_cli
 from nemo_dpo.config import RANGE_OWNERS, RANGES, ConfigError, load_config, prepare, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,6 +241,46 @@ def test_a_bad_size_in_config_json_is_named_before_work_starts(tmp_path, patch, 
     with pytest.raises(ConfigError) as err:
         prepare(load_config("gpt_dpo", [f"model.restore_from_path={tmp_path}"]), 1)
     assert str(err.value) == f"model.restore_from_path={tmp_path}: {problem}"
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("model:\n  optim:\n    betas: [0.9, 0.95\n    lr: 1.0e-4\n",
+         ":4:7: not valid YAML: did not find expected ',' or ']' (while parsing a flow sequence at 3:12)"),
+        ("model:\n  optim:\n    lr: 1.0e-4\n   weight_decay: 0.1\n",
+         ":4:4: not valid YAML: did not find expected key (while parsing a block mapping at 2:3)"),
+        ("name: a\nname: b\n", ":2:1: not valid YAML: found duplicate key name (while constructing a mapping at 1:1)"),
+        ("model:\n\tseed: 3\n", ":2:1: not valid YAML: found character that cannot start any token"),
+        ("name: a\x00\n", ": not valid YAML: unacceptable character #x0000"),
+        ("- name\n- model\n", ": expected a mapping of config keys, got a list"),
+    ],
+)
+def test_a_config_file_that_is_not_yaml_is_named_with_line_and_column(tmp_path, text, problem):
+    (tmp_path / "mine.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config("mine", [], tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'mine.yaml'}{problem}"), str(err.value)
+
+
+def test_a_broken_base_config_or_non_utf8_file_is_named_from_the_command_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "parent.yaml").write_text("name: a\nmodel: {seed: 1\n")
+    (tmp_path / "child.yaml").write_text("base_config: parent\nname: b\n")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    monkeypatch.setattr(train_cli, "init_distributed", lambda *a: pytest.fail("training started"))
+    assert train_cli.main(["--config-path", str(tmp_path), "--config-name", "child"]) == 2
+    assert f"config error: {tmp_path / 'parent.yaml'}:3:1: not valid YAML: " in capsys.readouterr().err
+    assert train_cli.main(["--config-path", str(tmp_path), "--config-name", "latin1"]) == 2
+    assert f"config error: {tmp_path / 'latin1.yaml'}: not valid YAML: 'utf-8' codec can't decode" in capsys.readouterr().err
+
+
+def test_a_section_given_as_a_value_names_the_section():
+    with pytest.raises(ConfigError, match=r"^model.data.data_prefix: expected a mapping of its keys \(train, validation\), "
+                                          r"got \['a.jsonl', 'b.jsonl'\]$"):
+        load_config("gpt_dpo", ["model.data.data_prefix=[a.jsonl,b.jsonl]"])
+    with pytest.raises(ConfigError, match=r"^model.optim: expected a mapping of its keys \(name, lr, weight_decay, betas, "
+                                          r"\.\.\.\), got 'adamw'$"):
+        load_config("gpt_dpo", ["model.optim=adamw"])
 
 
 @pytest.mark.slow
