@@ -152,7 +152,7 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
     return cfg
 
 
-def prepare(cfg: DictConfig, world_size: int) -> list:
+def prepare(cfg: DictConfig, world_size: int, training: bool = True) -> list:
     """Adopt ``model.restore_from_path``'s architecture and tokenizer, then validate (see :func:`validate`).
 
     The keys are in range before the folder is read, and checked again with
@@ -163,7 +163,7 @@ def prepare(cfg: DictConfig, world_size: int) -> list:
         changes = initial_policy.resolve(cfg.model)
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(str(err)) from err
-    validate(cfg, world_size)
+    validate(cfg, world_size, training)
     return changes
 
 
@@ -173,8 +173,11 @@ def check_ranges(cfg: DictConfig) -> None:
         check(key, OmegaConf.select(cfg, key), allowed)
 
 
-def validate(cfg: DictConfig, world_size: int) -> None:
-    """Everything that can be checked without building the model; raises ConfigError."""
+def validate(cfg: DictConfig, world_size: int, training: bool = True) -> None:
+    """Everything that can be checked without building the model; raises ConfigError.
+
+    ``training``: the log dir will be written too (converting a model or checking data writes elsewhere).
+    """
     model = cfg.model
     try:
         check_ranges(cfg)
@@ -185,5 +188,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         optimizer.check_optim_config(model.optim)
         metrics_log.check_logging(cfg)
         pipeline.check_data_config(model)
+        if training:
+            log_dir.check_log_dir(cfg)
     except (OSError, ValueError) as err:
         raise ConfigError(str(err)) from err

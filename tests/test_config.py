@@ -283,6 +283,45 @@ def test_a_section_given_as_a_value_names_the_section():
         load_config("gpt_dpo", ["model.optim=adamw"])
 
 
+def test_a_log_dir_that_cannot_be_created_is_a_config_error_before_work_starts(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where the log dir's parent should be")
+    with pytest.raises(ConfigError) as err:
+        check([f"exp_manager.explicit_log_dir={blocker}/log"])
+    assert str(err.value) == (f"exp_manager.explicit_log_dir: the log dir {blocker}/log cannot be created and written: "
+                              f"{blocker}: a file, not a folder")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("")  # the default log dir is ./runs/<name>
+    with pytest.raises(ConfigError) as err:
+        check([])
+    assert str(err.value) == ("exp_manager.explicit_log_dir: the log dir runs/megatron_gpt_dpo (exp_manager.explicit_log_dir "
+                              f"is null: runs/<name>) cannot be created and written: {tmp_path / 'runs'}: a file, not a folder")
+    validate(load_config("gpt_dpo"), 1, training=False)  # converting a model or checking data writes no log dir
+
+    monkeypatch.setattr(train_cli, "init_distributed", lambda *a: pytest.fail("training started"))
+    assert train_cli.main([f"exp_manager.explicit_log_dir={blocker}/log"]) == 2
+    assert "config error: exp_manager.explicit_log_dir: the log dir" in capsys.readouterr().err
+
+    check([f"exp_manager.explicit_log_dir={tmp_path}/new/run"])  # can be created: fine, and nothing is made yet
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_read_only_log_dir_is_a_config_error(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a 0o555 folder anyway; the log dir under a file covers this case as root")
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError) as err:
+            check([f"exp_manager.explicit_log_dir={parent}/run"])
+    finally:
+        parent.chmod(0o755)
+    assert str(err.value) == (f"exp_manager.explicit_log_dir: the log dir {parent}/run cannot be created and written: "
+                              f"{parent}: Permission denied")
+
+
 @pytest.mark.slow
 def test_cli_fails_fast_with_the_message(tmp_path):
     """The training script exits with status 2 before initialising anything."""

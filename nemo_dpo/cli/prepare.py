@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config_name, args.overrides, args.config_path)
         m = cfg.model
-        prepare(cfg, m.tensor_model_parallel_size * m.pipeline_model_parallel_size)  # one data-parallel rank
+        prepare(cfg, m.tensor_model_parallel_size * m.pipeline_model_parallel_size, training=False)  # one DP rank
         if args.data:
             files, train_files = args.data, args.data[:1]
         else:
