@@ -5,28 +5,33 @@ dotlist syntax (as Hydra and NeMo do); an unknown key or a value of the wrong ty
 is an error that names the key, rather than a silently ignored typo.
 
 This module is the composition root: only the command-line programs import it.
-Each package owns the checks of its own keys (raising ``ValueError`` that names
-the key); :func:`validate` calls them all and reports the first as a ``ConfigError``.
+Each package owns the checks of its own keys: the range of every key it reads
+(its ``RANGES`` table, see nemo_dpo/ranges.py) and the rules between keys
+(functions raising ``ValueError`` that names the keys). :func:`validate` checks
+every key against its range, then runs the rules, and reports the first problem
+as a ``ConfigError``.
 """
 
 import difflib
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nemo_dpo.data.batching import check_batch_sizes
-from nemo_dpo.data.pipeline import check_data_config
-from nemo_dpo.distributed.layout import check_layout
-from nemo_dpo.losses import build_loss
-from nemo_dpo.models.gpt import check_model_config, check_precision
-from nemo_dpo.models.lora import check_peft_config
-from nemo_dpo.training.initial_policy import resolve
-from nemo_dpo.training.metrics_log import check_logging
-from nemo_dpo.training.optimizer import check_optim_config
-from nemo_dpo.training.reference import check_reference_config
-from nemo_dpo.training.trainer import check_trainer_config
+from nemo_dpo import losses
+from nemo_dpo.data import batching, pipeline
+from nemo_dpo.distributed import init, layout
+from nemo_dpo.losses import preference
+from nemo_dpo.models import gpt, lora
+from nemo_dpo.ranges import check
+from nemo_dpo.training import checkpoint, dpo_step, initial_policy, log_dir, metrics_log, optimizer, reference, trainer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# The modules that read config keys, each with the RANGES of its keys; every key of conf/gpt_dpo.yaml is in one.
+RANGE_OWNERS = (layout, init, gpt, lora, batching, pipeline, preference, dpo_step, reference, optimizer, trainer,
+                checkpoint, metrics_log, log_dir, initial_policy)
+RANGES = {key: allowed for owner in RANGE_OWNERS for key, allowed in owner.RANGES.items()}
 
 
 class ConfigError(ValueError):
@@ -34,6 +39,7 @@ class ConfigError(ValueError):
 
 
 def _check_types(merged, base, prefix=""):
+    """Each value of the type of its default (an int will do for a float); the range checks come later."""
     for key, default in base.items():
         path = f"{prefix}{key}"
         value = merged[key]
@@ -48,7 +54,8 @@ def _check_types(merged, base, prefix=""):
         elif isinstance(default, ListConfig) and isinstance(value, ListConfig):
             continue
         elif type(default) is not type(value):
-            raise ConfigError(f"{path}: expected {type(default).__name__}, got {value!r}")
+            allowed = f" (allowed: {RANGES[path]})" if path in RANGES else ""
+            raise ConfigError(f"{path}: expected {type(default).__name__}, got {value!r}{allowed}")
 
 
 def _dotted_keys(node, prefix=""):
@@ -78,14 +85,45 @@ def _did_you_mean(key: str, base: DictConfig) -> str:
     return f" (did you mean {suggestion!r}?)" if suggestion else ""
 
 
+def _check_sections(base: DictConfig, patch: DictConfig, prefix="") -> None:
+    """A section of ``base`` (a mapping of keys) is given as a mapping in ``patch`` too, not as a value or a list."""
+    for key, value in patch.items():
+        if key not in base:
+            continue  # the merge names it, with a suggestion
+        path = f"{prefix}{key}"
+        if isinstance(base[key], DictConfig):
+            if not isinstance(value, DictConfig):
+                names = list(base[key].keys())
+                shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+                raise ConfigError(f"{path}: expected a mapping of its keys ({shown}), got {value!r}")
+            _check_sections(base[key], value, path + ".")
+
+
 def _merge_known_keys(base: DictConfig, patch: DictConfig, describe) -> DictConfig:
     """``patch`` over ``base``, where every key of ``patch`` must exist in ``base`` (with a did-you-mean)."""
+    _check_sections(base, patch)
     OmegaConf.set_struct(base, True)
     try:
         return OmegaConf.merge(base, patch)
     except Exception as err:
         key = getattr(err, "full_key", None) or str(err)
         raise ConfigError(describe(key) + _did_you_mean(key, base)) from err
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """A config file's keys; a file that is not YAML is named with the line and column where reading stopped."""
+    try:
+        node = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as err:
+        where, started = err.problem_mark, err.context_mark
+        context = f" ({err.context} at {started.line + 1}:{started.column + 1})" if err.context and started else ""
+        problem = f"not valid YAML: {err.problem}{context}"
+        raise ConfigError(f"{path}:{where.line + 1}:{where.column + 1}: {problem}") from err
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got a list")
+    return node
 
 
 def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR) -> DictConfig:
@@ -97,7 +135,7 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
     path = Path(config_dir) / f"{config_name}.yaml"
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (--config-path / --config-name)")
-    base = OmegaConf.load(path)
+    base = _read_yaml(path)
     if "base_config" in base:
         parent = load_config(base.pop("base_config"), (), config_dir)
         base = _merge_known_keys(parent, base, lambda key: f"{path}: key {key!r} is not in the base config")
@@ -114,33 +152,43 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
     return cfg
 
 
-def prepare(cfg: DictConfig, world_size: int) -> list:
-    """Adopt ``model.restore_from_path``'s architecture and tokenizer, then validate.
+def prepare(cfg: DictConfig, world_size: int, training: bool = True) -> list:
+    """Adopt ``model.restore_from_path``'s architecture and tokenizer, then validate (see :func:`validate`).
 
-    Returns the config changes the initial policy made, one line each.
+    The keys are in range before the folder is read, and checked again with
+    what it brought. Returns the config changes the initial policy made, one line each.
     """
     try:
-        changes = resolve(cfg.model)
+        check_ranges(cfg)
+        changes = initial_policy.resolve(cfg.model)
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(str(err)) from err
-    validate(cfg, world_size)
+    validate(cfg, world_size, training)
     return changes
 
 
-def validate(cfg: DictConfig, world_size: int) -> None:
-    """Everything that can be checked without building the model; raises ConfigError."""
+def check_ranges(cfg: DictConfig) -> None:
+    """Every key in its range (ValueError naming the key, the range and the value)."""
+    for key, allowed in RANGES.items():
+        check(key, OmegaConf.select(cfg, key), allowed)
+
+
+def validate(cfg: DictConfig, world_size: int, training: bool = True) -> None:
+    """Everything that can be checked without building the model; raises ConfigError.
+
+    ``training``: the log dir will be written too (converting a model or checking data writes elsewhere).
+    """
     model = cfg.model
     try:
-        dp = check_layout(world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size)
-        check_model_config(model)
-        build_loss(model.dpo)
-        check_batch_sizes(model.micro_batch_size, model.global_batch_size, dp)
-        check_optim_config(model.optim)
-        check_trainer_config(cfg.trainer)
-        check_precision(cfg.trainer.precision)
-        check_reference_config(model.dpo)
-        check_peft_config(model.peft)
-        check_logging(cfg)
-        check_data_config(model)
+        check_ranges(cfg)
+        dp = layout.check_layout(world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size)
+        gpt.check_model_config(model)
+        losses.build_loss(model.dpo)
+        batching.check_batch_sizes(model.micro_batch_size, model.global_batch_size, dp)
+        optimizer.check_optim_config(model.optim)
+        metrics_log.check_logging(cfg)
+        pipeline.check_data_config(model)
+        if training:
+            log_dir.check_log_dir(cfg)
     except (OSError, ValueError) as err:
         raise ConfigError(str(err)) from err

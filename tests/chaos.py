@@ -76,6 +76,13 @@ def ranks_of(proc) -> list:
         return []
 
 
+def _parent(process: psutil.Process):
+    try:
+        return process.ppid()
+    except psutil.NoSuchProcess:
+        return None
+
+
 def wait_for_step(proc, log_dir: Path, step: int, timeout: float = 300) -> bool:
     """Until ``log_dir`` has logged ``step`` (True) or the run ended (False)."""
     deadline = time.time() + timeout
@@ -152,10 +159,11 @@ def chaos(out: Path, steps: int, faults: int, seed: int, save_every: int = 5, ki
             proc = start(command(chaotic, cache, steps, save_every))
             launches += 1
             hit = []
-            if action in kills and wait_for_step(proc, chaotic, rng.randint(before + 1, steps - 1)):
+            room = max(1, (steps - 1 - before) // (len(plan) + 1))  # leave steps for the faults still planned
+            if action in kills and wait_for_step(proc, chaotic, rng.randint(before + 1, min(before + room, steps - 1))):
                 time.sleep(rng.uniform(0, 0.3))  # anywhere inside the next step, or its save
                 hit = ranks_of(proc)
-                ranks = [p for p in hit if p.ppid() == proc.pid]  # the ranks, not their helper processes
+                ranks = [p for p in hit if _parent(p) == proc.pid]  # the ranks, not their helper processes
                 victim = rng.choice(ranks) if ranks else None
                 if action == "kill_rank" and victim is not None:
                     victim.send_signal(signal.SIGKILL)

@@ -1,12 +1,15 @@
 """Bad configuration fails before any work starts, with a message naming the key and the values."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+from omegaconf import DictConfig, OmegaConf
 
-from nemo_dpo.config import ConfigError, load_config, validate
+from nemo_dpo.cli import train as train_cli
+from nemo_dpo.config import RANGE_OWNERS, RANGES, ConfigError, load_config, prepare, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +40,7 @@ def test_a_misspelled_key_gets_a_suggestion(override, suggestion):
 def test_defaults_are_valid_for_one_and_two_processes():
     check([], 1)
     check([], 2)
+    validate(load_config("gpt_dpo_lora"), 2)
 
 
 @pytest.mark.parametrize(
@@ -58,10 +62,11 @@ def test_defaults_are_valid_for_one_and_two_processes():
         (["model.data.overflow=wrap"], 1, r"model.data.overflow must be one of \['truncate_prompt', 'drop'\], got 'wrap'"),
         (["model.encoder_seq_length=128"], 1, r"model.encoder_seq_length \(128\) exceeds model.max_position_embeddings \(64\)"),
         (["model.tokenizer.model=/no/such/tokenizer.model"], 1, r"model.tokenizer.model: /no/such/tokenizer.model does not exist"),
-        (["trainer.dpo.nan_policy=ignore"], 1, r"trainer.dpo.nan_policy must be 'skip_step' or 'stop', got 'ignore'"),
-        (["trainer.distributed_timeout_minutes=0"], 1, r"trainer.distributed_timeout_minutes must be positive, got 0"),
+        (["trainer.dpo.nan_policy=ignore"], 1, r"trainer.dpo.nan_policy must be one of \['skip_step', 'stop'\], got 'ignore'"),
+        (["trainer.distributed_timeout_minutes=0"], 1, r"trainer.distributed_timeout_minutes must be a finite number > 0, got 0"),
         (["model.data.on_bad_record=drop"], 1, r"model.data.on_bad_record must be one of \['error', 'skip'\], got 'drop'"),
         (["model.make_vocab_size_divisible_by=90", "model.tensor_model_parallel_size=4", "model.ffn_hidden_size=512"], 4, r"model.make_vocab_size_divisible_by \(90\) must be divisible by model.tensor_model_parallel_size \(4\)"),
+        (["model.optim.sched.min_lr=0.01"], 1, r"model.optim.sched.min_lr \(0.01\) must be <= model.optim.lr \(0.001\)"),
     ],
 )
 def test_bad_values_are_named(overrides, world_size, pattern):
@@ -87,6 +92,234 @@ def test_overrides_apply():
     assert cfg.model.dpo.preference_loss == "ipo"
     assert cfg.model.optim.lr == 5e-4
     assert cfg.model.optim.weight_decay == 0  # an int where a float is expected is fine
+
+
+def yaml_keys(node, prefix=""):
+    """The dotted keys of a config that hold values (not sections)."""
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            yield from yaml_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+YAML_KEYS = list(yaml_keys(OmegaConf.load(os.path.join(ROOT, "conf", "gpt_dpo.yaml"))))
+
+# A value outside the range of each key of conf/gpt_dpo.yaml, as written on the command line.
+OUT_OF_RANGE = {
+    "name": "''",
+    "trainer.dpo.max_epochs": "0",
+    "trainer.dpo.max_steps": "0",
+    "trainer.dpo.val_check_interval": "-1",
+    "trainer.dpo.limit_val_batches": "0",
+    "trainer.dpo.log_interval": "0",
+    "trainer.dpo.save_interval": "-5",
+    "trainer.dpo.nan_policy": "ignore",
+    "trainer.gradient_clip_val": "-1",
+    "trainer.precision": "fp16",
+    "trainer.distributed_timeout_minutes": "0",
+    "trainer.enable_progress_bar": "maybe",
+    "exp_manager.explicit_log_dir": "''",
+    "exp_manager.resume_if_exists": "maybe",
+    "exp_manager.create_tensorboard_logger": "maybe",
+    "exp_manager.create_wandb_logger": "maybe",
+    "exp_manager.wandb_logger_kwargs.project": "''",
+    "exp_manager.wandb_logger_kwargs.name": "7",
+    "checkpoint.keep_last_k": "-1",
+    "checkpoint.async_save": "maybe",
+    "model.seed": "-1",
+    "model.restore_from_path": "7",
+    "model.tensor_model_parallel_size": "0",
+    "model.pipeline_model_parallel_size": "-1",
+    "model.micro_batch_size": "0",
+    "model.global_batch_size": "0",
+    "model.encoder_seq_length": "0",
+    "model.max_position_embeddings": "0",
+    "model.num_layers": "0",
+    "model.hidden_size": "-64",
+    "model.ffn_hidden_size": "0",
+    "model.num_attention_heads": "0",
+    "model.num_query_groups": "0",
+    "model.position_embedding_type": "alibi",
+    "model.rotary_base": "0",
+    "model.normalization": "BatchNorm",
+    "model.layernorm_epsilon": "0.0",
+    "model.activation": "relu",
+    "model.bias": "maybe",
+    "model.share_embeddings_and_output_weights": "maybe",
+    "model.hidden_dropout": "2.0",
+    "model.attention_dropout": "-0.1",
+    "model.init_method_std": ".nan",
+    "model.activations_checkpoint_granularity": "partial",
+    "model.activations_checkpoint_method": "random",
+    "model.activations_checkpoint_num_layers": "0",
+    "model.vocab_size": "'32000'",
+    "model.make_vocab_size_divisible_by": "0",
+    "model.log_prob_chunk_size": "-1",
+    "model.tokenizer.model": "''",
+    "model.tokenizer.vocab_size": "10",
+    "model.tokenizer.cache_dir": "''",
+    "model.data.data_prefix.train": "5",
+    "model.data.data_prefix.validation": "[]",
+    "model.data.chat_template": "''",
+    "model.data.implicit_prompt_delimiter": "''",
+    "model.data.overflow": "wrap",
+    "model.data.on_bad_record": "drop",
+    "model.data.packing": "maybe",
+    "model.peft.peft_scheme": "qlora",
+    "model.peft.lora_tuning.adapter_dim": "0",
+    "model.peft.lora_tuning.alpha": "-8",
+    "model.peft.lora_tuning.adapter_dropout": "1.0",
+    "model.peft.lora_tuning.target_modules": "[attention_qkv,attention_qkv]",
+    "model.dpo.preference_loss": "kto",
+    "model.dpo.ref_policy_kl_penalty": "0",
+    "model.dpo.preference_average_log_probs": "maybe",
+    "model.dpo.sft_average_log_probs": "maybe",
+    "model.dpo.preference_loss_weight": "-1",
+    "model.dpo.sft_loss_weight": ".inf",
+    "model.dpo.gt_reward_scale": "-2",
+    "model.dpo.label_smoothing": "0.5",
+    "model.dpo.reference_logprobs": "cached",
+    "model.optim.name": "sgd",
+    "model.optim.lr": "-1",
+    "model.optim.weight_decay": "-0.1",
+    "model.optim.betas": "[0.9]",
+    "model.optim.eps": "0",
+    "model.optim.use_distributed_optimizer": "maybe",
+    "model.optim.sched.name": "WarmupHold",
+    "model.optim.sched.warmup_steps": "-3",
+    "model.optim.sched.min_lr": "-1e-5",
+}
+
+
+def test_every_key_has_one_range():
+    assert sum(len(owner.RANGES) for owner in RANGE_OWNERS) == len(RANGES), "a key has ranges in two modules"
+    assert sorted(set(RANGES) - set(YAML_KEYS)) == [], "ranges of keys that conf/gpt_dpo.yaml does not have"
+
+
+@pytest.mark.parametrize("key", YAML_KEYS)
+def test_a_value_out_of_range_is_named_with_the_key_and_the_range(key):
+    assert key in RANGES, f"{key} has no range: declare it in the RANGES of the module that reads it"
+    assert key in OUT_OF_RANGE, f"add a value outside {key}'s range ({RANGES[key]}) to OUT_OF_RANGE"
+    override = f"{key}={OUT_OF_RANGE[key]}"
+    value = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
+    with pytest.raises(ConfigError) as err:
+        validate(load_config("gpt_dpo", [override]), 1)
+    message = str(err.value)
+    assert message.startswith(key) and repr(value) in message and str(RANGES[key]) in message, message
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("-1", "model.optim.lr must be a finite number > 0, got -1"),
+        (".nan", "model.optim.lr must be a finite number > 0, got nan"),
+        ("nan", "model.optim.lr: expected float, got 'nan' (allowed: a finite number > 0)"),
+    ],
+)
+def test_the_message_reads_key_range_value(value, message):
+    with pytest.raises(ConfigError) as err:
+        check([f"model.optim.lr={value}"])
+    assert str(err.value) == message
+
+
+# config.json of a tiny Llama; the settings a model.restore_from_path folder brings.
+LLAMA_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                "intermediate_size": 128, "max_position_embeddings": 64, "vocab_size": 300}
+
+
+@pytest.mark.parametrize(
+    "patch, problem",
+    [
+        ({"vocab_size": "32000"}, "config.json: vocab_size must be int, got '32000'"),
+        ({"hidden_size": -64}, "config.json: hidden_size must be an integer >= 1, got -64"),
+        ({"num_attention_heads": 0}, "config.json: num_attention_heads must be an integer >= 1, got 0"),
+    ],
+)
+def test_a_bad_size_in_config_json_is_named_before_work_starts(tmp_path, patch, problem):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CONFIG, **patch}))
+    with pytest.raises(ConfigError) as err:
+        prepare(load_config("gpt_dpo", [f"model.restore_from_path={tmp_path}"]), 1)
+    assert str(err.value) == f"model.restore_from_path={tmp_path}: {problem}"
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("model:\n  optim:\n    betas: [0.9, 0.95\n    lr: 1.0e-4\n",
+         ":4:7: not valid YAML: did not find expected ',' or ']' (while parsing a flow sequence at 3:12)"),
+        ("model:\n  optim:\n    lr: 1.0e-4\n   weight_decay: 0.1\n",
+         ":4:4: not valid YAML: did not find expected key (while parsing a block mapping at 2:3)"),
+        ("name: a\nname: b\n", ":2:1: not valid YAML: found duplicate key name (while constructing a mapping at 1:1)"),
+        ("model:\n\tseed: 3\n", ":2:1: not valid YAML: found character that cannot start any token"),
+        ("name: a\x00\n", ": not valid YAML: unacceptable character #x0000"),
+        ("- name\n- model\n", ": expected a mapping of config keys, got a list"),
+    ],
+)
+def test_a_config_file_that_is_not_yaml_is_named_with_line_and_column(tmp_path, text, problem):
+    (tmp_path / "mine.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config("mine", [], tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'mine.yaml'}{problem}"), str(err.value)
+
+
+def test_a_broken_base_config_or_non_utf8_file_is_named_from_the_command_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "parent.yaml").write_text("name: a\nmodel: {seed: 1\n")
+    (tmp_path / "child.yaml").write_text("base_config: parent\nname: b\n")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    monkeypatch.setattr(train_cli, "init_distributed", lambda *a: pytest.fail("training started"))
+    assert train_cli.main(["--config-path", str(tmp_path), "--config-name", "child"]) == 2
+    assert f"config error: {tmp_path / 'parent.yaml'}:3:1: not valid YAML: " in capsys.readouterr().err
+    assert train_cli.main(["--config-path", str(tmp_path), "--config-name", "latin1"]) == 2
+    assert f"config error: {tmp_path / 'latin1.yaml'}: not valid YAML: 'utf-8' codec can't decode" in capsys.readouterr().err
+
+
+def test_a_section_given_as_a_value_names_the_section():
+    with pytest.raises(ConfigError, match=r"^model.data.data_prefix: expected a mapping of its keys \(train, validation\), "
+                                          r"got \['a.jsonl', 'b.jsonl'\]$"):
+        load_config("gpt_dpo", ["model.data.data_prefix=[a.jsonl,b.jsonl]"])
+    with pytest.raises(ConfigError, match=r"^model.optim: expected a mapping of its keys \(name, lr, weight_decay, betas, "
+                                          r"\.\.\.\), got 'adamw'$"):
+        load_config("gpt_dpo", ["model.optim=adamw"])
+
+
+def test_a_log_dir_that_cannot_be_created_is_a_config_error_before_work_starts(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where the log dir's parent should be")
+    with pytest.raises(ConfigError) as err:
+        check([f"exp_manager.explicit_log_dir={blocker}/log"])
+    assert str(err.value) == (f"exp_manager.explicit_log_dir: the log dir {blocker}/log cannot be created and written: "
+                              f"{blocker}: a file, not a folder")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("")  # the default log dir is ./runs/<name>
+    with pytest.raises(ConfigError) as err:
+        check([])
+    assert str(err.value) == ("exp_manager.explicit_log_dir: the log dir runs/megatron_gpt_dpo (exp_manager.explicit_log_dir "
+                              f"is null: runs/<name>) cannot be created and written: {tmp_path / 'runs'}: a file, not a folder")
+    validate(load_config("gpt_dpo"), 1, training=False)  # converting a model or checking data writes no log dir
+
+    monkeypatch.setattr(train_cli, "init_distributed", lambda *a: pytest.fail("training started"))
+    assert train_cli.main([f"exp_manager.explicit_log_dir={blocker}/log"]) == 2
+    assert "config error: exp_manager.explicit_log_dir: the log dir" in capsys.readouterr().err
+
+    check([f"exp_manager.explicit_log_dir={tmp_path}/new/run"])  # can be created: fine, and nothing is made yet
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_read_only_log_dir_is_a_config_error(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a 0o555 folder anyway; the log dir under a file covers this case as root")
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError) as err:
+            check([f"exp_manager.explicit_log_dir={parent}/run"])
+    finally:
+        parent.chmod(0o755)
+    assert str(err.value) == (f"exp_manager.explicit_log_dir: the log dir {parent}/run cannot be created and written: "
+                              f"{parent}: Permission denied")
 
 
 @pytest.mark.slow

@@ -128,11 +128,12 @@ class Fixtures:
 
     def substitute(self, override: str) -> str:
         key, _, value = override.partition("=")
+        if key.startswith("model.data.data_prefix"):  # a file, or lists of them: {train: [/data/a.jsonl, ...], ...}
+            files = re.sub(r"/data/[^,\]\s}]+", lambda path: self.data(path.group()), value)
+            return f"{key}={files}"
         if not value.startswith(PLACEHOLDER_ROOTS):
             return override
-        if key.startswith("model.data.data_prefix."):
-            value = self.data(value)
-        elif key == "model.restore_from_path":
+        if key == "model.restore_from_path":
             value = self.hf_model()
         elif key == "model.tokenizer.model":
             value = self.sentencepiece() if value.endswith(".model") else self.hf_model()

@@ -38,7 +38,7 @@ def _model_from(source: str):
     """The whole model (TP=PP=1, this process) with the weights of ``source``."""
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     cfg = load_config("gpt_dpo", [f"model.restore_from_path={source}"])
-    prepare(cfg, world_size=1)
+    prepare(cfg, world_size=1, training=False)
     init_distributed(1, 1, cfg.model.seed)
     config = transformer_config(cfg.model)
     model = build_gpt(cfg.model, cfg.model.vocab_size, config)

@@ -6,7 +6,7 @@
 
 Reads each file as training would (same reader, schemas, chat template,
 ``model.data.on_bad_record``), with the tokenizer the run would use: the
-configured one, or the one trained on the training file (with ``--data``, on
+configured one, or the one trained on the training files (with ``--data``, on
 the first file given), cached as training caches it. Reports records read and
 bad (the first ``--show`` reasons, as file:line), the file format and record
 schemas, token lengths (prompt, chosen, rejected, the longer side, the pair's
@@ -125,14 +125,18 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config_name, args.overrides, args.config_path)
         m = cfg.model
-        prepare(cfg, m.tensor_model_parallel_size * m.pipeline_model_parallel_size)  # one data-parallel rank
-        files = args.data or list(data_files(m.data).values())
+        prepare(cfg, m.tensor_model_parallel_size * m.pipeline_model_parallel_size, training=False)  # one DP rank
+        if args.data:
+            files, train_files = args.data, args.data[:1]
+        else:
+            splits = data_files(m.data)
+            files, train_files = [path for paths in splits.values() for path in paths], splits["train"]
         for path in files:
             if not os.path.isfile(path):
                 raise ValueError(f"{path}: preference data file not found")
             data_format(path)
         options = record_options(m)
-        tokenizer = configured_tokenizer(m.tokenizer, files[:1], options)
+        tokenizer = configured_tokenizer(m.tokenizer, train_files, options)
         reports = [check_file(path, m, options, tokenizer) for path in files]
     except (ConfigError, ValueError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -20,7 +20,8 @@ from nemo_dpo.distributed.failures import Heartbeat, is_timeout, say_once
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.training import run_lock
 from nemo_dpo.training.checkpoint import CheckpointError
-from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError, log_dir_of
+from nemo_dpo.training.log_dir import log_dir
+from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError
 
 # What bad input looks like while a run starts (data, files, a checkpoint) and while it trains (a full disk,
 # a checkpoint that cannot be written): said once, without a traceback. Anything else is a bug: traceback.
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
         m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed, cfg.trainer.distributed_timeout_minutes
     )
     try:
-        lock = run_lock.hold(log_dir_of(cfg), layout.rank)  # before anything is written to the log dir
+        lock = run_lock.hold(log_dir(cfg), layout.rank)  # before anything is written to the log dir
     except run_lock.LogDirInUse as err:
         if layout.rank == 0:
             print(f"not started: {err}", file=sys.stderr, flush=True)

@@ -12,6 +12,13 @@ import numpy as np
 import torch
 
 from nemo_dpo.data.preference_dataset import TokenizedPair
+from nemo_dpo.ranges import Flag, Integer
+
+RANGES = {
+    "model.micro_batch_size": Integer(ge=1),
+    "model.global_batch_size": Integer(ge=1),
+    "model.data.packing": Flag(),
+}
 
 
 @dataclass
@@ -61,9 +68,6 @@ class Microbatcher:
 
 def check_batch_sizes(micro_batch_size: int, global_batch_size: int, dp: int) -> None:
     """A global batch must split into whole microbatches on every DP rank (ValueError naming the keys)."""
-    for key, value in (("micro_batch_size", micro_batch_size), ("global_batch_size", global_batch_size)):
-        if value < 1:
-            raise ValueError(f"model.{key} must be >= 1, got {value}")
     per_step = micro_batch_size * dp
     if global_batch_size % per_step != 0:
         raise ValueError(

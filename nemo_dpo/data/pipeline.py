@@ -1,10 +1,11 @@
 """From the ``model`` config to tokenized pairs: the data half of a run, shared by training and ``prepare``.
 
-1. Files: ``model.data.data_prefix`` per split, or the embedded default task.
+1. Files: ``model.data.data_prefix`` per split (one file, or a list of files read
+   in order as one dataset), or the embedded default task.
 2. Records: every file read and checked before anything else; a bad record
    follows ``model.data.on_bad_record`` (skipped ones are listed in the log dir).
 3. Tokenizer: ``model.tokenizer.model``, or a SentencePiece model trained on the
-   training data's text and cached. In a distributed run rank 0 trains it and
+   text of the training files and cached. In a distributed run rank 0 trains it and
    sends the model's bytes, so every rank has the identical vocabulary with or
    without a shared filesystem.
 4. Pairs: tokenized and fitted to ``encoder_seq_length`` (``model.data.overflow``).
@@ -22,46 +23,63 @@ from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
 from nemo_dpo.data.preference_dataset import BAD_RECORD_POLICIES, OVERFLOW_POLICIES, read_preference_pairs, tokenize_pairs
 from nemo_dpo.data.readers import data_format, needs_pyarrow, pyarrow_missing
 from nemo_dpo.data.schemas import RecordOptions
-from nemo_dpo.data.tokenizer import SentencePieceTokenizer, load_or_train_tokenizer, open_tokenizer
+from nemo_dpo.data.tokenizer import (
+    MIN_TRAINED_VOCAB,
+    SentencePieceTokenizer,
+    load_or_train_tokenizer,
+    open_tokenizer,
+)
 from nemo_dpo.files import write_atomic
+from nemo_dpo.ranges import FilePath, Integer, OneOf, Text
 
 SPLITS = ("train", "validation")
 SKIPPED_LIST = "skipped_records.txt"  # in the log dir
 
+RANGES = {
+    "model.data.data_prefix.train": FilePath(many=True, nullable=True),
+    "model.data.data_prefix.validation": FilePath(many=True, nullable=True),
+    "model.data.chat_template": Text(nullable=True),
+    "model.data.implicit_prompt_delimiter": Text(nullable=True),
+    "model.data.overflow": OneOf(choices=OVERFLOW_POLICIES),
+    "model.data.on_bad_record": OneOf(choices=BAD_RECORD_POLICIES),
+    "model.tokenizer.model": FilePath(nullable=True),
+    "model.tokenizer.vocab_size": Integer(ge=MIN_TRAINED_VOCAB),
+    "model.tokenizer.cache_dir": FilePath(),
+}
+
 
 def data_files(data_cfg) -> dict:
-    """``{split: path}`` from ``model.data.data_prefix``; the embedded default where unset. ValueError naming the key."""
-    prefix = data_cfg.data_prefix
-    files = {split: prefix[split] or os.path.join(DEFAULT_DATA_DIR, f"{split}.jsonl") for split in SPLITS}
-    for split, file in files.items():
-        key = f"model.data.data_prefix.{split}"
-        if not os.path.isfile(file):
-            raise ValueError(f"{key}: file {file} does not exist")
-        try:
-            data_format(file)
-        except ValueError as err:
-            raise ValueError(f"{key}: {err}") from err
-        if needs_pyarrow(file) and pyarrow_missing():
-            raise ValueError(f"{key}: {pyarrow_missing()}")
+    """``{split: [paths]}`` from ``model.data.data_prefix``: a file or a list of files per split, the embedded
+    default where unset. Every file must exist and be of a readable kind (ValueError naming the key)."""
+    files = {}
+    for split in SPLITS:
+        key, given = f"model.data.data_prefix.{split}", data_cfg.data_prefix[split]
+        if given is None:
+            files[split] = [os.path.join(DEFAULT_DATA_DIR, f"{split}.jsonl")]
+        else:
+            files[split] = [given] if isinstance(given, str) else list(given)
+        for file in files[split]:
+            if not os.path.isfile(file):
+                raise ValueError(f"{key}: file {file} does not exist")
+            try:
+                data_format(file)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from err
+            if needs_pyarrow(file) and pyarrow_missing():
+                raise ValueError(f"{key}: {pyarrow_missing()}")
     return files
 
 
 def check_data_config(model_cfg) -> None:
-    """Everything about data and tokenizer that can be checked before a run (ValueError naming the key)."""
+    """The data files, the tokenizer and the chat template can be used (ValueError naming the key).
+
+    Runs once every key is in its range (:data:`RANGES`).
+    """
     data = model_cfg.data
-    if data.on_bad_record not in BAD_RECORD_POLICIES:
-        raise ValueError(
-            f"model.data.on_bad_record must be one of {list(BAD_RECORD_POLICIES)}, got {data.on_bad_record!r}"
-        )
-    if data.overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"model.data.overflow must be one of {list(OVERFLOW_POLICIES)}, got {data.overflow!r}")
     data_files(data)
     tokenizer = model_cfg.tokenizer.model
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ValueError(f"model.tokenizer.model: {tokenizer} does not exist (a tokenizer.model file or a folder)")
-    delimiter = data.implicit_prompt_delimiter
-    if delimiter is not None and not (isinstance(delimiter, str) and delimiter):
-        raise ValueError(f"model.data.implicit_prompt_delimiter must be a non-empty string or null, got {delimiter!r}")
     source = template_source(data.chat_template, tokenizer)  # the chat template compiles
     if source is not None:
         ChatTemplate(*source, special_tokens={})
@@ -74,14 +92,14 @@ def configured_tokenizer(tok_cfg, train_files: list, options: RecordOptions, log
     return load_or_train_tokenizer(None, train_files, tok_cfg.vocab_size, tok_cfg.cache_dir, options, log)
 
 
-def shared_tokenizer(tok_cfg, train_file: str, options: RecordOptions, rank: int, log):
+def shared_tokenizer(tok_cfg, train_files: list, options: RecordOptions, rank: int, log):
     """:func:`configured_tokenizer` for every rank of a run: rank 0 trains (if needed) and sends the model bytes."""
     if tok_cfg.model is not None:
         return open_tokenizer(tok_cfg.model)
     cache_dir = os.path.expanduser(tok_cfg.cache_dir)
     payload = [None, None]
     if rank == 0:
-        tokenizer = configured_tokenizer(tok_cfg, [train_file], options, log)
+        tokenizer = configured_tokenizer(tok_cfg, train_files, options, log)
         with open(tokenizer.model_path, "rb") as f:
             payload = [os.path.basename(tokenizer.model_path), f.read()]
     dist.broadcast_object_list(payload, src=0)
@@ -99,17 +117,19 @@ def shared_tokenizer(tok_cfg, train_file: str, options: RecordOptions, rank: int
 
 
 def read_splits(files: dict, policy: str, options: RecordOptions, log) -> tuple:
-    """(``{split: text records}``, messages of the bad records left out) for every split's file."""
+    """(``{split: text records}``, messages of the bad records left out): each split's files, in order, as one."""
     records, skipped = {}, []
-    for split, path in files.items():
-        data = read_preference_pairs(path, policy, options)
-        records[split], bad = data.records, data.skipped
-        schemas = ", ".join(f"{count} {name}" for name, count in data.schemas.items())
-        log(f"{split}: {data.file_format} file {path}: {schemas}")
-        if bad:
-            log(f"{split}: skipped {len(bad)} bad record(s) of {path} (model.data.on_bad_record={policy}), "
-                f"e.g. {bad[0]}")
-        skipped += bad
+    for split, paths in files.items():
+        records[split] = []
+        for path in paths:
+            data = read_preference_pairs(path, policy, options)
+            records[split] += data.records
+            schemas = ", ".join(f"{count} {name}" for name, count in data.schemas.items())
+            log(f"{split}: {data.file_format} file {path}: {schemas}")
+            if data.skipped:
+                log(f"{split}: skipped {len(data.skipped)} bad record(s) of {path} "
+                    f"(model.data.on_bad_record={policy}), e.g. {data.skipped[0]}")
+            skipped += data.skipped
     return records, skipped
 
 
@@ -129,13 +149,13 @@ class RunData:
     """What a run trains and validates on."""
 
     tokenizer: object  # data.tokenizer's SentencePieceTokenizer or HFTokenizer
-    files: dict  # split -> data file
+    files: dict  # split -> its data files, in reading order
     options: RecordOptions  # how records became text (a chat template file is an input too)
     pairs: dict  # split -> list of TokenizedPair
 
     def input_files(self) -> list:
         """Every file the pairs' tokens depend on besides the tokenizer (for cache keys)."""
-        return [*self.files.values(), *self.options.files()]
+        return [*(path for paths in self.files.values() for path in paths), *self.options.files()]
 
 
 def load_run_data(model_cfg, log_dir: str, rank: int, log) -> RunData:
@@ -148,13 +168,14 @@ def load_run_data(model_cfg, log_dir: str, rank: int, log) -> RunData:
     tokenizer = shared_tokenizer(model_cfg.tokenizer, files["train"], options, rank, log)
     pairs = {}
     seq_len, overflow, gbs = model_cfg.encoder_seq_length, model_cfg.data.overflow, model_cfg.global_batch_size
-    for split, path in files.items():
-        progress = PassProgress(f"{split}: tokenizing {path}", len(records[split]), "records", log)
+    for split, paths in files.items():
+        names = ", ".join(paths)
+        progress = PassProgress(f"{split}: tokenizing {names}", len(records[split]), "records", log)
         pairs[split], stats = tokenize_pairs(records[split], tokenizer, seq_len, overflow, progress)
         progress.finish()
-        log(f"{split}: {stats['pairs']} pairs from {path} (longest {stats['max_len']} tokens, "
+        log(f"{split}: {stats['pairs']} pairs from {names} (longest {stats['max_len']} tokens, "
             f"{stats['truncated']} prompt-truncated and {stats['dropped']} dropped by "
             f"model.data.overflow={overflow}, encoder_seq_length={seq_len})")
         if len(pairs[split]) < gbs:
-            raise ValueError(f"{path}: {len(pairs[split])} usable pairs, fewer than model.global_batch_size ({gbs})")
+            raise ValueError(f"{names}: {len(pairs[split])} usable pairs, fewer than model.global_batch_size ({gbs})")
     return RunData(tokenizer, files, options, pairs)

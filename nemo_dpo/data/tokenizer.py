@@ -22,6 +22,9 @@ from nemo_dpo.files import read_json_object
 
 # Bump when the training options below change, so old cached models are not reused.
 TOKENIZER_FORMAT_VERSION = 1
+# The smallest vocabulary a trained model can have: byte fallback's 256 byte pieces, the unk/bos/eos/pad
+# pieces and one character (SentencePiece wants a piece for every character of the corpus: real text needs more).
+MIN_TRAINED_VOCAB = 256 + 4 + 1
 # The special pieces of a trained tokenizer (known before it exists: chat templates print them into its corpus).
 TRAINED_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
 

@@ -11,6 +11,12 @@ from megatron.core import parallel_state, tensor_parallel
 
 from nemo_dpo.distributed import cpu_compat
 from nemo_dpo.distributed.layout import Layout, check_layout, read_layout, set_current
+from nemo_dpo.ranges import Integer, Real
+
+RANGES = {
+    "model.seed": Integer(ge=0, le=2**31 - 1),  # numpy's seeds stop at 2**32 - 1; each rank adds a small offset
+    "trainer.distributed_timeout_minutes": Real(gt=0),  # fractions too (a test waits seconds, not minutes)
+}
 
 
 def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> Layout:

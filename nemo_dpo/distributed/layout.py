@@ -14,6 +14,13 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
+from nemo_dpo.ranges import Integer
+
+RANGES = {
+    "model.tensor_model_parallel_size": Integer(ge=1),
+    "model.pipeline_model_parallel_size": Integer(ge=1),
+}
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -28,8 +28,20 @@ import torch
 import torch.nn.functional as F
 
 from nemo_dpo.losses.statistics import Statistic
+from nemo_dpo.ranges import Flag, OneOf, Real, check
 
 PREFERENCE_LOSSES = ("dpo", "ipo", "rpo_fwd_kl", "rpo_bwd_kl", "rpo_sq")
+
+RANGES = {
+    "model.dpo.preference_loss": OneOf(choices=PREFERENCE_LOSSES),
+    "model.dpo.ref_policy_kl_penalty": Real(gt=0),
+    "model.dpo.preference_average_log_probs": Flag(),
+    "model.dpo.sft_average_log_probs": Flag(),
+    "model.dpo.preference_loss_weight": Real(ge=0),
+    "model.dpo.sft_loss_weight": Real(ge=0),
+    "model.dpo.gt_reward_scale": Real(ge=0),
+    "model.dpo.label_smoothing": Real(ge=0, lt=0.5),  # at 0.5 the loss no longer prefers either response
+}
 
 
 @dataclass(frozen=True)
@@ -44,17 +56,9 @@ class PreferenceLossConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self):
-        if self.preference_loss not in PREFERENCE_LOSSES:
-            raise ValueError(
-                f"model.dpo.preference_loss must be one of {list(PREFERENCE_LOSSES)}, "
-                f"got {self.preference_loss!r}"
-            )
-        if self.ref_policy_kl_penalty <= 0:
-            raise ValueError(
-                f"model.dpo.ref_policy_kl_penalty must be > 0, got {self.ref_policy_kl_penalty}"
-            )
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"model.dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        for field in fields(self):
+            key = f"model.dpo.{field.name}"
+            check(key, getattr(self, field.name), RANGES[key])
 
     @classmethod
     def from_cfg(cls, dpo_cfg) -> "PreferenceLossConfig":

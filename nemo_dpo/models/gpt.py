@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_dpo.distributed import layout
 from nemo_dpo.models.activations import SwiGLU
 from nemo_dpo.models.attention import SDPAttention
+from nemo_dpo.ranges import Flag, Integer, OneOf, Real
 
 try:  # transformer-engine is an optional GPU accelerator.
     import transformer_engine  # noqa: F401
@@ -30,6 +31,35 @@ ACTIVATIONS = {
     "swiglu": F.silu,
 }
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+SIZE = Integer(ge=1)
+DROPOUT = Real(ge=0, lt=1)
+RANGES = {
+    "trainer.precision": OneOf(choices=tuple(PRECISIONS)),
+    "model.encoder_seq_length": SIZE,
+    "model.max_position_embeddings": SIZE,
+    "model.num_layers": SIZE,
+    "model.hidden_size": SIZE,
+    "model.ffn_hidden_size": SIZE,
+    "model.num_attention_heads": SIZE,
+    "model.num_query_groups": Integer(ge=1, nullable=True),
+    "model.position_embedding_type": OneOf(choices=POSITION_EMBEDDINGS),
+    "model.rotary_base": Real(gt=0),
+    "model.normalization": OneOf(choices=NORMALIZATIONS),
+    "model.layernorm_epsilon": Real(gt=0),
+    "model.activation": OneOf(choices=tuple(ACTIVATIONS)),
+    "model.bias": Flag(),
+    "model.share_embeddings_and_output_weights": Flag(),
+    "model.hidden_dropout": DROPOUT,
+    "model.attention_dropout": DROPOUT,
+    "model.init_method_std": Real(gt=0),
+    "model.activations_checkpoint_granularity": OneOf(choices=("selective", "full"), nullable=True),
+    "model.activations_checkpoint_method": OneOf(choices=("uniform", "block")),
+    "model.activations_checkpoint_num_layers": SIZE,
+    "model.vocab_size": Integer(ge=1, nullable=True),
+    "model.make_vocab_size_divisible_by": SIZE,
+}
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -48,13 +78,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 
 def check_model_config(model_cfg) -> None:
-    """Reject shapes megatron would fail on later, naming the keys involved."""
+    """Reject shapes megatron would fail on later, naming the keys involved (each key is in its range already)."""
     tp = model_cfg.tensor_model_parallel_size
     pp = model_cfg.pipeline_model_parallel_size
     heads = model_cfg.num_attention_heads
     groups = model_cfg.num_query_groups or heads
-    if model_cfg.encoder_seq_length < 1:
-        raise ValueError(f"model.encoder_seq_length must be >= 1, got {model_cfg.encoder_seq_length}")
     if model_cfg.hidden_size % heads != 0:
         raise ValueError(
             f"model.hidden_size ({model_cfg.hidden_size}) is not divisible by "
@@ -80,36 +108,12 @@ def check_model_config(model_cfg) -> None:
             f"model.num_layers ({model_cfg.num_layers}) is not divisible by "
             f"model.pipeline_model_parallel_size ({pp})"
         )
-    for key, allowed in (
-        ("normalization", NORMALIZATIONS),
-        ("activation", ACTIVATIONS),
-        ("position_embedding_type", POSITION_EMBEDDINGS),
-    ):
-        if model_cfg[key] not in allowed:
-            raise ValueError(f"model.{key} must be one of {list(allowed)}, got {model_cfg[key]!r}")
     padded_vocab_size(1, model_cfg.make_vocab_size_divisible_by, tp)  # checks divisibility by TP
-    if model_cfg.activations_checkpoint_granularity not in (None, "selective", "full"):
-        raise ValueError(
-            "model.activations_checkpoint_granularity must be null, 'selective' or 'full', "
-            f"got {model_cfg.activations_checkpoint_granularity!r}"
-        )
-    if model_cfg.activations_checkpoint_method not in ("uniform", "block"):
-        raise ValueError(
-            f"model.activations_checkpoint_method must be 'uniform' or 'block', got {model_cfg.activations_checkpoint_method!r}"
-        )
     if model_cfg.encoder_seq_length > model_cfg.max_position_embeddings:
         raise ValueError(
             f"model.encoder_seq_length ({model_cfg.encoder_seq_length}) exceeds "
             f"model.max_position_embeddings ({model_cfg.max_position_embeddings})"
         )
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def check_precision(precision) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"trainer.precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
 def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_func=None) -> TransformerConfig:

@@ -29,6 +29,7 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from nemo_dpo.models.init_weights import init_weights
+from nemo_dpo.ranges import Integer, ListOf, OneOf, Real
 
 # NeMo's target_modules names -> (parent attribute, layer name, parallel style)
 TARGETS = {
@@ -42,22 +43,14 @@ SUFFIX = "_lora"
 
 PEFT_SCHEMES = ("none", "lora")  # model.peft.peft_scheme
 
-
-def check_peft_config(peft_cfg) -> None:
-    """``model.peft`` names a scheme and, for LoRA, known targets and a positive rank (ValueError naming the key)."""
-    if peft_cfg.peft_scheme not in PEFT_SCHEMES:
-        raise ValueError(f"model.peft.peft_scheme must be 'none' or 'lora', got {peft_cfg.peft_scheme!r}")
-    if peft_cfg.peft_scheme != "lora":
-        return
-    lora = peft_cfg.lora_tuning
-    unknown = sorted(set(lora.target_modules) - set(TARGETS))
-    if unknown or not lora.target_modules:
-        raise ValueError(
-            f"model.peft.lora_tuning.target_modules: got {list(lora.target_modules)}, expected a non-empty "
-            f"list of {sorted(TARGETS)}"
-        )
-    if lora.adapter_dim < 1:
-        raise ValueError(f"model.peft.lora_tuning.adapter_dim must be >= 1, got {lora.adapter_dim}")
+RANGES = {
+    "model.peft.peft_scheme": OneOf(choices=PEFT_SCHEMES),
+    "model.peft.lora_tuning.adapter_dim": Integer(ge=1),
+    "model.peft.lora_tuning.alpha": Real(gt=0),
+    "model.peft.lora_tuning.adapter_dropout": Real(ge=0, lt=1),
+    # an adapter per target: a name given twice would put a second adapter on the layer
+    "model.peft.lora_tuning.target_modules": ListOf(each=OneOf(choices=tuple(TARGETS)), distinct=True),
+}
 
 
 def _tp_attributes(param, partitioned: bool, dim: int, stride: int = 1) -> None:

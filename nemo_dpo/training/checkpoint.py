@@ -55,6 +55,7 @@ from nemo_dpo.distributed import layout
 from nemo_dpo.files import fsync_dir, read_json_object, write_atomic
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.gpt import unwrap
+from nemo_dpo.ranges import Flag, Integer
 from nemo_dpo.training import safe_load
 from nemo_dpo.training.safe_load import CheckpointError
 
@@ -66,6 +67,11 @@ METADATA = "nemo_dpo.json"
 FORMAT = 2  # 1: metadata and RNG states pickled (not loaded any more); 2: tensors and JSON only
 EXTRA_STATE = "._extra_state"  # megatron layers' pickled extra state, left out of checkpoints
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+RANGES = {
+    "checkpoint.keep_last_k": Integer(ge=1, special={0: "keep all"}),
+    "checkpoint.async_save": Flag(nullable=True),
+}
 
 
 def _writer_results_queue_without_spawn() -> None:

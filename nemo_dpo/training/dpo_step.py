@@ -23,6 +23,9 @@ from nemo_dpo.losses.logprobs import chunked_log_probs, vocab_parallel_log_probs
 from nemo_dpo.losses.preference import sequence_sums
 from nemo_dpo.losses.statistics import local_means
 from nemo_dpo.models.gpt import emit_hidden_states, output_weight, unwrap
+from nemo_dpo.ranges import Integer
+
+RANGES = {"model.log_prob_chunk_size": Integer(ge=1, special={0: "all at once"})}
 
 
 def response_sums(token_values: torch.Tensor, mb: Microbatch) -> torch.Tensor:

@@ -12,9 +12,12 @@ from pathlib import Path
 from nemo_dpo.distributed import layout
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.gpt import padded_vocab_size
-from nemo_dpo.models.hf import hf_to_global, model_overrides_from_hf, read_hf_config, read_hf_weights
+from nemo_dpo.models.hf import hf_to_global, hf_vocab_size, model_overrides_from_hf, read_hf_config, read_hf_weights
 from nemo_dpo.models.sharding import load_global_state_dict
+from nemo_dpo.ranges import FilePath
 from nemo_dpo.training import checkpoint
+
+RANGES = {"model.restore_from_path": FilePath(nullable=True)}
 
 
 def is_hf_dir(path: str) -> bool:
@@ -27,7 +30,11 @@ def _source_settings(path: str) -> dict:
         raise FileNotFoundError(f"model.restore_from_path: {path} is not a folder")
     if is_hf_dir(path):
         hf_config = read_hf_config(path)
-        return {**model_overrides_from_hf(hf_config), "vocab_size": hf_config["vocab_size"], "tokenizer.model": path}
+        try:
+            settings = {**model_overrides_from_hf(hf_config), "vocab_size": hf_vocab_size(hf_config)}
+        except ValueError as err:
+            raise ValueError(f"model.restore_from_path={path}: {err}") from err
+        return {**settings, "tokenizer.model": path}
     reason = checkpoint.problem(Path(path))
     if reason is not None:
         raise checkpoint.CheckpointError(

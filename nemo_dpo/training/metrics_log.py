@@ -6,14 +6,22 @@ import os
 
 from omegaconf import OmegaConf
 
+from nemo_dpo.ranges import Flag, Integer, Text
 from nemo_dpo.training.loggers import TensorBoardLogger, WandbLogger
 from nemo_dpo.training.progress import Progress, format_row
 
+RANGES = {
+    "trainer.dpo.log_interval": Integer(ge=1),
+    "trainer.enable_progress_bar": Flag(),
+    "exp_manager.create_tensorboard_logger": Flag(),
+    "exp_manager.create_wandb_logger": Flag(),
+    "exp_manager.wandb_logger_kwargs.project": Text(),
+    "exp_manager.wandb_logger_kwargs.name": Text(empty=True, nullable=True),  # empty or null: the run name
+}
+
 
 def check_logging(cfg) -> None:
-    """Console and logger keys; an enabled logger whose package is missing fails here, not at its first write."""
-    if cfg.trainer.dpo.log_interval < 1:
-        raise ValueError(f"trainer.dpo.log_interval must be >= 1, got {cfg.trainer.dpo.log_interval}")
+    """An enabled logger whose package is missing fails here, not at its first write."""
     exp_manager = cfg.exp_manager
     for key, package in (("create_tensorboard_logger", "tensorboard"), ("create_wandb_logger", "wandb")):
         if exp_manager[key] and importlib.util.find_spec(package) is None:
@@ -21,11 +29,6 @@ def check_logging(cfg) -> None:
                 f"exp_manager.{key}=true needs the {package} package, which is not installed: "
                 f"pip install {package} (or set exp_manager.{key}=false)"
             )
-    kwargs = exp_manager.wandb_logger_kwargs
-    if exp_manager.create_wandb_logger and not (isinstance(kwargs.project, str) and kwargs.project):
-        raise ValueError(f"exp_manager.wandb_logger_kwargs.project must be a non-empty string, got {kwargs.project!r}")
-    if kwargs.name is not None and not isinstance(kwargs.name, str):
-        raise ValueError(f"exp_manager.wandb_logger_kwargs.name must be a string or null, got {kwargs.name!r}")
 
 
 class MetricsLog:

@@ -5,16 +5,30 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from nemo_dpo.ranges import Flag, Integer, ListOf, OneOf, Real
+
 # name -> decoupled weight decay. NeMo's fused_adam / distributed_fused_adam are AdamW.
 OPTIMIZERS = {"adamw": True, "adam": False, "fused_adam": True, "distributed_fused_adam": True}
 
+RANGES = {
+    "model.optim.name": OneOf(choices=tuple(OPTIMIZERS)),
+    "model.optim.lr": Real(gt=0),
+    "model.optim.weight_decay": Real(ge=0),
+    "model.optim.betas": ListOf(each=Real(ge=0, lt=1), length=2),
+    "model.optim.eps": Real(gt=0),
+    "model.optim.use_distributed_optimizer": Flag(),
+    "model.optim.sched.name": OneOf(choices=("CosineAnnealing",)),
+    "model.optim.sched.warmup_steps": Integer(ge=0),
+    "model.optim.sched.min_lr": Real(ge=0),
+}
+
 
 def check_optim_config(optim_cfg) -> None:
-    """``model.optim`` names an optimizer and schedule that exist here (ValueError naming the key)."""
-    if optim_cfg.name not in OPTIMIZERS:
-        raise ValueError(f"model.optim.name must be one of {list(OPTIMIZERS)}, got {optim_cfg.name!r}")
-    if optim_cfg.sched.name != "CosineAnnealing":
-        raise ValueError(f"model.optim.sched.name must be 'CosineAnnealing', got {optim_cfg.sched.name!r}")
+    """The schedule decays towards ``min_lr`` from ``lr`` (each key is in its range already; ValueError naming both)."""
+    if optim_cfg.sched.min_lr > optim_cfg.lr:
+        raise ValueError(
+            f"model.optim.sched.min_lr ({optim_cfg.sched.min_lr}) must be <= model.optim.lr ({optim_cfg.lr})"
+        )
 
 
 def uses_distributed_optimizer(optim_cfg) -> bool:

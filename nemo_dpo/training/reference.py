@@ -25,16 +25,12 @@ from contextlib import contextmanager
 import torch
 
 from nemo_dpo.models.lora import adapters_disabled
+from nemo_dpo.ranges import OneOf
 from nemo_dpo.training.dpo_step import response_sums
 
 REFERENCE_SOURCES = ("online", "precomputed")  # model.dpo.reference_logprobs
 
-
-def check_reference_config(dpo_cfg) -> None:
-    if dpo_cfg.reference_logprobs not in REFERENCE_SOURCES:
-        raise ValueError(
-            f"model.dpo.reference_logprobs must be one of {list(REFERENCE_SOURCES)}, got {dpo_cfg.reference_logprobs!r}"
-        )
+RANGES = {"model.dpo.reference_logprobs": OneOf(choices=REFERENCE_SOURCES)}
 
 
 @contextmanager

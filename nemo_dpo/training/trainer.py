@@ -31,8 +31,10 @@ from nemo_dpo.losses import build_loss
 from nemo_dpo.models.gpt import build_gpt, transformer_config
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora
+from nemo_dpo.ranges import Flag, Integer, OneOf, Real
 from nemo_dpo.training import checkpoint, initial_policy, reference_cache
 from nemo_dpo.training.dpo_step import DPOStep
+from nemo_dpo.training.log_dir import log_dir
 from nemo_dpo.training.metrics_log import MetricsLog
 from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from nemo_dpo.training.preemption import Preemption
@@ -40,24 +42,20 @@ from nemo_dpo.training.reference import OnlineReference, PrecomputedReference, r
 
 NAN_POLICIES = ("skip_step", "stop")  # trainer.dpo.nan_policy
 
+RANGES = {
+    "trainer.dpo.max_epochs": Integer(ge=1),
+    "trainer.dpo.max_steps": Integer(ge=1, special={-1: "no limit"}),
+    "trainer.dpo.val_check_interval": Integer(ge=1, special={0: "only at the end"}),
+    "trainer.dpo.limit_val_batches": Integer(ge=1, special={-1: "the whole split"}),
+    "trainer.dpo.save_interval": Integer(ge=1, special={0: "only at the end"}),
+    "trainer.dpo.nan_policy": OneOf(choices=NAN_POLICIES),
+    "trainer.gradient_clip_val": Real(gt=0, special={0: "no clipping"}),
+    "exp_manager.resume_if_exists": Flag(),
+}
+
 
 class NonFiniteError(RuntimeError):
     """Training stopped on a non-finite loss or gradient (trainer.dpo.nan_policy=stop)."""
-
-
-def check_trainer_config(trainer_cfg) -> None:
-    """The ``trainer`` keys the loop itself reads (ValueError naming the key)."""
-    if trainer_cfg.distributed_timeout_minutes <= 0:
-        raise ValueError(
-            f"trainer.distributed_timeout_minutes must be positive, got {trainer_cfg.distributed_timeout_minutes}"
-        )
-    if trainer_cfg.dpo.nan_policy not in NAN_POLICIES:
-        raise ValueError(f"trainer.dpo.nan_policy must be 'skip_step' or 'stop', got {trainer_cfg.dpo.nan_policy!r}")
-
-
-def log_dir_of(cfg) -> str:
-    """Where a run writes its logs and checkpoints: ``exp_manager.explicit_log_dir``, else ``runs/<name>``."""
-    return cfg.exp_manager.explicit_log_dir or os.path.join("runs", cfg.name)
 
 
 def clock() -> float:
@@ -71,7 +69,7 @@ class DPOTrainer:
     def __init__(self, cfg, layout: Layout):
         self.cfg, self.layout = cfg, layout
         m = cfg.model
-        self.log_dir = log_dir_of(cfg)
+        self.log_dir = log_dir(cfg)
         self.data = load_run_data(m, self.log_dir, layout.rank, self.log0)
         self.tokenizer = self.data.tokenizer
         self.train_pairs, self.val_pairs = self.data.pairs["train"], self.data.pairs["validation"]

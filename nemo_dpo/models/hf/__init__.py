@@ -15,7 +15,7 @@ is one more module in FAMILIES.
 import torch
 
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
-from nemo_dpo.models.hf.family import Family, TensorRule, config_value
+from nemo_dpo.models.hf.family import Family, TensorRule, config_size
 from nemo_dpo.models.hf.gpt2 import GPT2
 from nemo_dpo.models.hf.llama import Llama
 # read_hf_config, read_hf_weights and write_hf_dir are part of this package's API.
@@ -44,6 +44,11 @@ def model_overrides_from_hf(hf_config: dict) -> dict:
     return settings
 
 
+def hf_vocab_size(hf_config: dict) -> int:
+    """The vocabulary size of config.json (embedding rows before padding)."""
+    return config_size(hf_config, "vocab_size")
+
+
 def hf_config_from_model(model_cfg, vocab_size: int, eos_id: int, bos_id: int) -> dict:
     """config.json describing our ``model`` section as the first family that can represent it."""
     needs = {}
@@ -59,7 +64,7 @@ def hf_config_from_model(model_cfg, vocab_size: int, eos_id: int, bos_id: int) -
 
 def _rules(hf_config: dict) -> list[TensorRule]:
     settings = model_overrides_from_hf(hf_config)
-    vocab = config_value(hf_config, "vocab_size", int)
+    vocab = hf_vocab_size(hf_config)
     rules = _family(hf_config).rules(settings, vocab)
     if not settings["share_embeddings_and_output_weights"]:
         rules.append(
@@ -136,7 +141,7 @@ def hf_to_global(hf_config: dict, hf_weights: dict, padded_vocab: int) -> dict:
 def global_to_hf(hf_config: dict, global_weights: dict) -> dict:
     """Inverse of ``hf_to_global``; the vocabulary padding (rows past config vocab_size) is dropped."""
     rules = _rules(hf_config)
-    vocab = config_value(hf_config, "vocab_size", int)
+    vocab = hf_vocab_size(hf_config)
     _check_names(set(global_weights), {rule.name for rule in rules}, "the megatron weights")
     out = {}
     for rule in rules:

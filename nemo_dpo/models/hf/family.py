@@ -37,6 +37,14 @@ def config_value(hf_config: dict, key: str, kind: type, default=_REQUIRED):
     return value
 
 
+def config_size(hf_config: dict, key: str, default=_REQUIRED) -> int:
+    """A size (layers, heads, hidden, vocabulary...) of config.json: an integer >= 1."""
+    value = config_value(hf_config, key, int, default)
+    if value < 1:
+        raise ValueError(f"{CONFIG_FILE}: {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def not_supported(key: str, value, why: str) -> ValueError:
     return ValueError(f"{CONFIG_FILE}: {key}={value!r} is not supported ({why})")
 

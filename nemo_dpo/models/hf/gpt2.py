@@ -15,6 +15,7 @@ import torch
 from nemo_dpo.models.hf.family import (
     Family,
     TensorRule,
+    config_size,
     config_value,
     interleave_qkv,
     mismatches,
@@ -41,8 +42,8 @@ class GPT2(Family):
     architecture = "GPT2LMHeadModel"
 
     def model_settings(self, hf_config: dict) -> dict:
-        hidden = config_value(hf_config, "n_embd", int)
-        heads = config_value(hf_config, "n_head", int)
+        hidden = config_size(hf_config, "n_embd")
+        heads = config_size(hf_config, "n_head")
         act = config_value(hf_config, "activation_function", str, "gelu_new")
         if act not in ACTIVATIONS:
             raise not_supported("activation_function", act, f"supported: {list(ACTIVATIONS)}")
@@ -54,9 +55,9 @@ class GPT2(Family):
             if config_value(hf_config, key, bool, needed) != needed:
                 raise not_supported(key, not needed, f"megatron's attention needs {key}={needed}")
         return {
-            "num_layers": config_value(hf_config, "n_layer", int),
+            "num_layers": config_size(hf_config, "n_layer"),
             "hidden_size": hidden,
-            "ffn_hidden_size": config_value(hf_config, "n_inner", int, 4 * hidden),
+            "ffn_hidden_size": config_size(hf_config, "n_inner", 4 * hidden),
             "num_attention_heads": heads,
             "num_query_groups": heads,
             "position_embedding_type": "learned_absolute",
@@ -65,7 +66,7 @@ class GPT2(Family):
             "activation": ACTIVATIONS[act],
             "bias": True,
             "share_embeddings_and_output_weights": config_value(hf_config, "tie_word_embeddings", bool, True),
-            "max_position_embeddings": config_value(hf_config, "n_positions", int),
+            "max_position_embeddings": config_size(hf_config, "n_positions"),
         }
 
     def export_mismatches(self, model_cfg) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 from nemo_dpo.models.hf.family import (
     Family,
     TensorRule,
+    config_size,
     config_value,
     interleave_qkv,
     mismatches,
@@ -44,10 +45,10 @@ class Llama(Family):
     architecture = "LlamaForCausalLM"
 
     def model_settings(self, hf_config: dict) -> dict:
-        hidden = config_value(hf_config, "hidden_size", int)
-        heads = config_value(hf_config, "num_attention_heads", int)
-        max_positions = config_value(hf_config, "max_position_embeddings", int)
-        head_dim = config_value(hf_config, "head_dim", int, hidden // heads)
+        hidden = config_size(hf_config, "hidden_size")
+        heads = config_size(hf_config, "num_attention_heads")
+        max_positions = config_size(hf_config, "max_position_embeddings")
+        head_dim = config_size(hf_config, "head_dim", hidden // heads)
         if hidden % heads or head_dim != hidden // heads:
             raise not_supported("head_dim", head_dim, f"must be hidden_size / num_attention_heads = {hidden} / {heads}")
         act = config_value(hf_config, "hidden_act", str, "silu")
@@ -56,15 +57,15 @@ class Llama(Family):
         for key in ("attention_bias", "mlp_bias"):
             if config_value(hf_config, key, bool, False):
                 raise not_supported(key, True, "Llama layers here have no biases")
-        window = config_value(hf_config, "sliding_window", int, max_positions)
+        window = config_size(hf_config, "sliding_window", max_positions)
         if window < max_positions:
             raise not_supported("sliding_window", window, f"attention must see all {max_positions} positions")
         return {
-            "num_layers": config_value(hf_config, "num_hidden_layers", int),
+            "num_layers": config_size(hf_config, "num_hidden_layers"),
             "hidden_size": hidden,
-            "ffn_hidden_size": config_value(hf_config, "intermediate_size", int),
+            "ffn_hidden_size": config_size(hf_config, "intermediate_size"),
             "num_attention_heads": heads,
-            "num_query_groups": config_value(hf_config, "num_key_value_heads", int, heads),
+            "num_query_groups": config_size(hf_config, "num_key_value_heads", heads),
             "position_embedding_type": "rope",
             "rotary_base": _rotary_base(hf_config),
             "normalization": "RMSNorm",
