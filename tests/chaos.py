@@ -159,7 +159,8 @@ def chaos(out: Path, steps: int, faults: int, seed: int, save_every: int = 5, ki
             if fault == "torn_latest":  # between two starts, and then the run is hit again
                 latest = chaotic / "checkpoints" / "latest"
                 latest.parent.mkdir(parents=True, exist_ok=True)
-                latest.write_bytes(rng.choice([b"\xff\xfe\x00", b"step_999999", b"../../straight/checkpoints/step_5"]))
+                torn = [b"../../straight/checkpoints/step_5", b"\xff\xfe\x00", b"step_999999"]  # out of the run first
+                latest.write_bytes(torn[sum(h["fault"] == "torn_latest" for h in history) % len(torn)])
                 action = rng.choice(kills)
             if action == "full_disk":
                 disk.fill()
