@@ -340,7 +340,8 @@ def test_hf_tokenizer_ids_and_round_trip(hf, tmp_path):
     assert tok.vocab_size == raw.get_vocab_size() <= VOCAB
     text = "which fruit: apple, tiger?"
     ids = tok.encode(text)
-    assert raw.encode(text).ids == [1] + ids  # the post-processor's <s> is not added
+    assert raw.encode(text).ids == [1] + ids  # the post-processor's <s> is not added by encode
+    assert tok.start_ids == [1]  # but the dataset puts it before each prompt
     assert tok.decode(ids) == text and tok.model_path.endswith("tokenizer.json")
 
     only_json = tmp_path / "only_json"

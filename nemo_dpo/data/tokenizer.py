@@ -8,6 +8,12 @@ the model was trained: it is loaded by transformers' ``AutoTokenizer``, the
 reference every Hugging Face model's tokens are defined by (``tokenizer.json``,
 or a slow-only ``tokenizer.model`` converted as transformers converts it, with
 the folder's added and special tokens).
+
+Every tokenizer says which ids its own rule puts before a text (``start_ids``):
+a Hugging Face tokenizer what ``tokenizer(text)`` adds at the start (Llama-style:
+BOS; GPT-2 style: nothing), a SentencePiece model nothing (see
+:class:`SentencePieceTokenizer`). ``encode`` never adds them: the dataset puts
+them once at the start of each prompt (preference_dataset.py).
 """
 
 import hashlib
@@ -35,6 +41,13 @@ class SentencePieceTokenizer:
     The BOS and EOS pieces written in text encode to their ids, as Hugging Face
     tokenizers treat special tokens, so a chat template that prints ``eos_token``
     means the same with either kind of tokenizer.
+
+    No BOS is put before a text (``start_ids`` is empty), although the trained
+    tokenizer defines ``<s>``: a SentencePiece model carries no rule for adding
+    one, sentencepiece itself adds none unless asked, and the models trained here
+    from scratch (the default run) have always been trained without one. Data
+    whose text starts with ``<s>`` (or a chat template that prints ``bos_token``)
+    still gets exactly that one BOS.
     """
 
     def __init__(self, model_path: str):
@@ -54,6 +67,7 @@ class SentencePieceTokenizer:
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
         self.eos_token = self._sp.id_to_piece(self.eos_id)
         self.bos_token = self._sp.id_to_piece(self.bos_id) if self.bos_id >= 0 else None
+        self.start_ids = []  # no BOS before a text: see above
         self._special = {self._sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id) if i >= 0}
         self._special_re = re.compile("|".join(re.escape(piece) for piece in sorted(self._special, key=len)[::-1]))
 
@@ -178,12 +192,19 @@ def _config_token_id(hf_dir: str, kind: str) -> int:
     return token_id if isinstance(token_id, int) else -1
 
 
+def _start_ids(tok) -> list[int]:
+    """The ids ``tok(text)`` puts before the text's own tokens (its post-processor, ``add_bos_token``)."""
+    plain = tok("x", add_special_tokens=False)["input_ids"]
+    marked = tok("x")["input_ids"]
+    return next(marked[:i] for i in range(len(marked)) if marked[i : i + len(plain)] == plain)
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer folder read by transformers' ``AutoTokenizer``, behind SentencePieceTokenizer's interface.
 
     Special tokens are the tokenizer's own (tokenizer_config.json, special_tokens_map.json,
     added tokens); an EOS, BOS or pad it lacks comes from config.json's ids.
-    ``encode`` adds no special tokens: the dataset appends EOS itself, as with SentencePiece.
+    ``encode`` adds no special tokens: the dataset adds ``start_ids`` and EOS itself.
     Nothing is fetched from the Hub and no code from the folder runs.
     """
 
@@ -211,6 +232,7 @@ class HFTokenizer:
         self.pad_id = ids["pad"] if ids["pad"] >= 0 else self.eos_id
         self.eos_token = self._tok.convert_ids_to_tokens(self.eos_id)
         self.bos_token = self._tok.convert_ids_to_tokens(self.bos_id) if self.bos_id >= 0 else None
+        self.start_ids = _start_ids(self._tok)
 
     def encode(self, text: str) -> list[int]:
         return self._tok(text, add_special_tokens=False)["input_ids"]
