@@ -93,7 +93,7 @@ def _bpe_tokenizer(folder):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "</s>", "bos_token": {"content": "<s>"}}, f)
+        json.dump({"eos_token": "</s>", "bos_token": {"__type": "AddedToken", "content": "<s>"}}, f)  # as older files
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +340,8 @@ def test_hf_tokenizer_ids_and_round_trip(hf, tmp_path):
     assert tok.vocab_size == raw.get_vocab_size() <= VOCAB
     text = "which fruit: apple, tiger?"
     ids = tok.encode(text)
-    assert raw.encode(text).ids == [1] + ids  # the post-processor's <s> is not added
+    assert raw.encode(text).ids == [1] + ids  # the post-processor's <s> is not added by encode
+    assert tok.start_ids == [1]  # but the dataset puts it before each prompt
     assert tok.decode(ids) == text and tok.model_path.endswith("tokenizer.json")
 
     only_json = tmp_path / "only_json"
@@ -352,9 +353,11 @@ def test_hf_tokenizer_ids_and_round_trip(hf, tmp_path):
     (only_json / "config.json").unlink()
     with pytest.raises(ValueError, match=f"{only_json}: the tokenizer defines no EOS token"):
         HFTokenizer(str(only_json))
-    (only_json / "tokenizer.model").write_bytes(b"not sentencepiece")  # preferred over tokenizer.json
-    with pytest.raises(ValueError, match=f"{only_json}/tokenizer.model: not a valid SentencePiece model"):
-        load_tokenizer_from_dir(str(only_json))
+    only_model = tmp_path / "only_model"  # only tokenizer.model: a SentencePiece model, as checkpoints store one
+    only_model.mkdir()
+    (only_model / "tokenizer.model").write_bytes(b"not sentencepiece")
+    with pytest.raises(ValueError, match=f"{only_model}/tokenizer.model: not a valid SentencePiece model"):
+        load_tokenizer_from_dir(str(only_model))
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no tokenizer found"):
         load_tokenizer_from_dir(str(tmp_path))
     assert [os.path.basename(f) for f in tokenizer_files(hf["llama"][1])] == ["tokenizer.json", "tokenizer_config.json"]

@@ -9,7 +9,8 @@ Reads each file as training would (same reader, schemas, chat template,
 configured one, or the one trained on the training files (with ``--data``, on
 the first file given), cached as training caches it. Reports records read and
 bad (the first ``--show`` reasons, as file:line), the file format and record
-schemas, token lengths (prompt, chosen, rejected, the longer side, the pair's
+schemas, token lengths as a run counts them (the prompt with the tokenizer's BOS,
+if its rule adds one; chosen, rejected with their EOS; the longer side, the pair's
 both sequences: min/mean/median/p95/max), what ``model.data.overflow`` does at
 ``model.encoder_seq_length``, and the pairs left against ``model.global_batch_size``.
 
@@ -56,7 +57,8 @@ def check_file(path: str, model_cfg, options, tokenizer) -> dict:
     """Everything the report says about one file, as numbers (JSON-serializable)."""
     data = read_preference_pairs(path, "skip", options)
     pairs = [encode_pair(record, tokenizer) for record in data.records]
-    fitted = [fit_pair(pair, model_cfg.encoder_seq_length, model_cfg.data.overflow) for pair in pairs]
+    keep = len(tokenizer.start_ids)
+    fitted = [fit_pair(pair, model_cfg.encoder_seq_length, model_cfg.data.overflow, keep) for pair in pairs]
     kept = sum(pair is not None for pair, _ in fitted)
     return {
         "file": path,
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"tokenizer: {tokenizer.model_path} ({tokenizer.vocab_size} tokens)")
+    print(f"tokenizer: {tokenizer.model_path} ({tokenizer.vocab_size} tokens; before each prompt: "
+          f"{tokenizer.start_ids or 'no BOS'})")
     if options.chat_template is not None:
         print(f"chat template: {options.chat_template.origin}")
     for report in reports:
