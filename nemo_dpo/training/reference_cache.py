@@ -6,7 +6,8 @@ forward-only pass and reused for every epoch and every restart, instead of a
 reference forward pass per step. The table lives in
 ``<log dir>/reference_logprobs.pt`` together with its key: hashes of the data
 files, the tokenizer, the initial weights and the config keys that shape the
-numbers. A table whose key differs is refused, naming what changed.
+numbers, and of the token ids themselves (so a change of tokenization rule is caught
+too). A table whose key differs is refused, naming what changed.
 """
 
 import hashlib
@@ -37,13 +38,26 @@ def _weights_digest(model) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
-def cache_key(data_files, tokenizer_files, model, model_cfg) -> dict:
+def _tokens_digest(splits: dict) -> str:
+    """Hash of every pair's token ids: the reference sums are a function of them (whatever rule made them)."""
+    digest = hashlib.sha256()
+    for split, pairs in splits.items():
+        digest.update(split.encode())
+        for pair in pairs:
+            for ids in (pair.prompt, pair.chosen, pair.rejected):
+                digest.update(len(ids).to_bytes(4, "little"))
+                digest.update(b"".join(i.to_bytes(4, "little") for i in ids))
+    return digest.hexdigest()
+
+
+def cache_key(data_files, tokenizer_files, model, model_cfg, splits: dict) -> dict:
     """Hashes of everything the reference sums depend on."""
     shaping = {k: OmegaConf.to_container(model_cfg[k]) if OmegaConf.is_config(model_cfg[k]) else model_cfg[k]
                for k in SHAPING_KEYS}
     return {
         "data": sha256_files(data_files),
         "tokenizer": sha256_files(tokenizer_files),
+        "tokens": _tokens_digest(splits),
         "weights": _weights_digest(model),
         "config": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
     }

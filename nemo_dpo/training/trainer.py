@@ -144,7 +144,7 @@ class DPOTrainer:
         if m.dpo.reference_logprobs == "online":
             return OnlineReference(runs_as_reference, self.step_fn.log_probs)
         key = reference_cache.cache_key(self.data.input_files(), list(source_files(self.tokenizer).values()),
-                                        self.model, m)
+                                        self.model, m, self.data.pairs)
 
         def compute(pairs, progress):
             return reference_cache.compute_table(pairs, runs_as_reference, self.step_fn.log_probs, self.microbatcher,
