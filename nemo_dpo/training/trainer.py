@@ -170,7 +170,7 @@ class DPOTrainer:
             checkpoint.sharded_state(self.model, self.optimizer),
             metadata,
             self.cfg.checkpoint.keep_last_k,
-            extra_files=self.tokenizer_files(),
+            extra_files={**self.tokenizer_files(), **initial_policy.carried_files(self.cfg.model)},
             async_queue=self.async_queue,
         )
         self.saved_step = self.step

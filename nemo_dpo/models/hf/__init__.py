@@ -22,8 +22,14 @@ from nemo_dpo.models.hf.gpt2 import GPT2
 from nemo_dpo.models.hf.llama import Llama
 from nemo_dpo.models.hf.qwen2 import Qwen2
 from nemo_dpo.models.hf.qwen3 import Qwen3
-# read_hf_config, read_hf_weights and write_hf_dir are part of this package's API.
-from nemo_dpo.models.hf.model_folder import CONFIG_FILE, read_hf_config, read_hf_weights, write_hf_dir  # noqa: F401
+# generation_config_files, read_hf_config, read_hf_weights and write_hf_dir are part of this package's API.
+from nemo_dpo.models.hf.model_folder import (  # noqa: F401
+    CONFIG_FILE,
+    generation_config_files,
+    read_hf_config,
+    read_hf_weights,
+    write_hf_dir,
+)
 
 # Export tries the families in this order; an error lists them in this order too.
 FAMILIES = (Llama(), Qwen2(), Qwen3(), GPT2())
