@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import DictConfig, OmegaConf
 
 from nemo_dpo.config import ConfigError, load_config, validate
 
@@ -37,6 +38,27 @@ def test_a_misspelled_key_gets_a_suggestion(override, suggestion):
 def test_defaults_are_valid_for_one_and_two_processes():
     check([], 1)
     check([], 2)
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_fine_tuning_config_is_valid_and_lists_only_what_differs():
+    """conf/gpt_dpo_hf.yaml: NeMo-Aligner's fine-tuning optimizer for pretrained starts, on top of gpt_dpo.yaml."""
+    base = load_config("gpt_dpo")
+    for world_size in (1, 2, 8):
+        validate(load_config("gpt_dpo_hf"), world_size)
+    raw = OmegaConf.load(os.path.join(ROOT, "conf", "gpt_dpo_hf.yaml"))
+    assert raw.pop("base_config") == "gpt_dpo"
+    for key, value in _leaves(raw):
+        assert OmegaConf.select(base, key) != value, f"gpt_dpo_hf.yaml repeats gpt_dpo.yaml's {key}: {value!r}"
+    tuned = load_config("gpt_dpo_hf").model
+    assert tuned.optim.lr == 9e-6 and tuned.optim.sched.warmup_steps == 10 and tuned.dpo.ref_policy_kl_penalty == 0.1
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,12 @@ class DPOTrainer:
         self.steps_per_epoch = len(self.train_pairs) // m.global_batch_size
         by_epochs = dpo.max_epochs * self.steps_per_epoch
         self.total_steps = by_epochs if dpo.max_steps < 0 else min(dpo.max_steps, by_epochs)
+        if self.total_steps < m.optim.sched.warmup_steps:
+            self.log0(
+                f"warning: the run has {self.total_steps} steps (trainer.dpo.max_steps={dpo.max_steps}, max_epochs="
+                f"{dpo.max_epochs}), fewer than model.optim.sched.warmup_steps={m.optim.sched.warmup_steps}: "
+                "the warmup is cut short to fit"
+            )
         self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val, self.config.bf16)
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
         self.step_fn = DPOStep(self.model, build_loss(m.dpo), m.vocab_size, m.log_prob_chunk_size, layout)
