@@ -20,6 +20,7 @@ the project, so every layer can use it.
 
 import math
 from abc import ABC, abstractmethod
+from collections import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -185,3 +186,16 @@ class ListOf(Range):
     def _describe(self) -> str:
         size = f"a list of {self.length}" if self.length is not None else "a non-empty list of"
         return f"{size} {'distinct ' if self.distinct else ''}values, each {self.each}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mapping(Range):
+    """A mapping of settings whose own keys and values ``what`` checks (its cross-key rules)."""
+
+    what: str
+
+    def _admits(self, value) -> bool:
+        return isinstance(value, abc.Mapping)
+
+    def _describe(self) -> str:
+        return f"a mapping of {self.what}"

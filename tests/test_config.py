@@ -43,13 +43,47 @@ def test_defaults_are_valid_for_one_and_two_processes():
     validate(load_config("gpt_dpo_lora"), 2)
 
 
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_fine_tuning_config_is_valid_and_lists_only_what_differs():
+    """conf/gpt_dpo_hf.yaml: NeMo-Aligner's fine-tuning optimizer for pretrained starts, on top of gpt_dpo.yaml."""
+    base = load_config("gpt_dpo")
+    for world_size in (1, 2, 8):
+        validate(load_config("gpt_dpo_hf"), world_size)
+    raw = OmegaConf.load(os.path.join(ROOT, "conf", "gpt_dpo_hf.yaml"))
+    assert raw.pop("base_config") == "gpt_dpo"
+    for key, value in _leaves(raw):
+        assert OmegaConf.select(base, key) != value, f"gpt_dpo_hf.yaml repeats gpt_dpo.yaml's {key}: {value!r}"
+    tuned = load_config("gpt_dpo_hf").model
+    assert tuned.optim.lr == 9e-6 and tuned.optim.sched.warmup_steps == 10 and tuned.dpo.ref_policy_kl_penalty == 0.1
+
+
 @pytest.mark.parametrize(
     "overrides, world_size, pattern",
     [
         (["model.tensor_model_parallel_size=2"], 3, r"world size 3 is not divisible by model.tensor_model_parallel_size \(2\) x model.pipeline_model_parallel_size \(1\)"),
         (["model.pipeline_model_parallel_size=3"], 4, r"world size 4 .* model.pipeline_model_parallel_size \(3\) = 3"),
         (["model.num_attention_heads=6", "model.hidden_size=120", "model.tensor_model_parallel_size=4"], 4, r"model.num_attention_heads \(6\) is not divisible by model.tensor_model_parallel_size \(4\)"),
-        (["model.hidden_size=130"], 1, r"model.hidden_size \(130\) is not divisible by model.num_attention_heads \(4\)"),
+        (["model.hidden_size=130"], 1, r"model.hidden_size \(130\) is not divisible by model.num_attention_heads \(4\); set model.kv_channels"),
+        (["model.kv_channels=0"], 1, r"model.kv_channels must be >= 1 or null, got 0"),
+        (["model.kv_channels=abc"], 1, r"model.kv_channels must be >= 1 or null, got 'abc'"),
+        (["model.kv_channels=33"], 1, r"RoPE rotates pairs of channels: the head size must be even, got 33 \(model.kv_channels=33"),
+        (["model.rope_scaling={rope_type: dynamic, factor: 2.0}"], 1, r"model.rope_scaling: rope_type must be one of \['linear', 'llama3', 'yarn'\] \(or rope_scaling null\), got 'dynamic'"),
+        (["model.rope_scaling=4"], 1, r"model.rope_scaling must be a mapping of Hugging Face rope_parameters .*, got 4"),
+        (["model.rope_scaling={rope_type: llama3, factor: 8.0}"], 1, r"model.rope_scaling: rope_type 'llama3' takes \['factor', 'high_freq_factor', 'low_freq_factor', 'original_max_position_embeddings'\]; got \['factor'\]"),
+        (["model.rope_scaling={rope_type: yarn, factor: 4.0, original_max_position_embeddings: 16, beta: 3}"], 1, r"rope_type 'yarn' takes \['factor', 'original_max_position_embeddings'\] and optionally \['attention_factor', .*\]; got \['beta', 'factor', 'original_max_position_embeddings'\]"),
+        (["model.rope_scaling={rope_type: linear, factor: 0.5}"], 1, r"model.rope_scaling.factor must be >= 1, got 0.5"),
+        (["model.rope_scaling={rope_type: linear, factor: fast}"], 1, r"model.rope_scaling.factor must be a positive number, got 'fast'"),
+        (["model.rope_scaling={rope_type: llama3, factor: 8.0, low_freq_factor: 4, high_freq_factor: 1, original_max_position_embeddings: 64}"], 1, r"model.rope_scaling: low_freq_factor \(4\) must be below high_freq_factor \(1\)"),
+        (["model.rope_scaling={rope_type: yarn, factor: 4.0, original_max_position_embeddings: 16, truncate: 1}"], 1, r"model.rope_scaling.truncate must be true or false, got 1"),
+        (["model.position_embedding_type=learned_absolute", "model.rope_scaling={rope_type: linear, factor: 2.0}"], 1, r"model.rope_scaling.rope_type='linear' needs model.position_embedding_type='rope', got 'learned_absolute'"),
+        (["model.qk_layernorm=maybe"], 1, r"model.qk_layernorm: expected a boolean, got 'maybe'"),
         (["model.num_query_groups=3"], 1, r"model.num_query_groups \(3\) must divide model.num_attention_heads \(4\)"),
         (["model.global_batch_size=30"], 2, r"model.global_batch_size \(30\) is not divisible by model.micro_batch_size \(4\) x data-parallel size \(2\) = 8"),
         (["model.dpo.preference_loss=kto"], 1, r"model.dpo.preference_loss must be one of \['dpo', 'ipo', 'rpo_fwd_kl', 'rpo_bwd_kl', 'rpo_sq'\], got 'kto'"),
@@ -155,6 +189,10 @@ OUT_OF_RANGE = {
     "model.activations_checkpoint_num_layers": "0",
     "model.vocab_size": "'32000'",
     "model.make_vocab_size_divisible_by": "0",
+    "model.kv_channels": "0",
+    "model.qkv_bias": "maybe",
+    "model.qk_layernorm": "maybe",
+    "model.rope_scaling": "linear",
     "model.log_prob_chunk_size": "-1",
     "model.tokenizer.model": "''",
     "model.tokenizer.vocab_size": "10",

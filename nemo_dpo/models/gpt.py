@@ -1,5 +1,6 @@
 """Build a megatron-core GPTModel for this rank's pipeline stage from the ``model`` config."""
 
+import math
 from functools import partial
 
 import torch
@@ -14,7 +15,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_dpo.distributed import layout
 from nemo_dpo.models.activations import SwiGLU
 from nemo_dpo.models.attention import SDPAttention
-from nemo_dpo.ranges import Flag, Integer, OneOf, Real
+from nemo_dpo.models.rope_scaling import attention_factor, check_rope_scaling, inverse_frequencies
+from nemo_dpo.ranges import Flag, Integer, Mapping, OneOf, Real
 
 try:  # transformer-engine is an optional GPU accelerator.
     import transformer_engine  # noqa: F401
@@ -59,6 +61,10 @@ RANGES = {
     "model.activations_checkpoint_num_layers": SIZE,
     "model.vocab_size": Integer(ge=1, nullable=True),
     "model.make_vocab_size_divisible_by": SIZE,
+    "model.kv_channels": Integer(ge=1, nullable=True),
+    "model.qkv_bias": Flag(),
+    "model.qk_layernorm": Flag(),
+    "model.rope_scaling": Mapping(what="Hugging Face rope_parameters (models/rope_scaling.py)", nullable=True),
 }
 
 
@@ -83,10 +89,16 @@ def check_model_config(model_cfg) -> None:
     pp = model_cfg.pipeline_model_parallel_size
     heads = model_cfg.num_attention_heads
     groups = model_cfg.num_query_groups or heads
-    if model_cfg.hidden_size % heads != 0:
+    if model_cfg.kv_channels is None and model_cfg.hidden_size % heads != 0:
         raise ValueError(
             f"model.hidden_size ({model_cfg.hidden_size}) is not divisible by "
-            f"model.num_attention_heads ({heads})"
+            f"model.num_attention_heads ({heads}); set model.kv_channels to give the head size"
+        )
+    if model_cfg.position_embedding_type == "rope" and head_dim(model_cfg) % 2:
+        raise ValueError(
+            f"RoPE rotates pairs of channels: the head size must be even, got {head_dim(model_cfg)} "
+            f"(model.kv_channels={model_cfg.kv_channels}, model.hidden_size={model_cfg.hidden_size}, "
+            f"model.num_attention_heads={heads})"
         )
     if heads % tp != 0:
         raise ValueError(
@@ -114,6 +126,12 @@ def check_model_config(model_cfg) -> None:
             f"model.encoder_seq_length ({model_cfg.encoder_seq_length}) exceeds "
             f"model.max_position_embeddings ({model_cfg.max_position_embeddings})"
         )
+    check_rope_scaling(model_cfg)
+
+
+def head_dim(model_cfg) -> int:
+    """Channels per attention head: ``model.kv_channels``, or hidden_size / num_attention_heads when null."""
+    return model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
 
 
 def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_func=None) -> TransformerConfig:
@@ -131,7 +149,11 @@ def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_
         ffn_hidden_size=model_cfg.ffn_hidden_size,
         num_attention_heads=model_cfg.num_attention_heads,
         num_query_groups=model_cfg.num_query_groups or model_cfg.num_attention_heads,
-        kv_channels=model_cfg.hidden_size // model_cfg.num_attention_heads,
+        kv_channels=head_dim(model_cfg),
+        add_qkv_bias=model_cfg.qkv_bias,
+        qk_layernorm=model_cfg.qk_layernorm,
+        # YaRN multiplies RoPE's cos and sin by m, so q.k by m^2 (models/rope_scaling.py); 1 otherwise.
+        softmax_scale=attention_factor(model_cfg.rope_scaling) ** 2 / math.sqrt(head_dim(model_cfg)),
         normalization=model_cfg.normalization,
         layernorm_epsilon=model_cfg.layernorm_epsilon,
         gated_linear_unit=swiglu,
@@ -181,14 +203,16 @@ def recompute_settings(model_cfg) -> dict:
 def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig) -> GPTModel:
     """The GPTModel for this pipeline stage (embedding on the first, output layer on the last)."""
     if HAVE_TE:
-        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
     else:
-        layer_spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+        layer_spec = get_gpt_layer_local_spec(
+            normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm
+        )
         layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
         if config.use_te_activation_func:
             layer_spec.submodules.mlp.submodules.activation_func = SwiGLU
     tp = model_cfg.tensor_model_parallel_size
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
         vocab_size=padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by, tp),
@@ -200,6 +224,11 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig) -> GPTModel
         position_embedding_type=model_cfg.position_embedding_type,
         rotary_base=model_cfg.rotary_base,
     )
+    if model_cfg.position_embedding_type == "rope":  # scaled as model.rope_scaling says (unscaled: megatron's own)
+        rotary = model.rotary_pos_emb
+        frequencies = inverse_frequencies(config.kv_channels, model_cfg.rotary_base, model_cfg.rope_scaling)
+        rotary.inv_freq = frequencies.to(rotary.inv_freq.device)
+    return model
 
 
 def _pass_hidden_states(input_, weight=None, runtime_gather_output=None):

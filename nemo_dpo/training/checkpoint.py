@@ -6,6 +6,7 @@ Layout on disk::
         step_10/            megatron-core dist_checkpointing (torch_dist) + COMPLETE.json
             nemo_dpo.json   config, progress and layout (METADATA)
             tokenizer/      the run's tokenizer files (TOKENIZER_DIR), so the folder is self-contained
+            generation_config.json  the initial model's, when it had one (for the Hugging Face export)
         step_20/
         latest              "step_20", replaced atomically after step_20 is complete
 
@@ -279,7 +280,7 @@ def save(
 
     ``metadata`` (the run's config, its progress; plain data) goes to
     ``nemo_dpo.json`` with the layout it was saved at. ``extra_files`` ({relative
-    path: source file}) are copied in by rank 0 (the tokenizer). ``update_latest``
+    path: source file}) are copied in by rank 0 (the tokenizer, generation_config.json). ``update_latest``
     points ``<parent>/latest`` at the new checkpoint (a run's checkpoints; not for a
     standalone converted model). With an ``async_queue`` (megatron's
     AsyncCallsQueue) the shards are written in the background and the checkpoint is

@@ -4,6 +4,8 @@ Either a Hugging Face model folder (``config.json`` + safetensors) or a nemo-dpo
 checkpoint folder. Either way the folder defines the architecture, the
 vocabulary and the tokenizer, so :func:`resolve` copies those into the config
 before anything is built, and :func:`load_weights` fills the built model.
+Its generation_config.json, if any, goes into every checkpoint of the run
+(:func:`carried_files`), so that the export has it.
 """
 
 import os
@@ -12,7 +14,14 @@ from pathlib import Path
 from nemo_dpo.distributed import layout
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.gpt import padded_vocab_size
-from nemo_dpo.models.hf import hf_to_global, hf_vocab_size, model_overrides_from_hf, read_hf_config, read_hf_weights
+from nemo_dpo.models.hf import (
+    generation_config_files,
+    hf_to_global,
+    hf_vocab_size,
+    model_overrides_from_hf,
+    read_hf_config,
+    read_hf_weights,
+)
 from nemo_dpo.models.sharding import load_global_state_dict
 from nemo_dpo.ranges import FilePath
 from nemo_dpo.training import checkpoint
@@ -75,3 +84,10 @@ def load_weights(model, config, model_cfg) -> None:
     else:
         checkpoint.check_compatible(Path(path), model_cfg)
         checkpoint.load(Path(path), model)
+
+
+def carried_files(model_cfg) -> dict:
+    """``{name in a checkpoint: path}``: the source's generation_config.json, which its checkpoints keep."""
+    if model_cfg.restore_from_path is None:
+        return {}
+    return {os.path.basename(f): f for f in generation_config_files(model_cfg.restore_from_path)}

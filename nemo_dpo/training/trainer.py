@@ -88,6 +88,12 @@ class DPOTrainer:
         self.steps_per_epoch = len(self.train_pairs) // m.global_batch_size
         by_epochs = dpo.max_epochs * self.steps_per_epoch
         self.total_steps = by_epochs if dpo.max_steps < 0 else min(dpo.max_steps, by_epochs)
+        if self.total_steps < m.optim.sched.warmup_steps:
+            self.log0(
+                f"warning: the run has {self.total_steps} steps (trainer.dpo.max_steps={dpo.max_steps}, max_epochs="
+                f"{dpo.max_epochs}), fewer than model.optim.sched.warmup_steps={m.optim.sched.warmup_steps}: "
+                "the warmup is cut short to fit"
+            )
         self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val, self.config.bf16)
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
         self.step_fn = DPOStep(self.model, build_loss(m.dpo), m.vocab_size, m.log_prob_chunk_size, layout)
@@ -175,7 +181,7 @@ class DPOTrainer:
             checkpoint.sharded_state(self.model, self.optimizer),
             metadata,
             self.cfg.checkpoint.keep_last_k,
-            extra_files=self.tokenizer_files(),
+            extra_files={**self.tokenizer_files(), **initial_policy.carried_files(self.cfg.model)},
             async_queue=self.async_queue,
         )
         self.saved_step = self.step
