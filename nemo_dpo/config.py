@@ -33,6 +33,10 @@ class ConfigError(ValueError):
     """A configuration problem, reported before training starts."""
 
 
+# Keys whose value is a name or a list of names (model.dpo.preference_loss: one loss or a weighted mixture).
+NAME_OR_LIST_KEYS = {"model.dpo.preference_loss"}
+
+
 def _check_types(merged, base, prefix=""):
     for key, default in base.items():
         path = f"{prefix}{key}"
@@ -40,6 +44,8 @@ def _check_types(merged, base, prefix=""):
         if isinstance(default, DictConfig):
             _check_types(value, default, path + ".")
         elif default is None or value is None:
+            continue
+        elif path in NAME_OR_LIST_KEYS and isinstance(value, ListConfig):
             continue
         elif isinstance(default, bool) != isinstance(value, bool):
             raise ConfigError(f"{path}: expected a boolean, got {value!r}")
@@ -138,7 +144,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         check_optim_config(model.optim)
         check_trainer_config(cfg.trainer)
         check_precision(cfg.trainer.precision)
-        check_reference_config(model.dpo)
+        check_reference_config(model)
         check_peft_config(model.peft)
         check_logging(cfg)
         check_data_config(model)

@@ -48,7 +48,7 @@ def test_defaults_are_valid_for_one_and_two_processes():
         (["model.hidden_size=130"], 1, r"model.hidden_size \(130\) is not divisible by model.num_attention_heads \(4\)"),
         (["model.num_query_groups=3"], 1, r"model.num_query_groups \(3\) must divide model.num_attention_heads \(4\)"),
         (["model.global_batch_size=30"], 2, r"model.global_batch_size \(30\) is not divisible by model.micro_batch_size \(4\) x data-parallel size \(2\) = 8"),
-        (["model.dpo.preference_loss=kto"], 1, r"model.dpo.preference_loss must be one of \['dpo', 'ipo', 'rpo_fwd_kl', 'rpo_bwd_kl', 'rpo_sq'\], got 'kto'"),
+        (["model.dpo.preference_loss=kto"], 1, r"model.dpo.preference_loss must be one of \['dpo', 'ipo', 'rpo_fwd_kl', 'rpo_bwd_kl', 'rpo_sq', 'sigmoid', 'hinge', 'robust', 'exo_pair', 'nca_pair', 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired', 'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm', 'sft', 'simpo', 'cpo', 'orpo'\], got 'kto'"),
         (["model.data.data_prefix.train=/nonexistent/train.jsonl"], 1, r"model.data.data_prefix.train: file /nonexistent/train.jsonl does not exist"),
         (["model.data.data_prefix.validation=/nonexistent/val.jsonl"], 1, r"model.data.data_prefix.validation: file /nonexistent/val.jsonl does not exist"),
         (["model.num_layers=3", "model.pipeline_model_parallel_size=2"], 2, r"model.num_layers \(3\) is not divisible by model.pipeline_model_parallel_size \(2\)"),
