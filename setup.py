@@ -26,7 +26,9 @@ setup(
         # Parquet and Arrow data files (JSON Lines needs nothing more).
         "data": ["pyarrow"],
         # pyarrow: the Parquet/Arrow data tests.
-        "test": ["pytest>=8", "transformers", "hypothesis", "pyarrow", "matplotlib", "dockerfile-parse>=2"],  # transformers: reference models for the HF tests
+        # transformers: reference models for the HF tests; trl (with datasets): the oracle of the loss tests
+        "test": ["pytest>=8", "transformers", "hypothesis", "pyarrow", "matplotlib", "dockerfile-parse>=2", "trl>=1.16",
+                 "datasets"],
         # python -m nemo_dpo.plot <log dir>: PNGs of the metrics.
         "plot": ["matplotlib"],
         # exp_manager.create_wandb_logger=true.
