@@ -1,5 +1,7 @@
 """What each process does in the multi-rank tests (imported by the spawned processes)."""
 
+import gc
+
 import torch
 from megatron.core import parallel_state
 
@@ -9,6 +11,7 @@ from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.losses.logprobs import vocab_parallel_log_probs, vocab_parallel_log_sum_sq_probs
 from nemo_dpo.models.gpt import unwrap
 from nemo_dpo.models.sharding import local_to_global_names
+from nemo_dpo.training.reference import ReferenceWeights
 from nemo_dpo.training.trainer import DPOTrainer
 
 # A small model that still has every moving part: GQA, 2 layers (one per stage at PP=2).
@@ -121,10 +124,12 @@ def one_step(trainer: DPOTrainer) -> dict:
     frozen = {names[n]: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     metrics.update(trainer.optimizer_step())
     trainer.after_update(metrics)
+    gc.collect()  # the earlier variants' trainers are gone: any copy of reference weights alive now is this one's
     return {
         "metrics": metrics,
         "loss_state": trainer.loss.state_dict(),
         "reference_source": type(trainer.reference).__name__,
+        "reference_copies": sum(isinstance(o, ReferenceWeights) for o in gc.get_objects()),
         "reference": reference_weights() if moving else {},
         "reference_before": reference_before,
         "grads": grads,

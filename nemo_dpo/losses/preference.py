@@ -172,7 +172,7 @@ class BcoPair:
         return -F.logsigmoid(chosen) - F.logsigmoid(-rejected)
 
     def stats(self, p) -> dict:
-        return {"bco_reward_shift": p.margin.new_tensor(self.mean)}
+        return {"bco_reward_shift": torch.tensor(self.mean, dtype=torch.float64)}
 
     def end_step(self, metrics: dict) -> None:
         batch_mean = (metrics["rewards_chosen_mean"] + metrics["rewards_rejected_mean"]) / 2
