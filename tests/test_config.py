@@ -62,6 +62,10 @@ def test_defaults_are_valid_for_one_and_two_processes():
         (["trainer.distributed_timeout_minutes=0"], 1, r"trainer.distributed_timeout_minutes must be positive, got 0"),
         (["model.data.on_bad_record=drop"], 1, r"model.data.on_bad_record must be one of \['error', 'skip'\], got 'drop'"),
         (["model.make_vocab_size_divisible_by=90", "model.tensor_model_parallel_size=4", "model.ffn_hidden_size=512"], 4, r"model.make_vocab_size_divisible_by \(90\) must be divisible by model.tensor_model_parallel_size \(4\)"),
+        (["model.dpo.preference_loss=[dpo,orpo]"], 1, r"model.dpo.preference_loss: a list is a mixture of distinct paired losses with a reference"),
+        (["model.dpo.ld_alpha=2"], 1, r"model.dpo.ld_alpha must be in \[0, 1\], or null for none, got 2"),
+        (["model.dpo.sync_ref_model=true", "model.dpo.reference_logprobs=precomputed"], 1, r"model.dpo.sync_ref_model=true moves the reference during training, so its log-probs cannot be precomputed"),
+        (["model.dpo.sync_ref_model=true", "model.peft.peft_scheme=lora"], 1, r"model.dpo.sync_ref_model=true needs reference weights to move, but with model.peft.peft_scheme=lora the reference is the frozen base"),
     ],
 )
 def test_bad_values_are_named(overrides, world_size, pattern):
@@ -87,6 +91,12 @@ def test_overrides_apply():
     assert cfg.model.dpo.preference_loss == "ipo"
     assert cfg.model.optim.lr == 5e-4
     assert cfg.model.optim.weight_decay == 0  # an int where a float is expected is fine
+
+
+def test_preference_loss_takes_a_list_and_no_other_string_key_does():
+    check(["model.dpo.preference_loss=[dpo,bco_pair,sft]", "model.dpo.preference_loss_weights=[0.8,0.2,1.0]"])
+    with pytest.raises(ConfigError, match=r"model.optim.name: expected str, got \['adamw'\]"):
+        load_config("gpt_dpo", ["model.optim.name=[adamw]"])
 
 
 @pytest.mark.slow
