@@ -38,6 +38,10 @@ class ConfigError(ValueError):
     """A configuration problem, reported before training starts."""
 
 
+# Keys whose value is a name or a list of names (model.dpo.preference_loss: one loss or a weighted mixture).
+NAME_OR_LIST_KEYS = {"model.dpo.preference_loss"}
+
+
 def _check_types(merged, base, prefix=""):
     """Each value of the type of its default (an int will do for a float); the range checks come later."""
     for key, default in base.items():
@@ -46,6 +50,8 @@ def _check_types(merged, base, prefix=""):
         if isinstance(default, DictConfig):
             _check_types(value, default, path + ".")
         elif default is None or value is None:
+            continue
+        elif path in NAME_OR_LIST_KEYS and isinstance(value, ListConfig):
             continue
         elif isinstance(default, bool) != isinstance(value, bool):
             raise ConfigError(f"{path}: expected a boolean, got {value!r}")
@@ -184,6 +190,7 @@ def validate(cfg: DictConfig, world_size: int, training: bool = True) -> None:
         dp = layout.check_layout(world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size)
         gpt.check_model_config(model)
         losses.build_loss(model.dpo)
+        reference.check_reference_config(model)
         batching.check_batch_sizes(model.micro_batch_size, model.global_batch_size, dp)
         optimizer.check_optim_config(model.optim)
         metrics_log.check_logging(cfg)

@@ -83,3 +83,18 @@ def test_missing_log_dir_metrics_file_and_matplotlib(tmp_path, capsys, monkeypat
     assert main([str(tmp_path / "run")]) == 1
     assert capsys.readouterr().err == ("error: plotting needs matplotlib, which is not installed: pip install matplotlib "
                                        "(or pip install 'nemo-dpo[plot]')\n")
+
+
+def test_the_statistics_a_loss_defines_are_plotted_too(tmp_path, capsys):
+    """An ORPO run logs nll_loss, log_odds_ratio and log_odds_chosen: each gets its own PNG after the common ones."""
+    rows = synthetic_rows()
+    for row in rows:
+        row.update(nll_loss=3.0 - row["step"] / 20, log_odds_ratio=-0.7 + row["step"] / 100, log_odds_chosen=0.01,
+                   preference_loss=row["loss"], sft_loss=0.0, time_step=0.5)
+    write_metrics(tmp_path / "run", [json.dumps(r) for r in rows])
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "png")]) == 0
+    extra = ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
+    assert capsys.readouterr().out.split() == [str(tmp_path / "png" / f"{name}.png") for name in [*PLOTS, *extra]]
+    for name in extra:
+        assert png_size(tmp_path / "png" / f"{name}.png") == (800, 450)
+        assert colour_share(tmp_path / "png" / f"{name}.png", LINE_COLOURS[0]) > 0.001, name

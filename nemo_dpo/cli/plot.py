@@ -2,9 +2,11 @@
 
 Reads ``<log_dir>/metrics.jsonl`` and writes loss.png, accuracy.png, rewards.png
 (chosen, rejected, margin), grad_norm.png and lr.png to DIR (default
-``<log_dir>/plots``), training steps as a line and validation as markers on the
-same axes; prints the paths written. Needs matplotlib (``pip install
-matplotlib``, or the ``plot`` extra); rendered with Agg, so no display is needed.
+``<log_dir>/plots``), then one ``<metric>.png`` for each statistic the run's loss
+defines and logged (BCO's ``bco_reward_shift``, ORPO's ``log_odds_ratio``, each part
+of a mixture, ...): training steps as a line and validation as markers on the same
+axes; prints the paths written. Needs matplotlib (``pip install matplotlib``, or the
+``plot`` extra); rendered with Agg, so no display is needed.
 """
 
 import argparse
@@ -16,11 +18,27 @@ import sys
 PLOTS = {
     "loss": ("loss", ["loss"]),
     "accuracy": ("accuracy (chosen reward > rejected reward)", ["accuracy"]),
-    "rewards": ("implicit rewards: beta (log pi - log pi_ref)", ["rewards_chosen_mean", "rewards_rejected_mean",
-                                                                 "reward_margin"]),
+    "rewards": ("implicit rewards (beta log-ratio; reference-free losses: beta log-likelihood)",
+                ["rewards_chosen_mean", "rewards_rejected_mean", "reward_margin"]),
     "grad_norm": ("gradient norm", ["grad_norm"]),
     "lr": ("learning rate", ["lr"]),
 }
+
+
+# What every run logs besides PLOTS' metrics, drawn by none: the parts of the loss, bookkeeping and timings.
+COMMON = {"preference_loss", "sft_loss", "consumed_samples", "skipped_steps", "tokens_per_sec"}
+
+
+def loss_statistics(rows: list) -> list:
+    """The numeric metrics a run logged that are its loss's own (neither PLOTS', common, nor ``time_*``), in order."""
+    drawn = {key for _, keys in PLOTS.values() for key in keys} | COMMON | {"step", "split"}
+    found = []
+    for row in rows:
+        for key, value in row.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and key not in drawn and not key.startswith("time_") and key not in found:
+                found.append(key)
+    return found
 
 
 class PlotError(Exception):
@@ -68,7 +86,7 @@ def _figure_classes():
 
 
 def plot(log_dir: str, out_dir: str = None) -> list:
-    """Write the PNGs of ``PLOTS`` for ``log_dir``; returns their paths."""
+    """Write the PNGs of ``PLOTS`` and of the loss's own statistics for ``log_dir``; returns their paths."""
     if not os.path.isdir(log_dir):
         raise PlotError(f"log dir {log_dir} does not exist")
     path = os.path.join(log_dir, "metrics.jsonl")
@@ -80,7 +98,8 @@ def plot(log_dir: str, out_dir: str = None) -> list:
     out_dir = out_dir or os.path.join(log_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for name, (title, keys) in PLOTS.items():
+    figures = {**PLOTS, **{key: (f"{key} (the loss's statistic)", [key]) for key in loss_statistics(rows)}}
+    for name, (title, keys) in figures.items():
         fig = Figure(figsize=(8, 4.5), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
