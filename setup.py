@@ -25,8 +25,10 @@ setup(
     extras_require={
         # Parquet and Arrow data files (JSON Lines needs nothing more).
         "data": ["pyarrow"],
-        # pyarrow: the Parquet/Arrow data tests.
-        "test": ["pytest>=8", "transformers", "hypothesis", "pyarrow", "matplotlib", "dockerfile-parse>=2"],  # transformers: reference models for the HF tests
+        # pyarrow: the Parquet/Arrow data tests; transformers: reference models for the HF tests; trl: its DPOConfig
+        # fields, each of which nemo-dpo answers; datasets: the folders it writes, read as data.
+        "test": ["pytest>=8", "transformers", "hypothesis", "pyarrow", "matplotlib", "dockerfile-parse>=2", "trl>=1.16",
+                 "datasets"],
         # python -m nemo_dpo.plot <log dir>: PNGs of the metrics.
         "plot": ["matplotlib"],
         # exp_manager.create_wandb_logger=true.
