@@ -91,7 +91,7 @@ class Real(Range):
     gt: float | None = None
     ge: float | None = None
     lt: float | None = None  # dropout < 1, Adam's betas < 1
-    le: float | None = None  # a weight or a probability that may be 1
+    le: float | None = None  # a probability or a weight that may be 1, a fraction of an epoch up to a whole one
     special: dict = field(default_factory=dict)
 
     def _admits(self, value) -> bool:
@@ -110,6 +110,23 @@ class Real(Range):
             high = f"{_number(self.lt)})" if self.lt is not None else f"{_number(self.le)}]"
             bounds = f"in {'(' if open_low else '['}{low}, {high}"
         return _with_special(self.special, bounds)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Either(Range):
+    """A value that one of two ranges admits, its type saying which was meant (NeMo-Aligner's intervals: an integer
+    is a number of steps, a float a fraction of an epoch); ``first_is`` and ``second_is`` name what each is."""
+
+    first: Range
+    first_is: str
+    second: Range
+    second_is: str
+
+    def _admits(self, value) -> bool:
+        return self.first.admits(value) or self.second.admits(value)
+
+    def _describe(self) -> str:
+        return f"{self.first} ({self.first_is}); or {self.second} ({self.second_is})"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -148,11 +148,13 @@ OUT_OF_RANGE = {
     "name": "''",
     "trainer.dpo.max_epochs": "0",
     "trainer.dpo.max_steps": "0",
-    "trainer.dpo.val_check_interval": "-1",
-    "trainer.dpo.limit_val_batches": "0",
+    "trainer.dpo.val_check_interval": "1.5",
+    "trainer.dpo.limit_val_batches": "0.0",
     "trainer.dpo.log_interval": "0",
     "trainer.dpo.save_interval": "-5",
     "trainer.dpo.nan_policy": "ignore",
+    "trainer.num_nodes": "0",
+    "trainer.devices": "-1",
     "trainer.gradient_clip_val": "-1",
     "trainer.precision": "fp16",
     "trainer.distributed_timeout_minutes": "0",
@@ -203,6 +205,7 @@ OUT_OF_RANGE = {
     "model.tokenizer.cache_dir": "''",
     "model.data.data_prefix.train": "5",
     "model.data.data_prefix.validation": "[]",
+    "model.data.data_prefix.test": "[a.jsonl, 3]",
     "model.data.chat_template": "''",
     "model.data.implicit_prompt_delimiter": "''",
     "model.data.overflow": "wrap",
@@ -329,7 +332,7 @@ def test_a_broken_base_config_or_non_utf8_file_is_named_from_the_command_line(tm
 
 
 def test_a_section_given_as_a_value_names_the_section():
-    with pytest.raises(ConfigError, match=r"^model.data.data_prefix: expected a mapping of its keys \(train, validation\), "
+    with pytest.raises(ConfigError, match=r"^model.data.data_prefix: expected a mapping of its keys \(train, validation, test\), "
                                           r"got \['a.jsonl', 'b.jsonl'\]$"):
         load_config("gpt_dpo", ["model.data.data_prefix=[a.jsonl,b.jsonl]"])
     with pytest.raises(ConfigError, match=r"^model.optim: expected a mapping of its keys \(name, lr, weight_decay, betas, "

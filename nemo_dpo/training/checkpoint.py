@@ -401,7 +401,7 @@ def _complete(folder: Path, tmp: Path, metadata: dict, keep_last_k: int, extra_f
     dist.barrier()
 
 
-def _load_model_state(module, state: dict, folder) -> None:
+def load_model_state(module, state: dict, folder) -> None:
     """Load all parameters and buffers, or (frozen base) exactly the trainable parameters."""
     frozen = any(not p.requires_grad for p in module.parameters())
     if frozen:
@@ -510,7 +510,7 @@ def load(folder: Path, model, optimizer=None, extra=None) -> dict:
         if optimizer is not None and tuple(metadata.get("layout", ())) != layout.current().sizes:
             del state["rng_state"]  # RNG streams belong to ranks; another layout starts from its seeds
         loaded = dist_checkpointing.load(state, str(folder), common_strategy=safe_load.WeightsOnlyCommonLoad())
-        _load_model_state(unwrap(model), loaded["model"], folder)
+        load_model_state(unwrap(model), loaded["model"], folder)
         if optimizer is not None:
             settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(loaded["optimizer"])

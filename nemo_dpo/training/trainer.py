@@ -8,7 +8,8 @@ the next global batch of pairs, keep this DP rank's share, split it into
 microbatches, compute the reference values the loss asks for (reference weights
 swapped in), run the policy forward/backward, step the optimizer, then let the
 loss update its state (BCO's running mean) and, with TR-DPO, move the reference.
-Validation runs every ``val_check_interval`` steps and at the end; checkpoints
+Validation runs every ``val_check_interval`` steps (or that fraction of an
+epoch) and at the end; checkpoints
 every ``save_interval`` steps and at the end.
 """
 
@@ -33,7 +34,7 @@ from nemo_dpo.losses import build_loss
 from nemo_dpo.models.gpt import build_gpt, transformer_config
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora
-from nemo_dpo.ranges import Flag, Integer, OneOf, Real
+from nemo_dpo.ranges import Either, Flag, Integer, OneOf, Real
 from nemo_dpo.training import checkpoint, initial_policy, reference_cache
 from nemo_dpo.training.dpo_step import DPOStep
 from nemo_dpo.training.log_dir import log_dir
@@ -54,8 +55,10 @@ NAN_POLICIES = ("skip_step", "stop")  # trainer.dpo.nan_policy
 RANGES = {
     "trainer.dpo.max_epochs": Integer(ge=1),
     "trainer.dpo.max_steps": Integer(ge=1, special={-1: "no limit"}),
-    "trainer.dpo.val_check_interval": Integer(ge=1, special={0: "only at the end"}),
-    "trainer.dpo.limit_val_batches": Integer(ge=1, special={-1: "the whole split"}),
+    "trainer.dpo.val_check_interval": Either(first=Integer(ge=1, special={0: "only at the end"}), first_is="steps",
+                                             second=Real(gt=0, le=1), second_is="a fraction of an epoch"),
+    "trainer.dpo.limit_val_batches": Either(first=Integer(ge=1, special={-1: "the whole split"}), first_is="batches",
+                                            second=Real(gt=0, le=1), second_is="a fraction of the split"),
     "trainer.dpo.save_interval": Integer(ge=1, special={0: "only at the end"}),
     "trainer.dpo.nan_policy": OneOf(choices=NAN_POLICIES),
     "trainer.gradient_clip_val": Real(gt=0, special={0: "no clipping"}),
@@ -65,6 +68,22 @@ RANGES = {
 
 class NonFiniteError(RuntimeError):
     """Training stopped on a non-finite loss or gradient (trainer.dpo.nan_policy=stop)."""
+
+
+def steps_between_validations(val_check_interval, steps_per_epoch: int) -> int:
+    """``trainer.dpo.val_check_interval`` in steps: an integer is steps (0: only at the end), a float a fraction of an
+    epoch (NeMo-Aligner's form), rounded down as Aligner does, and at least one step."""
+    if isinstance(val_check_interval, float):
+        return max(1, int(val_check_interval * steps_per_epoch))
+    return val_check_interval
+
+
+def validation_batches_used(limit_val_batches, available: int) -> int:
+    """``trainer.dpo.limit_val_batches`` in batches: -1 all, an integer at most that many, a float that fraction of
+    them (NeMo-Aligner's form, 1.0 = all), rounded down and at least one."""
+    if isinstance(limit_val_batches, float):
+        return max(1, int(limit_val_batches * available))
+    return available if limit_val_batches < 0 else min(limit_val_batches, available)
 
 
 
@@ -101,6 +120,10 @@ class DPOTrainer:
                 f"{dpo.max_epochs}), fewer than model.optim.sched.warmup_steps={m.optim.sched.warmup_steps}: "
                 "the warmup is cut short to fit"
             )
+        self.val_every = steps_between_validations(dpo.val_check_interval, self.steps_per_epoch)
+        if isinstance(dpo.val_check_interval, float):
+            self.log0(f"validation every {self.val_every} steps (trainer.dpo.val_check_interval={dpo.val_check_interval} "
+                      f"of an epoch of {self.steps_per_epoch} steps)")
         self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val, self.config.bf16)
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
         self.step_fn = DPOStep(self.model, self.loss, m.vocab_size, m.log_prob_chunk_size, layout)
@@ -330,8 +353,7 @@ class DPOTrainer:
             list(range(i, i + m.global_batch_size))
             for i in range(0, len(self.val_pairs) - m.global_batch_size + 1, m.global_batch_size)
         ]
-        if dpo.limit_val_batches >= 0:
-            batches = batches[: dpo.limit_val_batches]
+        batches = batches[: validation_batches_used(dpo.limit_val_batches, len(batches))]
         start, rows = time.perf_counter(), []
         self.model.eval()
         for indices in batches:
@@ -398,7 +420,7 @@ class DPOTrainer:
                 self.finish_checkpoints(blocking=False)
                 console = self.step % dpo.log_interval == 0 or self.step == self.total_steps
                 self.log("train", metrics, console)
-                if dpo.val_check_interval > 0 and self.step % dpo.val_check_interval == 0:
+                if self.val_every > 0 and self.step % self.val_every == 0:
                     last_val = self.log("val", self.validate())
                 if dpo.save_interval > 0 and self.step % dpo.save_interval == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
