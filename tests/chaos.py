@@ -41,10 +41,15 @@ FAULTS = ("kill_rank", "kill_launcher", "kill_all", "sigterm", "full_disk", "tor
 VOLATILE = ("tokens_per_sec",)  # measured, not computed: differs between any two runs
 
 
-def command(log_dir: Path, cache: Path, steps: int, save_every: int) -> list:
+# The long run's model: steps and saves long enough for a fault to land inside them. The suite's short run
+# keeps SMALL's, where process start-up is most of the time anyway.
+LARGER = ("model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=256")
+
+
+def command(log_dir: Path, cache: Path, steps: int, save_every: int, model: tuple) -> list:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "examples" / "train_dpo.py"),
-        *SMALL, "model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=256",
+        *SMALL, *model,
         f"trainer.dpo.max_steps={steps}", f"trainer.dpo.save_interval={save_every}",
         f"trainer.dpo.val_check_interval={2 * save_every}", "trainer.dpo.limit_val_batches=1",
         "exp_manager.create_tensorboard_logger=false", "trainer.enable_progress_bar=false",
@@ -135,12 +140,12 @@ class TinyDisk:
         subprocess.run(["umount", str(self.folder)], capture_output=True)
 
 
-def chaos(out: Path, steps: int, faults: int, seed: int, save_every: int = 5, kinds=FAULTS) -> dict:
+def chaos(out: Path, steps: int, faults: int, seed: int, save_every: int = 5, kinds=FAULTS, model=LARGER) -> dict:
     """Run straight, then with ``faults`` random faults; returns what happened (and raises if they differ)."""
     rng = random.Random(seed)
     cache = out / "tokenizer_cache"
     straight = out / "straight"
-    done = start(command(straight, cache, steps, save_every))
+    done = start(command(straight, cache, steps, save_every, model))
     log = finish(done)
     if done.returncode != 0:
         raise RuntimeError(f"the straight run failed:\n{log[-3000:]}")
@@ -166,7 +171,7 @@ def chaos(out: Path, steps: int, faults: int, seed: int, save_every: int = 5, ki
             if action == "full_disk":
                 disk.fill()
             before = last_step(chaotic)
-            proc = start(command(chaotic, cache, steps, save_every))
+            proc = start(command(chaotic, cache, steps, save_every, model))
             launches += 1
             hit = []
             room = max(1, (steps - 1 - before) // (len(plan) + 1))  # leave steps for the faults still planned

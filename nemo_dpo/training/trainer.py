@@ -387,8 +387,9 @@ class DPOTrainer:
         if self.step >= self.total_steps:
             self.log0(f"nothing to do: the checkpoint is at step {self.step} of {self.total_steps}")
             return None
+        steps = f"{self.total_steps} step" + ("" if self.total_steps == 1 else "s")
         self.log0(
-            f"training {self.total_steps} steps: TP={self.layout.tp} PP={self.layout.pp} DP={self.layout.dp}, "
+            f"training {steps}: TP={self.layout.tp} PP={self.layout.pp} DP={self.layout.dp}, "
             f"global batch {m.global_batch_size} pairs = {m.micro_batch_size} x "
             f"{m.global_batch_size // (m.micro_batch_size * self.layout.dp)} microbatches x DP {self.layout.dp}; "
             f"logs in {self.log_dir}",
