@@ -46,8 +46,8 @@ def _eval_mode(model):
 class AdaptersOff:
     """LoRA's reference: the same model with its adapters switched off."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model_chunks: list):
+        self.model = torch.nn.ModuleList(model_chunks)
 
     @contextmanager
     def swapped_in(self):
@@ -59,7 +59,8 @@ class AdaptersOff:
 class ReferenceWeights:
     """The model's weights at construction (the initial policy), swapped in on demand."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model_chunks: list):
+        model = torch.nn.ModuleList(model_chunks)
         self.params = [p for p in model.parameters()]
         self.weights = [p.detach().to("cpu", copy=True) for p in self.params]
         # On a GPU the policy's weights wait in pinned host buffers while the reference is
@@ -95,22 +96,24 @@ class ReferenceWeights:
             self._exchange(entering=False)
 
 
-def reference_model(model, lora: bool):
-    """How ``model`` runs as the reference: adapters off (LoRA), or the current weights kept aside."""
-    return AdaptersOff(model) if lora else ReferenceWeights(model)
+def reference_model(model_chunks: list, lora: bool):
+    """How the model (its chunks) runs as the reference: adapters off (LoRA), or the current weights kept aside."""
+    return AdaptersOff(model_chunks) if lora else ReferenceWeights(model_chunks)
 
 
 class OnlineReference:
     """Reference sums from a forward-only pass over the batch's own microbatches (last pipeline stage)."""
 
-    def __init__(self, runs_as_reference, log_probs):
-        """``runs_as_reference``: ReferenceWeights or AdaptersOff; ``log_probs``: ``DPOStep.log_probs``."""
-        self.runs_as_reference, self.log_probs = runs_as_reference, log_probs
+    def __init__(self, runs_as_reference, log_probs, cp_group=None):
+        """``runs_as_reference``: ReferenceWeights or AdaptersOff; ``log_probs``: ``DPOStep.log_probs``;
+        ``cp_group``: the context-parallel group the sums are partial over (None: CP is 1)."""
+        self.runs_as_reference, self.log_probs, self.cp_group = runs_as_reference, log_probs, cp_group
         self._validation = {}  # batch indices -> per-microbatch sums: validation batches repeat, the reference not
 
     def _pass(self, microbatches) -> list:
         with self.runs_as_reference.swapped_in():
-            return [response_sums(lp, mb) for mb, lp in zip(microbatches, self.log_probs(microbatches))]
+            log_probs = self.log_probs(microbatches)
+            return [response_sums(lp, mb, self.cp_group) for mb, lp in zip(microbatches, log_probs)]
 
     def attach(self, microbatches: list, split: str, indices: list) -> None:
         if split == "train":

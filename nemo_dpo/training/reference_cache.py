@@ -26,10 +26,10 @@ FILE = "reference_logprobs.pt"
 SHAPING_KEYS = ("encoder_seq_length", "data", "vocab_size", "make_vocab_size_divisible_by", "tokenizer")
 
 
-def _weights_digest(model) -> str:
+def _weights_digest(model_chunks: list) -> str:
     """Hash of every rank's parameters, in rank order (the same on all ranks)."""
     local = hashlib.sha256()
-    for name, param in model.named_parameters():
+    for name, param in torch.nn.ModuleList(model_chunks).named_parameters():
         local.update(name.encode())
         local.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digests = [None] * dist.get_world_size()
@@ -37,14 +37,14 @@ def _weights_digest(model) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
-def cache_key(data_files, tokenizer_files, model, model_cfg) -> dict:
+def cache_key(data_files, tokenizer_files, model_chunks: list, model_cfg) -> dict:
     """Hashes of everything the reference sums depend on."""
     shaping = {k: OmegaConf.to_container(model_cfg[k]) if OmegaConf.is_config(model_cfg[k]) else model_cfg[k]
                for k in SHAPING_KEYS}
     return {
         "data": sha256_files(data_files),
         "tokenizer": sha256_files(tokenizer_files),
-        "weights": _weights_digest(model),
+        "weights": _weights_digest(model_chunks),
         "config": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
     }
 
@@ -55,7 +55,8 @@ def compute_table(pairs: list, runs_as_reference, log_probs, microbatcher, layou
 
     The pairs go through in global batches, as training batches them; each pair's
     sums come from the one rank that holds them (its DP replica's last stage, TP
-    rank 0), and one all-reduce gives every rank the whole table.
+    and CP rank 0, after the sum over the CP group), and one all-reduce gives every
+    rank the whole table.
     """
     table = torch.zeros(len(pairs), 2, dtype=torch.float64)
     with runs_as_reference.swapped_in():  # once for the whole pass
@@ -64,8 +65,9 @@ def compute_table(pairs: list, runs_as_reference, log_probs, microbatcher, layou
             padded = indices + [-1] * (global_batch_size - len(indices))  # a full batch; extra rows are ignored
             microbatches = microbatcher([pairs[i] for i in padded])
             outputs = log_probs(microbatches)
-            if outputs and layout.tp_rank == 0:
-                sums = torch.cat([response_sums(lp, mb) for lp, mb in zip(outputs, microbatches)])
+            sums = [response_sums(lp, mb, layout.cp_group) for lp, mb in zip(outputs, microbatches)]
+            if layout.contributes_metrics:
+                sums = torch.cat(sums)
                 for row, index in enumerate(microbatcher.local(padded)):
                     if index >= 0:
                         table[index] = sums[2 * row : 2 * row + 2].double().cpu()
