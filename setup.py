@@ -17,6 +17,9 @@ setup(
         "omegaconf>=2.3",
         "sentencepiece>=0.2",
         "jinja2>=3.1",  # chat templates (rendered in its sandbox, as Hugging Face does)
+        # Hugging Face tokenizer folders, read by AutoTokenizer: the reference their tokens are defined by (slow-only
+        # tokenizer.model folders need its sentencepiece extra, protobuf, for the conversion).
+        "transformers[sentencepiece]>=4.46",
         "safetensors>=0.4",  # Hugging Face weights in and out (models/hf/safetensors_io.py)
         "numpy",
         "psutil",  # megatron-core dist_checkpointing needs it
@@ -25,8 +28,9 @@ setup(
     extras_require={
         # Parquet and Arrow data files (JSON Lines needs nothing more).
         "data": ["pyarrow"],
-        # pyarrow: the Parquet/Arrow data tests.
-        "test": ["pytest>=8", "transformers", "hypothesis", "pyarrow", "matplotlib", "dockerfile-parse>=2"],  # transformers: reference models for the HF tests
+        # pyarrow: the Parquet/Arrow data tests; trl, datasets: TRL 1.16's own code is the oracle of the tokenization
+        # and loss tests, its DPOConfig fields are each answered, and datasets' folders are read as data.
+        "test": ["pytest>=8", "hypothesis", "pyarrow", "matplotlib", "dockerfile-parse>=2", "trl~=1.16.0", "datasets"],
         # python -m nemo_dpo.plot <log dir>: PNGs of the metrics.
         "plot": ["matplotlib"],
         # exp_manager.create_wandb_logger=true.

@@ -51,6 +51,7 @@ from peak_memory import run_sampling_rss
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # Llama style: RMSNorm, SwiGLU, RoPE, untied output layer
     "llama-33m": {"layers": 8, "hidden": 512, "heads": 8, "kv_heads": 8, "ffn": 1376, "vocab": 8192},
+    "llama-1b": {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "ffn": 5632, "vocab": 32000},  # GPU check
     "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 176, "vocab": 512},
 }
 SPECIAL = ["<pad>", "</s>", "<s>"]  # ids 0, 1, 2; words are w3 ... w<vocab-1>

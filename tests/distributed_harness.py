@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -35,5 +35,5 @@ def _entry(rank, world_size, port, out_dir, fn, args):
 def run_world(world_size: int, out_dir: str, fn, *args) -> list:
     """``fn(*args)`` on ``world_size`` processes; returns the per-rank results in rank order."""
     os.makedirs(out_dir, exist_ok=True)
-    mp.spawn(_entry, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+    mp.spawn(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

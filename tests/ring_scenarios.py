@@ -29,9 +29,9 @@ def whole_attention(query, key, value, bounds: list, scale: float) -> torch.Tens
     return torch.cat(pieces)
 
 
-def compare(cp_ranks: list, group, bounds: list, batch: int) -> dict:
-    """Ring attention over ``cp_ranks`` vs whole attention: this rank's rows of the output and the input gradients
-    (the largest differences)."""
+def compare(cp_ranks: list, group, bounds: list, batch: int, dtype=torch.float32) -> dict:
+    """Ring attention over ``cp_ranks`` (inputs in ``dtype``) vs whole attention in float32: this rank's rows of the
+    output and the input gradients (the largest differences)."""
     gen = torch.Generator().manual_seed(len(cp_ranks) * 100 + len(bounds))
     length, heads, groups, dim = bounds[-1], 4, 2, 8
     query = torch.randn(length, batch, heads, dim, generator=gen)
@@ -43,13 +43,14 @@ def compare(cp_ranks: list, group, bounds: list, batch: int) -> dict:
 
     layout = RingLayout(cp_ranks, group)
     index = share_indices(bounds, layout.cp_rank, layout.cp)
-    local = [x.detach()[index].clone().requires_grad_(True) for x in (query, key, value)]
+    local = [x.detach()[index].to(dtype).requires_grad_(True) for x in (query, key, value)]
     local_bounds = [b // layout.cp for b in bounds]
     got = ring_attention(*local, local_bounds, 0.3, Ring(layout))
-    (got * upstream[index]).sum().backward()
-    errors = {"out": (got - want[index]).abs().max().item()}
+    assert got.dtype == dtype and all(x.dtype == dtype for x in local)
+    (got * upstream[index].to(dtype)).sum().backward()
+    errors = {"out": (got.float() - want[index]).abs().max().item()}
     for name, x, whole in zip(("query", "key", "value"), local, inputs):
-        errors[name] = (x.grad - whole.grad[index]).abs().max().item()
+        errors[name] = (x.grad.float() - whole.grad[index]).abs().max().item()
     return errors
 
 
@@ -65,6 +66,7 @@ def ring_cases() -> dict:
         if dist.get_rank() < 2:
             results["cp2"] = compare([0, 1], pair, [0, 16], batch=2)
             results["cp2_packed"] = compare([0, 1], pair, [0, 8, 20, 24], batch=1)
+            results["cp2_bf16"] = compare([0, 1], pair, [0, 16], batch=2, dtype=torch.bfloat16)
     finally:
         dist.destroy_process_group()
     return results

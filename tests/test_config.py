@@ -43,16 +43,50 @@ def test_defaults_are_valid_for_one_and_two_processes():
     validate(load_config("gpt_dpo_lora"), 2)
 
 
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_fine_tuning_config_is_valid_and_lists_only_what_differs():
+    """conf/gpt_dpo_hf.yaml: NeMo-Aligner's fine-tuning optimizer for pretrained starts, on top of gpt_dpo.yaml."""
+    base = load_config("gpt_dpo")
+    for world_size in (1, 2, 8):
+        validate(load_config("gpt_dpo_hf"), world_size)
+    raw = OmegaConf.load(os.path.join(ROOT, "conf", "gpt_dpo_hf.yaml"))
+    assert raw.pop("base_config") == "gpt_dpo"
+    for key, value in _leaves(raw):
+        assert OmegaConf.select(base, key) != value, f"gpt_dpo_hf.yaml repeats gpt_dpo.yaml's {key}: {value!r}"
+    tuned = load_config("gpt_dpo_hf").model
+    assert tuned.optim.lr == 9e-6 and tuned.optim.sched.warmup_steps == 10 and tuned.dpo.ref_policy_kl_penalty == 0.1
+
+
 @pytest.mark.parametrize(
     "overrides, world_size, pattern",
     [
         (["model.tensor_model_parallel_size=2"], 3, r"world size 3 is not divisible by model.tensor_model_parallel_size \(2\) x model.pipeline_model_parallel_size \(1\)"),
         (["model.pipeline_model_parallel_size=3"], 4, r"world size 4 .* model.pipeline_model_parallel_size \(3\) = 3"),
         (["model.num_attention_heads=6", "model.hidden_size=120", "model.tensor_model_parallel_size=4"], 4, r"model.num_attention_heads \(6\) is not divisible by model.tensor_model_parallel_size \(4\)"),
-        (["model.hidden_size=130"], 1, r"model.hidden_size \(130\) is not divisible by model.num_attention_heads \(4\)"),
+        (["model.hidden_size=130"], 1, r"model.hidden_size \(130\) is not divisible by model.num_attention_heads \(4\); set model.kv_channels"),
+        (["model.kv_channels=0"], 1, r"model.kv_channels must be >= 1 or null, got 0"),
+        (["model.kv_channels=abc"], 1, r"model.kv_channels must be >= 1 or null, got 'abc'"),
+        (["model.kv_channels=33"], 1, r"RoPE rotates pairs of channels: the head size must be even, got 33 \(model.kv_channels=33"),
+        (["model.rope_scaling={rope_type: dynamic, factor: 2.0}"], 1, r"model.rope_scaling: rope_type must be one of \['linear', 'llama3', 'yarn'\] \(or rope_scaling null\), got 'dynamic'"),
+        (["model.rope_scaling=4"], 1, r"model.rope_scaling must be a mapping of Hugging Face rope_parameters .*, got 4"),
+        (["model.rope_scaling={rope_type: llama3, factor: 8.0}"], 1, r"model.rope_scaling: rope_type 'llama3' takes \['factor', 'high_freq_factor', 'low_freq_factor', 'original_max_position_embeddings'\]; got \['factor'\]"),
+        (["model.rope_scaling={rope_type: yarn, factor: 4.0, original_max_position_embeddings: 16, beta: 3}"], 1, r"rope_type 'yarn' takes \['factor', 'original_max_position_embeddings'\] and optionally \['attention_factor', .*\]; got \['beta', 'factor', 'original_max_position_embeddings'\]"),
+        (["model.rope_scaling={rope_type: linear, factor: 0.5}"], 1, r"model.rope_scaling.factor must be >= 1, got 0.5"),
+        (["model.rope_scaling={rope_type: linear, factor: fast}"], 1, r"model.rope_scaling.factor must be a positive number, got 'fast'"),
+        (["model.rope_scaling={rope_type: llama3, factor: 8.0, low_freq_factor: 4, high_freq_factor: 1, original_max_position_embeddings: 64}"], 1, r"model.rope_scaling: low_freq_factor \(4\) must be below high_freq_factor \(1\)"),
+        (["model.rope_scaling={rope_type: yarn, factor: 4.0, original_max_position_embeddings: 16, truncate: 1}"], 1, r"model.rope_scaling.truncate must be true or false, got 1"),
+        (["model.position_embedding_type=learned_absolute", "model.rope_scaling={rope_type: linear, factor: 2.0}"], 1, r"model.rope_scaling.rope_type='linear' needs model.position_embedding_type='rope', got 'learned_absolute'"),
+        (["model.qk_layernorm=maybe"], 1, r"model.qk_layernorm: expected a boolean, got 'maybe'"),
         (["model.num_query_groups=3"], 1, r"model.num_query_groups \(3\) must divide model.num_attention_heads \(4\)"),
         (["model.global_batch_size=30"], 2, r"model.global_batch_size \(30\) is not divisible by model.micro_batch_size \(4\) x data-parallel size \(2\) = 8"),
-        (["model.dpo.preference_loss=kto"], 1, r"model.dpo.preference_loss must be one of \['dpo', 'ipo', 'rpo_fwd_kl', 'rpo_bwd_kl', 'rpo_sq'\], got 'kto'"),
+        (["model.dpo.preference_loss=kto"], 1, r"model.dpo.preference_loss must be one of \['dpo', 'ipo', 'rpo_fwd_kl', 'rpo_bwd_kl', 'rpo_sq', 'sigmoid', 'hinge', 'robust', 'exo_pair', 'nca_pair', 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired', 'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm', 'sft', 'simpo', 'cpo', 'orpo'\], or a non-empty list of distinct such values, got 'kto'"),
         (["model.data.data_prefix.train=/nonexistent/train.jsonl"], 1, r"model.data.data_prefix.train: file /nonexistent/train.jsonl does not exist"),
         (["model.data.data_prefix.validation=/nonexistent/val.jsonl"], 1, r"model.data.data_prefix.validation: file /nonexistent/val.jsonl does not exist"),
         (["model.num_layers=3", "model.pipeline_model_parallel_size=2"], 2, r"model.num_layers \(3\) is not divisible by model.pipeline_model_parallel_size \(2\)"),
@@ -74,6 +108,10 @@ def test_defaults_are_valid_for_one_and_two_processes():
         (["model.virtual_pipeline_model_parallel_size=2"], 2, r"model.virtual_pipeline_model_parallel_size=2 needs model.pipeline_model_parallel_size > 1"),
         (["model.virtual_pipeline_model_parallel_size=4", "model.pipeline_model_parallel_size=2"], 2, r"model.num_layers \(4\) is not divisible by model.pipeline_model_parallel_size \(2\) x model.virtual_pipeline_model_parallel_size \(4\) = 8"),
         (["model.virtual_pipeline_model_parallel_size=2", "model.pipeline_model_parallel_size=2", "model.global_batch_size=12"], 2, r"the microbatches of a step .* = 3\) must be a multiple of model.pipeline_model_parallel_size \(2\)"),
+        (["model.dpo.preference_loss=[dpo,orpo]"], 1, r"model.dpo.preference_loss: a list is a mixture of distinct paired losses with a reference"),
+        (["model.dpo.ld_alpha=2"], 1, r"model.dpo.ld_alpha must be in \[0, 1\] or null, got 2"),
+        (["model.dpo.sync_ref_model=true", "model.dpo.reference_logprobs=precomputed"], 1, r"model.dpo.sync_ref_model=true moves the reference during training, so its log-probs cannot be precomputed"),
+        (["model.dpo.sync_ref_model=true", "model.peft.peft_scheme=lora"], 1, r"model.dpo.sync_ref_model=true needs reference weights to move, but with model.peft.peft_scheme=lora the reference is the frozen base"),
     ],
 )
 def test_bad_values_are_named(overrides, world_size, pattern):
@@ -128,11 +166,13 @@ OUT_OF_RANGE = {
     "name": "''",
     "trainer.dpo.max_epochs": "0",
     "trainer.dpo.max_steps": "0",
-    "trainer.dpo.val_check_interval": "-1",
-    "trainer.dpo.limit_val_batches": "0",
+    "trainer.dpo.val_check_interval": "1.5",
+    "trainer.dpo.limit_val_batches": "0.0",
     "trainer.dpo.log_interval": "0",
     "trainer.dpo.save_interval": "-5",
     "trainer.dpo.nan_policy": "ignore",
+    "trainer.num_nodes": "0",
+    "trainer.devices": "-1",
     "trainer.gradient_clip_val": "-1",
     "trainer.precision": "fp16",
     "trainer.distributed_timeout_minutes": "0",
@@ -176,12 +216,17 @@ OUT_OF_RANGE = {
     "model.activations_checkpoint_num_layers": "0",
     "model.vocab_size": "'32000'",
     "model.make_vocab_size_divisible_by": "0",
+    "model.kv_channels": "0",
+    "model.qkv_bias": "maybe",
+    "model.qk_layernorm": "maybe",
+    "model.rope_scaling": "linear",
     "model.log_prob_chunk_size": "-1",
     "model.tokenizer.model": "''",
     "model.tokenizer.vocab_size": "10",
     "model.tokenizer.cache_dir": "''",
     "model.data.data_prefix.train": "5",
     "model.data.data_prefix.validation": "[]",
+    "model.data.data_prefix.test": "[a.jsonl, 3]",
     "model.data.chat_template": "''",
     "model.data.implicit_prompt_delimiter": "''",
     "model.data.overflow": "wrap",
@@ -200,6 +245,18 @@ OUT_OF_RANGE = {
     "model.dpo.sft_loss_weight": ".inf",
     "model.dpo.gt_reward_scale": "-2",
     "model.dpo.label_smoothing": "0.5",
+    "model.dpo.preference_loss_weights": "[-1]",
+    "model.dpo.f_divergence_type": "l2",
+    "model.dpo.f_alpha_divergence_coef": "0",
+    "model.dpo.ld_alpha": "2",
+    "model.dpo.use_weighting": "maybe",
+    "model.dpo.dpop_lambda": "-1",
+    "model.dpo.discopop_tau": "0",
+    "model.dpo.simpo_gamma": "-1",
+    "model.dpo.cpo_alpha": "-1",
+    "model.dpo.sync_ref_model": "maybe",
+    "model.dpo.ref_model_mixup_alpha": "2",
+    "model.dpo.ref_model_sync_steps": "0",
     "model.dpo.reference_logprobs": "cached",
     "model.optim.name": "sgd",
     "model.optim.lr": "-1",
@@ -296,7 +353,7 @@ def test_a_broken_base_config_or_non_utf8_file_is_named_from_the_command_line(tm
 
 
 def test_a_section_given_as_a_value_names_the_section():
-    with pytest.raises(ConfigError, match=r"^model.data.data_prefix: expected a mapping of its keys \(train, validation\), "
+    with pytest.raises(ConfigError, match=r"^model.data.data_prefix: expected a mapping of its keys \(train, validation, test\), "
                                           r"got \['a.jsonl', 'b.jsonl'\]$"):
         load_config("gpt_dpo", ["model.data.data_prefix=[a.jsonl,b.jsonl]"])
     with pytest.raises(ConfigError, match=r"^model.optim: expected a mapping of its keys \(name, lr, weight_decay, betas, "
@@ -341,6 +398,12 @@ def test_a_read_only_log_dir_is_a_config_error(tmp_path):
         parent.chmod(0o755)
     assert str(err.value) == (f"exp_manager.explicit_log_dir: the log dir {parent}/run cannot be created and written: "
                               f"{parent}: Permission denied")
+
+
+def test_preference_loss_takes_a_list_and_no_other_string_key_does():
+    check(["model.dpo.preference_loss=[dpo,bco_pair,sft]", "model.dpo.preference_loss_weights=[0.8,0.2,1.0]"])
+    with pytest.raises(ConfigError, match=r"model.optim.name: expected str, got \['adamw'\]"):
+        load_config("gpt_dpo", ["model.optim.name=[adamw]"])
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import pytest
 from nemo_dpo.data.preference_dataset import read_preference_pairs, tokenize_pairs
 
 EOS = 1
+BOS = 2
 
 
 class CharTokenizer:
@@ -12,6 +13,7 @@ class CharTokenizer:
 
     eos_id = EOS
     eos_token = None  # no EOS text: the appended EOS is the only one
+    start_ids = []  # no BOS
 
     def encode(self, text):
         return [ord(c) + 10 for c in text]
@@ -126,6 +128,22 @@ def test_truncate_prompt_cuts_from_the_left_and_drops_unfittable_pairs():
     assert [p.prompt for p in pairs] == [CharTokenizer().encode("def"), CharTokenizer().encode("ab")]
     assert stats["pairs"] == 2 and stats["truncated"] == 1 and stats["dropped"] == 2
     assert stats["max_len"] == 6
+
+
+def test_bos_starts_every_prompt_once_and_truncation_keeps_it():
+    class BosCharTokenizer(CharTokenizer):
+        start_ids = [BOS]  # what a Llama-style tokenizer puts before a text
+
+    records = [
+        _record("abcdef", "xy", "z"),  # 7 + 3 > 6: BOS, then the last 2 prompt tokens
+        _record("ab", "uvwx", "z"),  # 3 + 5 > 6: the BOS alone is the prompt
+        _record("a", "uvwxy", "z"),  # response + EOS = 6 leaves no room for the BOS: dropped
+        _record("a", "b", "c"),  # fits: BOS once
+    ]
+    pairs, stats = tokenize_pairs(records, BosCharTokenizer(), 6, "truncate_prompt")
+    tok = CharTokenizer().encode
+    assert [p.prompt for p in pairs] == [[BOS] + tok("ef"), [BOS], [BOS] + tok("a")]
+    assert (stats["truncated"], stats["dropped"], stats["max_len"]) == (2, 1, 6)
 
 
 def test_drop_policy_drops_every_too_long_pair():

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 import torch.distributed as dist
+from bos_fixtures import save_bos_tokenizer
 from chat_fixtures import conversation, default_task_records, save_chatml_tokenizer, write_jsonl
+from transformers import AutoTokenizer
 
 from nemo_dpo.cli.prepare import main
 
@@ -56,6 +58,25 @@ def test_unreadable_data_or_missing_settings_exit_2(tmp_path, capsys):
     assert status == 2 and "x.csv: preference data file not found" in err
     status, _, err = run(capsys, "model.encoder_seq_lenght=12")
     assert status == 2 and "did you mean 'model.encoder_seq_length'" in err
+
+
+def test_token_counts_include_the_bos(tmp_path, capsys):
+    """With a Llama-style tokenizer the prompt lengths are those of its own call, tokenizer(prompt), BOS included."""
+    folder = save_bos_tokenizer(tmp_path / "tok", "llama")
+    rows = default_task_records("validation", 8)
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    status, out, _ = run(capsys, "--data", path, f"model.tokenizer.model={folder}", "model.global_batch_size=4",
+                         "model.micro_batch_size=2", "--json", tmp_path / "r.json")
+    assert status == 0 and f"tokenizer: {folder}/tokenizer.json (400 tokens; before each prompt: [1])" in out
+    hf = AutoTokenizer.from_pretrained(folder)
+    prompts = [len(hf(r["prompt"])["input_ids"]) for r in rows]
+    responses = [len(hf(r[side] + "</s>", add_special_tokens=False)["input_ids"]) for r in rows
+                 for side in ("chosen", "rejected")]
+    totals = [2 * p + c + r for p, c, r in zip(prompts, responses[::2], responses[1::2])]
+    tokens = json.loads((tmp_path / "r.json").read_text())[0]["tokens"]
+    assert (tokens["prompt"]["min"], tokens["prompt"]["max"]) == (min(prompts), max(prompts))
+    assert tokens["prompt"]["mean"] == pytest.approx(sum(prompts) / len(prompts))
+    assert (tokens["pair_total"]["min"], tokens["pair_total"]["max"]) == (min(totals), max(totals))
 
 
 @pytest.mark.slow

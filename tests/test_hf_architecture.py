@@ -9,7 +9,9 @@ GPT-2 trains from its converted checkpoint (it used to stop with megatron's
 "Global shape mismatch" on the position table), Llama straight from its Hugging
 Face folder, with a non-default vocabulary padding (its export used to say 64
 positions). The checkpoints' configs, the exported config.json and the export
-message's tensor count are checked against the source.
+message's tensor count are checked against the source. The keys Llama 3 and
+the Qwens brought (head size, q/k/v biases, query/key norms, RoPE scaling) go
+through the same journey in tests/test_hf_dense_families.py's DPO runs.
 """
 
 import os
@@ -22,6 +24,7 @@ import safetensors
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from dense_fixtures import DPO_RUNS
 from hf_fixtures import ROOT, convert, save_tokenizer
 from nemo_dpo.config import load_config
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
@@ -98,8 +101,9 @@ def runs(tmp_path_factory):
 
 def test_every_architecture_key_is_tested_away_from_its_default():
     default = load_config("gpt_dpo").model
+    cases = [{**f["settings"], **f["train_settings"]} for f in FAMILIES.values()] + list(DPO_RUNS.values())
     for key in ARCHITECTURE_KEYS:
-        values = [{**f["settings"], **f["train_settings"]}.get(key, default[key]) for f in FAMILIES.values()]
+        values = [case.get(key, default[key]) for case in cases]
         assert any(value != default[key] for value in values), f"model.{key}: no case differs from the default"
 
 

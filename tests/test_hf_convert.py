@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from distributed_harness import run_world
+from hf_fixtures import randomized
 from hf_scenarios import load_and_score
 from nemo_dpo.config import load_config
 from nemo_dpo.data.tokenizer import HFTokenizer, load_tokenizer_from_dir, tokenizer_files
@@ -68,19 +69,6 @@ CASES = {
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def _randomize(model):
-    """Weights large enough that the next-token distribution is far from uniform."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.2)
-            elif "norm" in name or ".ln_" in name:
-                param.normal_(1.0, 0.1)
-            else:
-                param.normal_(0.0, 0.1)
-    return model.eval()
-
-
 def _bpe_tokenizer(folder):
     """A byte-level BPE tokenizer that adds <s> by default (which encode must not do)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -93,7 +81,7 @@ def _bpe_tokenizer(folder):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "</s>", "bos_token": {"content": "<s>"}}, f)
+        json.dump({"eos_token": "</s>", "bos_token": {"__type": "AddedToken", "content": "<s>"}}, f)  # as older files
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +91,7 @@ def hf(tmp_path_factory):
     torch.manual_seed(0)
     saved = {}
     for name, make in CASES.items():
-        model = _randomize(make())
+        model = randomized(make())
         model.save_pretrained(root / name, safe_serialization=True)
         saved[name] = (model, str(root / name))
     _bpe_tokenizer(saved["llama"][1])
@@ -223,8 +211,31 @@ def test_model_section_that_fits_no_architecture_names_the_keys():
         hf_config_from_model(cfg, VOCAB, 2, 1)
     message = str(err.value)
     assert "LlamaForCausalLM would need model.normalization='RMSNorm' (got 'LayerNorm');" in message
+    assert "Qwen2ForCausalLM would need model.normalization='RMSNorm' (got 'LayerNorm'), model.qkv_bias=True" in message
+    assert "Qwen3ForCausalLM would need model.normalization='RMSNorm' (got 'LayerNorm'), model.qk_layernorm=True" in message
     assert "GPT2LMHeadModel would need model.activation='gelu_tanh' or 'gelu' (got 'swiglu')" in message
     assert "model.bias=True (got False)" in message and "normalization='LayerNorm'" not in message
+
+
+@pytest.mark.parametrize(
+    "overrides, architecture",
+    [
+        ([], "LlamaForCausalLM"),
+        (["model.bias=true", "model.kv_channels=64"], "LlamaForCausalLM"),
+        (["model.rope_scaling={rope_type: yarn, factor: 4.0, original_max_position_embeddings: 16}"], "LlamaForCausalLM"),
+        (["model.qkv_bias=true"], "Qwen2ForCausalLM"),
+        (["model.qk_layernorm=true", "model.kv_channels=64"], "Qwen3ForCausalLM"),
+    ],
+)
+def test_export_picks_the_family_from_the_model_section(overrides, architecture):
+    cfg = load_config("gpt_dpo", overrides).model
+    hf_config = hf_config_from_model(cfg, VOCAB, 2, 1)
+    assert hf_config["architectures"] == [architecture]
+    head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+    assert hf_config.get("head_dim", cfg.hidden_size // cfg.num_attention_heads) == head_dim
+    expected = {**cfg, "num_query_groups": cfg.num_attention_heads}  # null: one group per head
+    for key, value in model_overrides_from_hf(hf_config).items():
+        assert expected[key] == value, f"{architecture}: model.{key}"
 
 
 @pytest.mark.parametrize(
@@ -232,20 +243,42 @@ def test_model_section_that_fits_no_architecture_names_the_keys():
     [
         (
             {"model_type": "bert"},
-            "config.json: model_type 'bert' is not supported (supported: ['llama', 'mistral', 'gpt2'])",
+            "config.json: model_type 'bert' is not supported (supported: ['llama', 'mistral', 'qwen2', 'qwen3', 'gpt2'])",
+        ),
+        (  # Gemma 2's logit soft-capping, sandwich norms and alternating windows: a family of its own
+            {"model_type": "gemma2", "final_logit_softcapping": 30.0},
+            "config.json: model_type 'gemma2' is not supported",
         ),
         (
-            {"rope_parameters": {"rope_type": "linear", "factor": 2.0}},
-            "config.json: rope_parameters.rope_type='linear' is not supported",
+            {"rope_parameters": {"rope_type": "longrope", "factor": 2.0, "rope_theta": 10000.0}},
+            "config.json: rope_parameters.rope_type='longrope' is not supported (supported: default, linear, llama3, yarn)",
         ),
         (
             {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
             "config.json: rope_scaling.rope_type='dynamic' is not supported",
         ),
-        ({"attention_bias": True}, "config.json: attention_bias=True is not supported"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 32, "beta_fast": 32.0}},
+            "config.json: rope_scaling.beta_fast=32.0 is not supported (rope_type 'llama3' takes",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            "config.json: rope_scaling of rope_type 'llama3' lacks ['high_freq_factor', 'low_freq_factor']",
+        ),
+        ({"partial_rotary_factor": 0.5}, "config.json: partial_rotary_factor=0.5 is not supported (RoPE must cover"),
+        ({"attention_bias": True}, "config.json: attention_bias=True is not supported (megatron has biases on every"),
+        ({"mlp_bias": True}, "config.json: mlp_bias=True is not supported"),
         ({"hidden_act": "gelu"}, "config.json: hidden_act='gelu' is not supported"),
-        ({"head_dim": 32}, "config.json: head_dim=32 is not supported"),
-        ({"sliding_window": 16}, "config.json: sliding_window=16 is not supported"),
+        ({"sliding_window": 16}, "config.json: sliding_window=16 is not supported (attention must see all 64 positions)"),
+        (  # Qwen2: a window on the layers from max_window_layers on
+            {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+            "config.json: sliding_window=16 is not supported (use_sliding_window is true and layers [1] slide",
+        ),
+        (
+            {"model_type": "qwen3", "head_dim": 16, "attention_bias": True},
+            "config.json: attention_bias=True is not supported (Qwen3 would have biases on attention but not the MLP",
+        ),
         ({"num_hidden_layers": None}, "config.json: missing 'num_hidden_layers'"),
         ({"hidden_size": "64"}, "config.json: hidden_size must be int, got '64'"),
     ],
@@ -255,6 +288,21 @@ def test_unsupported_configs_are_rejected(hf, patch, message):
     with pytest.raises(ValueError) as err:
         model_overrides_from_hf(config)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 16},  # Qwen2.5's configs: window off
+        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64},  # no shorter than the context
+        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2},  # no layer
+        {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 16, "layer_types": ["full_attention"] * 2},
+        {"model_type": "mistral", "sliding_window": None},
+    ],
+)
+def test_sliding_windows_that_limit_nothing_are_accepted(hf, patch):
+    config = {**read_hf_config(hf["llama"][1]), **patch}
+    assert model_overrides_from_hf(config)["max_position_embeddings"] == 64
 
 
 def test_unreadable_config_names_the_file(tmp_path):
@@ -340,7 +388,8 @@ def test_hf_tokenizer_ids_and_round_trip(hf, tmp_path):
     assert tok.vocab_size == raw.get_vocab_size() <= VOCAB
     text = "which fruit: apple, tiger?"
     ids = tok.encode(text)
-    assert raw.encode(text).ids == [1] + ids  # the post-processor's <s> is not added
+    assert raw.encode(text).ids == [1] + ids  # the post-processor's <s> is not added by encode
+    assert tok.start_ids == [1]  # but the dataset puts it before each prompt
     assert tok.decode(ids) == text and tok.model_path.endswith("tokenizer.json")
 
     only_json = tmp_path / "only_json"
@@ -352,9 +401,11 @@ def test_hf_tokenizer_ids_and_round_trip(hf, tmp_path):
     (only_json / "config.json").unlink()
     with pytest.raises(ValueError, match=f"{only_json}: the tokenizer defines no EOS token"):
         HFTokenizer(str(only_json))
-    (only_json / "tokenizer.model").write_bytes(b"not sentencepiece")  # preferred over tokenizer.json
-    with pytest.raises(ValueError, match=f"{only_json}/tokenizer.model: not a valid SentencePiece model"):
-        load_tokenizer_from_dir(str(only_json))
+    only_model = tmp_path / "only_model"  # only tokenizer.model: a SentencePiece model, as checkpoints store one
+    only_model.mkdir()
+    (only_model / "tokenizer.model").write_bytes(b"not sentencepiece")
+    with pytest.raises(ValueError, match=f"{only_model}/tokenizer.model: not a valid SentencePiece model"):
+        load_tokenizer_from_dir(str(only_model))
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no tokenizer found"):
         load_tokenizer_from_dir(str(tmp_path))
     assert [os.path.basename(f) for f in tokenizer_files(hf["llama"][1])] == ["tokenizer.json", "tokenizer_config.json"]

@@ -17,17 +17,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distributed_harness import run_world
-from hf_fixtures import MODELS, ROOT, TOKENS, convert, hf_log_probs, save_tiny
+from hf_fixtures import ROOT, TOKENS, convert, hf_log_probs, save_tiny
 from nemo_dpo.models.hf.safetensors_io import read_safetensors
 from pipeline_scenarios import score
 
 pytestmark = pytest.mark.slow  # real multi-process runs
+FAMILIES = ("llama", "gpt2")  # Llama 3 and the Qwens: tests/test_hf_dense_families.py
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_pipeline")
     hf = {}
-    for name in MODELS:
+    for name in FAMILIES:
         hf[name] = save_tiny(name, root / "hf" / name)
         convert("hf-to-mcore", "--hf-dir", root / "hf" / name, "--out", root / "mcore" / name, "--tp", 2)
     return root, hf
@@ -46,7 +47,7 @@ def test_imported_checkpoints_match_transformers(work, tp, pp):
 
 def test_export_after_import_reproduces_every_tensor(work):
     root, _ = work
-    for name in MODELS:
+    for name in FAMILIES:
         out = root / "exported" / name
         convert("mcore-to-hf", "--ckpt", root / "mcore" / name, "--out", out)
         original = read_safetensors(str(root / "hf" / name / "model.safetensors"))

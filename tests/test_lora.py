@@ -1,5 +1,8 @@
 """LoRA DPO end to end: from a Hugging Face model, adapters-only checkpoints, merge, export to transformers.
 
+The base is a Qwen2 (biases on q, k and v): the adapter on the fused qkv layer
+adds to its output, bias included, and merging folds it into the weight alone.
+
 (TP=2 equals TP=1, step 0 is exactly ln 2 and the base stays bitwise unchanged:
 see the "lora" variant in tests/test_parallel_equivalence.py.)
 """
@@ -40,7 +43,7 @@ def test_lora_config_is_complete_and_valid():
 
 def test_lora_from_hf_then_merge_and_export(tmp_path):
     base = tmp_path / "hf"
-    base_model = save_tiny("llama", base)
+    base_model = save_tiny("qwen2", base)
     log_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

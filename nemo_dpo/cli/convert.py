@@ -22,7 +22,7 @@ from nemo_dpo.config import ConfigError, load_config, prepare
 from nemo_dpo.data.tokenizer import load_tokenizer_from_dir, tokenizer_files
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.models.gpt import build_gpt, check_model_config, transformer_config
-from nemo_dpo.models.hf import global_to_hf, hf_config_from_model, write_hf_dir
+from nemo_dpo.models.hf import generation_config_files, global_to_hf, hf_config_from_model, write_hf_dir
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora, merge_lora
 from nemo_dpo.models.sharding import local_to_global_names
@@ -52,10 +52,11 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int, pp: int) -> None:
     layout = cfg.copy()
     layout.model.tensor_model_parallel_size, layout.model.pipeline_model_parallel_size = tp, pp
     check_model_config(layout.model)
-    tokenizer = {f"{checkpoint.TOKENIZER_DIR}/{os.path.basename(f)}": f for f in tokenizer_files(hf_dir)}
+    files = {f"{checkpoint.TOKENIZER_DIR}/{os.path.basename(f)}": f for f in tokenizer_files(hf_dir)}
+    files.update(initial_policy.carried_files(cfg.model))
     cfg.model.restore_from_path = None
     cfg.model.tokenizer.model = None
-    _save_model(model, cfg, out, tokenizer)
+    _save_model(model, cfg, out, files)
     print(f"wrote {out}: {sum(p.numel() for p in model.parameters()):,} parameters; loads at any TP/PP (checked TP={tp}, PP={pp})")
 
 
@@ -68,7 +69,7 @@ def mcore_to_hf(ckpt: str, out: str) -> None:
     weights = {names[n]: p.detach() for n, p in model.named_parameters()}
     hf_config = hf_config_from_model(cfg.model, cfg.model.vocab_size, tokenizer.eos_id, tokenizer.bos_id)
     hf_weights = global_to_hf(hf_config, weights)
-    write_hf_dir(out, hf_config, hf_weights, tokenizer_files(tokenizer_dir))
+    write_hf_dir(out, hf_config, hf_weights, tokenizer_files(tokenizer_dir) + generation_config_files(ckpt))
     print(f"wrote {out}: {hf_config['architectures'][0]}, {len(hf_weights)} tensors")
 
 
@@ -98,35 +99,38 @@ def merge(ckpt: str, out: str) -> None:
     model.requires_grad_(True)  # a plain model: the checkpoint holds every parameter
     m.peft.peft_scheme, m.restore_from_path, m.tokenizer.model = "none", None, None
     tokenizer_dir = Path(ckpt) / checkpoint.TOKENIZER_DIR
-    tokenizer = {f"{checkpoint.TOKENIZER_DIR}/{f.name}": str(f) for f in sorted(tokenizer_dir.iterdir())}
-    _save_model(model, cfg, out, tokenizer)
+    files = {f"{checkpoint.TOKENIZER_DIR}/{f.name}": str(f) for f in sorted(tokenizer_dir.iterdir())}
+    files.update({os.path.basename(f): f for f in generation_config_files(ckpt)})
+    _save_model(model, cfg, out, files)
     print(f"wrote {out}: {ckpt} with its adapters merged into the base")
 
 
-def _save_model(model, cfg, out: str, tokenizer_files_: dict) -> None:
+def _save_model(model, cfg, out: str, files: dict) -> None:
     metadata = {"config": OmegaConf.to_container(cfg, resolve=True)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if os.path.isdir(out):
         os.rmdir(out)  # empty (checked); the checkpoint is renamed into its place
-    checkpoint.save(Path(out), checkpoint.sharded_state([model]), metadata, extra_files=tokenizer_files_,
+    checkpoint.save(Path(out), checkpoint.sharded_state([model]), metadata, extra_files=files,
                     update_latest=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nemo_dpo.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="the conversion")
     to_mcore = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> nemo-dpo checkpoint")
-    to_mcore.add_argument("--hf-dir", required=True)
-    to_mcore.add_argument("--out", required=True)
+    to_mcore.add_argument("--hf-dir", required=True,
+                          help="a Hugging Face model folder (config.json, safetensors or pytorch_model.bin, tokenizer)")
+    to_mcore.add_argument("--out", required=True,
+                          help="the checkpoint folder to write (must not exist, or be empty)")
     to_mcore.add_argument("--tp", type=int, default=1, help="tensor parallel size to check the model against")
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline parallel size to check the model against")
     to_hf = sub.add_parser("mcore-to-hf", help="nemo-dpo checkpoint -> Hugging Face folder")
     to_hf.add_argument("--ckpt", required=True, help="a checkpoint folder, e.g. <log dir>/checkpoints/step_100")
-    to_hf.add_argument("--out", required=True)
+    to_hf.add_argument("--out", required=True, help="the Hugging Face folder to write (must not exist, or be empty)")
     to_merged = sub.add_parser("merge", help="LoRA checkpoint -> checkpoint with the adapters folded into the base")
-    to_merged.add_argument("--ckpt", required=True)
-    to_merged.add_argument("--out", required=True)
+    to_merged.add_argument("--ckpt", required=True, help="a LoRA run's checkpoint folder")
+    to_merged.add_argument("--out", required=True, help="the checkpoint folder to write (must not exist, or be empty)")
     return parser
 
 

@@ -44,7 +44,10 @@ class Microbatch:
     segment_ids: torch.Tensor | None = None  # packed: [1, S] the sequence of each token (padding: one more)
     cu_seqlens: torch.Tensor | None = None  # packed: [segments + 1] int32 start of each segment, then S
     max_seqlen: int = 0  # packed: the longest segment
-    ref_sums: torch.Tensor | None = None  # [sequences] reference response log-prob sums (set by the reference)
+    reference: dict | None = None  # {value: [sequences]} the reference's per-sequence values a loss asks for (set by the reference)
+    # {value: [rows, S]} masks of per-sequence values summed over other tokens than the response's, made from the
+    # whole sequences before a context-parallel split (set by the Microbatcher's ``value_masks``; None: not made)
+    value_masks: dict | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -52,7 +55,10 @@ class Microbatch:
 
     def to(self, device) -> "Microbatch":
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+        moved = {k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        if self.value_masks is not None:
+            moved["value_masks"] = {name: mask.to(device) for name, mask in self.value_masks.items()}
+        return replace(self, **moved)
 
 
 class Microbatcher:
@@ -61,12 +67,15 @@ class Microbatcher:
     With context parallelism (``cp`` > 1) each microbatch is cut to this CP rank's
     share (data/context_split.py): rows are padded to a multiple of 2·CP, and in a
     packed row every sequence is. ``pad_multiple``: what row lengths are rounded up to.
+    ``value_masks``: Microbatch -> ``{value: mask}``, the masks the loss's per-sequence
+    values need, made from each whole microbatch before it is cut (None: none).
     """
 
     def __init__(self, micro_batch_size: int, packing: bool, pad_id: int, dp_rank: int, dp: int, device,
-                 cp_rank: int = 0, cp: int = 1, pad_multiple: int = 8):
+                 cp_rank: int = 0, cp: int = 1, pad_multiple: int = 8, value_masks=None):
         self.micro_batch_size, self.packing, self.pad_id = micro_batch_size, packing, pad_id
         self.dp_rank, self.dp, self.device = dp_rank, dp, device
+        self.value_masks = value_masks
         self.cp_rank, self.cp = cp_rank, cp
         self.sequence_multiple = 2 * cp if cp > 1 else 1
         self.pad_multiple = math.lcm(pad_multiple, self.sequence_multiple)
@@ -83,6 +92,8 @@ class Microbatcher:
         else:
             microbatches = collate_microbatches(pairs, self.micro_batch_size, self.pad_id,
                                                 pad_multiple=self.pad_multiple)
+        if self.value_masks is not None:
+            microbatches = [replace(mb, value_masks=self.value_masks(mb)) for mb in microbatches]
         return [context_parallel_share(mb, self.cp_rank, self.cp).to(self.device) for mb in microbatches]
 
 

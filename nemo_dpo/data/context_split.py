@@ -10,7 +10,8 @@ assume (and what models/ring_attention.py computes attention for).
 
 Every per-token tensor is cut alike: tokens, labels, the loss mask, the position
 ids (so learned positions see each token's true position; megatron's RoPE
-applies the same split to its own table) and, packed, the segment ids. A packed
+applies the same split to its own table), packed, the segment ids, and the masks
+of per-sequence values made from the whole sequences (``value_masks``). A packed
 row (megatron's ``thd`` format) is cut sequence by sequence, so each sequence's
 length must be a multiple of 2·CP (batching pads it to one); ``cu_seqlens`` and
 ``max_seqlen`` keep describing the whole row, as megatron's packed-sequence
@@ -47,4 +48,6 @@ def context_parallel_share(mb, cp_rank: int, cp: int):
     bounds = mb.cu_seqlens.tolist() if mb.packed else [0, mb.tokens.shape[1]]
     index = share_indices(bounds, cp_rank, cp).to(mb.tokens.device)
     cut = {name: getattr(mb, name).index_select(1, index) for name in _PER_TOKEN if getattr(mb, name) is not None}
+    if mb.value_masks is not None:
+        cut["value_masks"] = {name: mask.index_select(1, index) for name, mask in mb.value_masks.items()}
     return replace(mb, **cut)

@@ -5,7 +5,14 @@ Arrow), schemas.py turns every accepted schema into one text record, and a bad
 record follows ``model.data.on_bad_record``.
 
 Token rule (one rule for every side of every pair):
-    side = encode(prompt) + encode(response) + [eos_id]
+    side = start + encode(prompt) + encode(response) + [eos_id]
+``start`` is what the tokenizer's own rule puts before a text (``tokenizer.start_ids``:
+a Llama-style Hugging Face tokenizer's BOS, nothing for GPT-2 style ones and for
+SentencePiece models), once per sequence: it belongs to the prompt, so chosen and
+rejected share it, and it is left out when the prompt's tokens already start with
+it (a chat template that prints ``bos_token``, text that starts with the BOS text).
+Plain text and text rendered by a chat template follow the same rule: downstream
+of schemas.py a record is text, wherever it came from.
 The prompt and response are encoded separately so the boundary between them is
 always a token boundary (the loss mask depends on it). SentencePiece adds a
 word-boundary marker in front of every encoded text, so with the project's
@@ -29,7 +36,7 @@ BAD_RECORD_POLICIES = ("error", "skip")
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    prompt: list[int]
+    prompt: list[int]  # starting with the tokenizer's start_ids (BOS), if it has any
     chosen: list[int]  # response tokens, ending with eos_id
     rejected: list[int]  # response tokens, ending with eos_id
     chosen_reward: float
@@ -80,6 +87,12 @@ def read_preference_pairs(path: str, on_bad_record: str = "error", options: Reco
     return PreferenceData(records, skipped, dict(schemas), data_format(path))
 
 
+def encode_prompt(text: str, tokenizer) -> list[int]:
+    """Prompt tokens starting with the tokenizer's ``start_ids`` exactly once (see the token rule above)."""
+    ids, start = tokenizer.encode(text), tokenizer.start_ids
+    return ids if ids[: len(start)] == start else start + ids
+
+
 def encode_response(text: str, tokenizer) -> list[int]:
     """Response tokens ending with exactly one EOS (see the token rule above)."""
     trimmed = text.rstrip()
@@ -93,7 +106,7 @@ def encode_response(text: str, tokenizer) -> list[int]:
 def encode_pair(record: dict, tokenizer) -> TokenizedPair:
     """A record's tokens before any overflow policy."""
     return TokenizedPair(
-        tokenizer.encode(record["prompt"]),
+        encode_prompt(record["prompt"], tokenizer),
         encode_response(record["chosen"], tokenizer),
         encode_response(record["rejected"], tokenizer),
         record["chosen_reward"],
@@ -101,21 +114,23 @@ def encode_pair(record: dict, tokenizer) -> TokenizedPair:
     )
 
 
-def fit_pair(pair: TokenizedPair, max_seq_length: int, overflow: str) -> tuple[TokenizedPair | None, bool]:
+def fit_pair(pair: TokenizedPair, max_seq_length: int, overflow: str, keep: int) -> tuple[TokenizedPair | None, bool]:
     """(the pair as it fits ``max_seq_length``, or None if dropped; whether its prompt was truncated).
 
     "truncate_prompt" drops prompt tokens from the left (the end of the prompt
-    matters most for the response) but keeps at least one, since the first
-    response token is predicted from the last prompt token; a pair whose
-    response cannot fit that way is dropped. "drop" drops every too-long pair.
+    matters most for the response), after the first ``keep`` (the tokenizer's
+    ``start_ids``: a truncated prompt still starts with its BOS), and keeps at
+    least one, since the first response token is predicted from the last prompt
+    token; a pair whose response cannot fit that way is dropped. "drop" drops
+    every too-long pair.
     """
     longest_response = max(len(pair.chosen), len(pair.rejected))
     if len(pair.prompt) + longest_response <= max_seq_length:
         return pair, False
     prompt_room = max_seq_length - longest_response
-    if overflow == "drop" or prompt_room < 1:
+    if overflow == "drop" or prompt_room < max(1, keep):
         return None, False
-    prompt = pair.prompt[len(pair.prompt) - prompt_room :]
+    prompt = pair.prompt[:keep] + pair.prompt[len(pair.prompt) - (prompt_room - keep) :]
     return TokenizedPair(prompt, pair.chosen, pair.rejected, pair.chosen_reward, pair.rejected_reward), True
 
 
@@ -130,8 +145,9 @@ def tokenize_pairs(
         raise ValueError(f"model.data.overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     pairs = []
     truncated = dropped = 0
+    keep = len(tokenizer.start_ids)
     for record in records:
-        pair, was_truncated = fit_pair(encode_pair(record, tokenizer), max_seq_length, overflow)
+        pair, was_truncated = fit_pair(encode_pair(record, tokenizer), max_seq_length, overflow, keep)
         if progress is not None:
             progress.advance()
         if pair is None:

@@ -3,8 +3,17 @@
 Training on the data itself means the project needs no downloaded tokenizer;
 the cache key covers everything that determines the model, so a cached file is
 only reused for exactly the same inputs. A Hugging Face model directory brings
-its own tokenizer (``tokenizer.model`` or ``tokenizer.json``), which must be used
-with its weights.
+its own tokenizer, which must be used with its weights and encode as it did when
+the model was trained: it is loaded by transformers' ``AutoTokenizer``, the
+reference every Hugging Face model's tokens are defined by (``tokenizer.json``,
+or a slow-only ``tokenizer.model`` converted as transformers converts it, with
+the folder's added and special tokens).
+
+Every tokenizer says which ids its own rule puts before a text (``start_ids``):
+a Hugging Face tokenizer what ``tokenizer(text)`` adds at the start (Llama-style:
+BOS; GPT-2 style: nothing), a SentencePiece model nothing (see
+:class:`SentencePieceTokenizer`). ``encode`` never adds them: the dataset puts
+them once at the start of each prompt (preference_dataset.py).
 """
 
 import hashlib
@@ -35,6 +44,13 @@ class SentencePieceTokenizer:
     The BOS and EOS pieces written in text encode to their ids, as Hugging Face
     tokenizers treat special tokens, so a chat template that prints ``eos_token``
     means the same with either kind of tokenizer.
+
+    No BOS is put before a text (``start_ids`` is empty), although the trained
+    tokenizer defines ``<s>``: a SentencePiece model carries no rule for adding
+    one, sentencepiece itself adds none unless asked, and the models trained here
+    from scratch (the default run) have always been trained without one. Data
+    whose text starts with ``<s>`` (or a chat template that prints ``bos_token``)
+    still gets exactly that one BOS.
     """
 
     def __init__(self, model_path: str):
@@ -54,6 +70,7 @@ class SentencePieceTokenizer:
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
         self.eos_token = self._sp.id_to_piece(self.eos_id)
         self.bos_token = self._sp.id_to_piece(self.bos_id) if self.bos_id >= 0 else None
+        self.start_ids = []  # no BOS before a text: see above
         self._special = {self._sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id) if i >= 0}
         self._special_re = re.compile("|".join(re.escape(piece) for piece in sorted(self._special, key=len)[::-1]))
 
@@ -161,77 +178,81 @@ HF_TOKENIZER_FILES = (
     "tokenizer_config.json",
     "chat_template.jinja",
     "special_tokens_map.json",
+    "added_tokens.json",
     "vocab.json",
     "merges.txt",
 )
+# The files that make a folder a Hugging Face tokenizer; a folder with only tokenizer.model is a SentencePiece model
+# (how nemo-dpo checkpoints store a trained tokenizer).
+HF_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
 
 
-def _special_token_id(tokenizer, hf_dir: str, kind: str) -> int:
-    """Id of the ``<kind>_token`` (eos, bos, pad), or -1 as SentencePiece reports a missing piece."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = os.path.join(hf_dir, name)
-        token = read_json_object(path).get(f"{kind}_token")
-        if isinstance(token, dict):  # older files store an AddedToken's fields
-            token = token.get("content")
-        if token is not None:
-            token_id = tokenizer.token_to_id(token)
-            if token_id is None:
-                raise ValueError(f"{path}: {kind}_token {token!r} is not in {os.path.join(hf_dir, 'tokenizer.json')}")
-            return token_id
+def _config_token_id(hf_dir: str, kind: str) -> int:
+    """config.json's ``<kind>_token_id`` (eos, bos, pad), or -1 as SentencePiece reports a missing piece."""
     token_id = read_json_object(os.path.join(hf_dir, "config.json")).get(f"{kind}_token_id")
     if isinstance(token_id, list):  # several stop tokens: the first is the one to append
         token_id = token_id[0] if token_id else None
     return token_id if isinstance(token_id, int) else -1
 
 
-class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` behind SentencePieceTokenizer's interface.
+def _start_ids(tok) -> list[int]:
+    """The ids ``tok(text)`` puts before the text's own tokens (its post-processor, ``add_bos_token``)."""
+    plain = tok("x", add_special_tokens=False)["input_ids"]
+    marked = tok("x")["input_ids"]
+    return next(marked[:i] for i in range(len(marked)) if marked[i : i + len(plain)] == plain)
 
-    Special tokens come from tokenizer_config.json (or special_tokens_map.json) by
-    name, else from config.json by id. ``encode`` adds no BOS/EOS: the dataset
-    appends EOS itself, as with SentencePiece.
+
+class HFTokenizer:
+    """A Hugging Face tokenizer folder read by transformers' ``AutoTokenizer``, behind SentencePieceTokenizer's interface.
+
+    Special tokens are the tokenizer's own (tokenizer_config.json, special_tokens_map.json,
+    added tokens); an EOS, BOS or pad it lacks comes from config.json's ids.
+    ``encode`` adds no special tokens: the dataset adds ``start_ids`` and EOS itself.
+    Nothing is fetched from the Hub and no code from the folder runs.
     """
 
     def __init__(self, hf_dir: str):
-        path = os.path.join(hf_dir, "tokenizer.json")
+        # Imported here: it takes seconds, and only Hugging Face folders need it.
+        from transformers import AutoTokenizer
+
         try:
-            from tokenizers import Tokenizer
-        except ImportError as err:
-            raise ImportError(f"reading {path} needs the tokenizers package: pip install tokenizers") from err
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        try:
-            self._tok = Tokenizer.from_file(path)
-        except Exception as err:  # the Rust library raises a bare Exception
-            raise ValueError(f"{path}: not a valid tokenizer.json ({err})") from err
-        self.model_path = path
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = _special_token_id(self._tok, hf_dir, "eos")
-        self.bos_id = _special_token_id(self._tok, hf_dir, "bos")
+            self._tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=False)
+        except Exception as err:  # transformers and the Rust library raise many kinds
+            raise ValueError(f"{hf_dir}: transformers' AutoTokenizer cannot load this tokenizer folder "
+                             f"({type(err).__name__}: {err})") from err
+        self.folder = hf_dir
+        vocabularies = [os.path.join(hf_dir, name) for name in ("tokenizer.json", "tokenizer.model")]
+        self.model_path = next((path for path in vocabularies if os.path.isfile(path)), hf_dir)  # what it was read from
+        self.vocab_size = len(self._tok)
+        own = {"eos": self._tok.eos_token_id, "bos": self._tok.bos_token_id, "pad": self._tok.pad_token_id}
+        ids = {kind: _config_token_id(hf_dir, kind) if token_id is None else token_id for kind, token_id in own.items()}
+        self.eos_id, self.bos_id = ids["eos"], ids["bos"]
         if self.eos_id < 0:
             raise ValueError(
                 f"{hf_dir}: the tokenizer defines no EOS token (tokenizer_config.json eos_token or "
                 "config.json eos_token_id); DPO sequences must end with EOS"
             )
-        pad_id = _special_token_id(self._tok, hf_dir, "pad")
-        self.pad_id = pad_id if pad_id >= 0 else self.eos_id
-        self.eos_token = self._tok.id_to_token(self.eos_id)
-        self.bos_token = self._tok.id_to_token(self.bos_id) if self.bos_id >= 0 else None
+        self.pad_id = ids["pad"] if ids["pad"] >= 0 else self.eos_id
+        self.eos_token = self._tok.convert_ids_to_tokens(self.eos_id)
+        self.bos_token = self._tok.convert_ids_to_tokens(self.bos_id) if self.bos_id >= 0 else None
+        self.start_ids = _start_ids(self._tok)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
+        return self._tok.decode(ids, skip_special_tokens=True)
 
 
 def load_tokenizer_from_dir(hf_dir: str):
-    """The tokenizer of a Hugging Face model directory: ``tokenizer.model`` if present, else ``tokenizer.json``."""
+    """A model directory's tokenizer: Hugging Face's if it has tokenizer.json or tokenizer_config.json, else
+    its tokenizer.model (SentencePiece)."""
+    if any(os.path.isfile(os.path.join(hf_dir, name)) for name in HF_TOKENIZER_MARKERS):
+        return HFTokenizer(hf_dir)
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
         return SentencePieceTokenizer(os.path.join(hf_dir, "tokenizer.model"))
-    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
-        return HFTokenizer(hf_dir)
-    raise FileNotFoundError(f"{hf_dir}: no tokenizer found (expected tokenizer.model or tokenizer.json)")
+    raise FileNotFoundError(f"{hf_dir}: no tokenizer found (expected tokenizer.json, tokenizer_config.json or "
+                            f"tokenizer.model)")
 
 
 def open_tokenizer(path: str):
@@ -256,4 +277,4 @@ def source_files(tokenizer) -> dict:
     """``{file name: path}`` of the files a loaded tokenizer was read from (checkpoints store them)."""
     if isinstance(tokenizer, SentencePieceTokenizer):
         return {"tokenizer.model": tokenizer.model_path}
-    return {os.path.basename(f): f for f in tokenizer_files(os.path.dirname(tokenizer.model_path))}
+    return {os.path.basename(f): f for f in tokenizer_files(tokenizer.folder)}

@@ -2,14 +2,15 @@
 
 A key is an architecture key when it defines the weights' shapes or meaning:
 built with another value, a model either cannot load the weights (layers,
-widths, heads, vocabulary and its padding, the learned position table) or
-computes a different function with them (normalisation, activation, RoPE theta,
-epsilon, tied embeddings, the positions RoPE was trained for). So these keys go
-wherever the weights go: a checkpoint that differs in one of them is refused
-(training/checkpoint.py), starting from a checkpoint copies them into the run's
-config (training/initial_policy.py), and a Hugging Face adapter may set no
-other key (models/hf/). Everything else (batching, optimizer, parallel layout,
-dropout) is the run's own choice.
+widths, heads and their size, biases, query/key norms, vocabulary and its
+padding, the learned position table) or computes a different function with them
+(normalisation, activation, RoPE theta and scaling, epsilon, tied embeddings,
+the positions RoPE was trained for). So these keys go wherever the weights go:
+a checkpoint that differs in one of them is refused (training/checkpoint.py),
+starting from a checkpoint copies them into the run's config
+(training/initial_policy.py), and a Hugging Face adapter may set no other key
+(models/hf/). Everything else (batching, optimizer, parallel layout, dropout)
+is the run's own choice.
 """
 
 ARCHITECTURE_KEYS = (
@@ -18,14 +19,18 @@ ARCHITECTURE_KEYS = (
     "ffn_hidden_size",
     "num_attention_heads",
     "num_query_groups",
+    "kv_channels",
     "position_embedding_type",
     "max_position_embeddings",
     "normalization",
     "activation",
     "bias",
+    "qkv_bias",
+    "qk_layernorm",
     "share_embeddings_and_output_weights",
     "vocab_size",
     "make_vocab_size_divisible_by",
     "rotary_base",
+    "rope_scaling",
     "layernorm_epsilon",
 )

@@ -1,5 +1,6 @@
 """Build megatron-core GPTModels for this rank's pipeline stage (its model chunks) from the ``model`` config."""
 
+import math
 from functools import partial
 
 import torch
@@ -17,7 +18,8 @@ from nemo_dpo.distributed import layout
 from nemo_dpo.models.activations import SwiGLU
 from nemo_dpo.models.attention import SDPAttention
 from nemo_dpo.models.norm import use_torch_norm
-from nemo_dpo.ranges import Flag, Integer, OneOf, Real
+from nemo_dpo.models.rope_scaling import attention_factor, check_rope_scaling, inverse_frequencies
+from nemo_dpo.ranges import Flag, Integer, Mapping, OneOf, Real
 
 try:  # transformer-engine is an optional GPU accelerator.
     import transformer_engine  # noqa: F401
@@ -63,6 +65,10 @@ RANGES = {
     "model.vocab_size": Integer(ge=1, nullable=True),
     "model.make_vocab_size_divisible_by": SIZE,
     "model.sequence_parallel": Flag(),
+    "model.kv_channels": Integer(ge=1, nullable=True),
+    "model.qkv_bias": Flag(),
+    "model.qk_layernorm": Flag(),
+    "model.rope_scaling": Mapping(what="Hugging Face rope_parameters (models/rope_scaling.py)", nullable=True),
 }
 
 
@@ -87,10 +93,16 @@ def check_model_config(model_cfg) -> None:
     pp = model_cfg.pipeline_model_parallel_size
     heads = model_cfg.num_attention_heads
     groups = model_cfg.num_query_groups or heads
-    if model_cfg.hidden_size % heads != 0:
+    if model_cfg.kv_channels is None and model_cfg.hidden_size % heads != 0:
         raise ValueError(
             f"model.hidden_size ({model_cfg.hidden_size}) is not divisible by "
-            f"model.num_attention_heads ({heads})"
+            f"model.num_attention_heads ({heads}); set model.kv_channels to give the head size"
+        )
+    if model_cfg.position_embedding_type == "rope" and head_dim(model_cfg) % 2:
+        raise ValueError(
+            f"RoPE rotates pairs of channels: the head size must be even, got {head_dim(model_cfg)} "
+            f"(model.kv_channels={model_cfg.kv_channels}, model.hidden_size={model_cfg.hidden_size}, "
+            f"model.num_attention_heads={heads})"
         )
     if heads % tp != 0:
         raise ValueError(
@@ -119,6 +131,12 @@ def check_model_config(model_cfg) -> None:
             f"model.encoder_seq_length ({model_cfg.encoder_seq_length}) exceeds "
             f"model.max_position_embeddings ({model_cfg.max_position_embeddings})"
         )
+    check_rope_scaling(model_cfg)
+
+
+def head_dim(model_cfg) -> int:
+    """Channels per attention head: ``model.kv_channels``, or hidden_size / num_attention_heads when null."""
+    return model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
 
 
 def check_long_context(model_cfg) -> None:
@@ -168,7 +186,11 @@ def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_
         ffn_hidden_size=model_cfg.ffn_hidden_size,
         num_attention_heads=model_cfg.num_attention_heads,
         num_query_groups=model_cfg.num_query_groups or model_cfg.num_attention_heads,
-        kv_channels=model_cfg.hidden_size // model_cfg.num_attention_heads,
+        kv_channels=head_dim(model_cfg),
+        add_qkv_bias=model_cfg.qkv_bias,
+        qk_layernorm=model_cfg.qk_layernorm,
+        # YaRN multiplies RoPE's cos and sin by m, so q.k by m^2 (models/rope_scaling.py); 1 otherwise.
+        softmax_scale=attention_factor(model_cfg.rope_scaling) ** 2 / math.sqrt(head_dim(model_cfg)),
         normalization=model_cfg.normalization,
         layernorm_epsilon=model_cfg.layernorm_epsilon,
         gated_linear_unit=swiglu,
@@ -225,7 +247,7 @@ def recompute_settings(model_cfg) -> dict:
 def _local_block_spec(model_cfg, config: TransformerConfig, vp_stage):
     """The layers of the local spec with PyTorch's fused attention, SwiGLU as a module and norms that also
     run under sequence parallelism (models/attention.py, activations.py, norm.py)."""
-    layer_spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+    layer_spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm)
     layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if config.use_te_activation_func:
         layer_spec.submodules.mlp.submodules.activation_func = SwiGLU
@@ -239,11 +261,11 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: i
     """The GPTModel for this pipeline stage, or for its model chunk ``vp_stage`` under the interleaved schedule
     (embedding on the first, output layer on the last)."""
     if HAVE_TE:
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
     else:
         spec = _local_block_spec(model_cfg, config, vp_stage)
     tp = model_cfg.tensor_model_parallel_size
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by, tp),
@@ -256,6 +278,11 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: i
         rotary_base=model_cfg.rotary_base,
         vp_stage=vp_stage,
     )
+    if model_cfg.position_embedding_type == "rope":  # scaled as model.rope_scaling says (unscaled: megatron's own)
+        rotary = model.rotary_pos_emb
+        frequencies = inverse_frequencies(config.kv_channels, model_cfg.rotary_base, model_cfg.rope_scaling)
+        rotary.inv_freq = frequencies.to(rotary.inv_freq.device)
+    return model
 
 
 def build_model_chunks(model_cfg, vocab_size: int, config: TransformerConfig) -> list:

@@ -6,6 +6,7 @@ Layout on disk::
         step_10/            megatron-core dist_checkpointing (torch_dist) + COMPLETE.json
             nemo_dpo.json   config, progress and layout (METADATA)
             tokenizer/      the run's tokenizer files (TOKENIZER_DIR), so the folder is self-contained
+            generation_config.json  the initial model's, when it had one (for the Hugging Face export)
         step_20/
         latest              "step_20", replaced atomically after step_20 is complete
 
@@ -18,8 +19,11 @@ never loaded: resume falls back to the newest complete one and says so.
 
 Model and optimizer state are megatron ShardedTensors (the optimizer in its
 fully reshardable form), so a checkpoint saved at one TP/PP/CP/DP layout (with
-or without the interleaved schedule's model chunks) loads at another. Everything else is tensors too (each rank's RNG streams) or JSON
-(``nemo_dpo.json``: the config, the progress, the layout): loading a checkpoint
+or without the interleaved schedule's model chunks) loads at another. Other
+weights shaped like the model's (TR-DPO's moving reference) are sharded the same
+way under their own prefix. Everything else is tensors too (each rank's RNG
+streams) or JSON (``nemo_dpo.json``: the config, the progress, a loss's state
+such as BCO's running mean, the layout): loading a checkpoint
 never unpickles anything but the shard index, and that only through
 safe_load.py's restricted unpickler. The LR schedule is not stored: it is a
 function of the config and the step, rebuilt on resume.
@@ -27,6 +31,7 @@ function of the config and the step, rebuilt on resume.
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import random
@@ -279,6 +284,17 @@ def sharded_state(model_chunks: list, optimizer=None, is_loading=False) -> dict:
     return state
 
 
+def sharded_like_model(model, copies: dict, prefix: str) -> dict:
+    """ShardedTensors of ``copies`` ({parameter: a tensor of its shape}), sharded as the model's own parameters and
+    named ``prefix`` + the parameter's name: other weights of the same model, such as a moving reference."""
+    by_storage = {param.data_ptr(): copy for param, copy in copies.items()}
+    return {
+        key: dataclasses.replace(entry, key=prefix + entry.key, data=by_storage[entry.data.data_ptr()])
+        for key, entry in unwrap(model).sharded_state_dict().items()
+        if not key.endswith(EXTRA_STATE)
+    }
+
+
 def save(
     folder: Path, state: dict, metadata: dict, keep_last_k: int = 0, extra_files=None, update_latest: bool = True,
     async_queue=None,
@@ -287,7 +303,7 @@ def save(
 
     ``metadata`` (the run's config, its progress; plain data) goes to
     ``nemo_dpo.json`` with the layout it was saved at. ``extra_files`` ({relative
-    path: source file}) are copied in by rank 0 (the tokenizer). ``update_latest``
+    path: source file}) are copied in by rank 0 (the tokenizer, generation_config.json). ``update_latest``
     points ``<parent>/latest`` at the new checkpoint (a run's checkpoints; not for a
     standalone converted model). With an ``async_queue`` (megatron's
     AsyncCallsQueue) the shards are written in the background and the checkpoint is
@@ -394,7 +410,7 @@ def _complete(folder: Path, tmp: Path, metadata: dict, keep_last_k: int, extra_f
     dist.barrier()
 
 
-def _load_model_state(module, state: dict, folder) -> None:
+def load_model_state(module, state: dict, folder) -> None:
     """Load all parameters and buffers, or (frozen base) exactly the trainable parameters."""
     frozen = any(not p.requires_grad for p in module.parameters())
     if frozen:
@@ -487,10 +503,11 @@ def _same_layout(saved: list, current: tuple) -> bool:
     return (saved + (1,) if len(saved) == 3 else saved) == current
 
 
-def load(folder: Path, model_chunks: list, optimizer=None) -> dict:
+def load(folder: Path, model_chunks: list, optimizer=None, extra=None) -> dict:
     """Load model (and optimizer, and RNG where the layout matches) from ``folder``; returns its metadata.
 
-    Nothing in the checkpoint is unpickled beyond its shard index (see safe_load.py).
+    ``extra``: {name: sharded state} of further tensors saved with the checkpoint (``sharded_like_model``), loaded
+    into the tensors they hold. Nothing in the checkpoint is unpickled beyond its shard index (see safe_load.py).
     The optimizer keeps this run's settings (learning rates, betas, eps, weight
     decay, from the config) and takes only its state (moments, step) from the
     checkpoint, so a resume with changed settings runs what its config says.
@@ -502,12 +519,14 @@ def load(folder: Path, model_chunks: list, optimizer=None) -> dict:
     safe_load.install()
     safe_load.check_tensors_only(folder)
     with _torch_adam_fallback(optimizer):
-        state = sharded_state(model_chunks, optimizer, is_loading=True)
+        state = {**sharded_state(model_chunks, optimizer, is_loading=True), **(extra or {})}
+        # loading replaces the state's entries (a factory by its parts): note where each extra tensor goes first
+        targets = {name: {key: entry.data for key, entry in entries.items()} for name, entries in (extra or {}).items()}
         if optimizer is not None and not _same_layout(metadata.get("layout", ()), layout.current().sizes):
             del state["rng_state"]  # RNG streams belong to ranks; another layout starts from its seeds
         loaded = dist_checkpointing.load(state, str(folder), common_strategy=safe_load.WeightsOnlyCommonLoad())
         for key, chunk in zip(_model_keys(model_chunks), model_chunks):
-            _load_model_state(unwrap(chunk), loaded[key], folder)
+            load_model_state(unwrap(chunk), loaded[key], folder)
         if optimizer is not None:
             settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(loaded["optimizer"])
@@ -515,4 +534,8 @@ def load(folder: Path, model_chunks: list, optimizer=None) -> dict:
                 group.update(own)
             if "rng_state" in state:
                 _set_rng_tensors(loaded["rng_state"])
+        with torch.no_grad():
+            for name, tensors in targets.items():
+                for key, tensor in tensors.items():
+                    tensor.copy_(loaded[name][key])  # a factory's parts come back merged, not in place
     return metadata

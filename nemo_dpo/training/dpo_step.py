@@ -4,18 +4,23 @@ A global batch arrives as this DP rank's list of microbatches (whole pairs,
 chosen and rejected interleaved). The same forward step serves the reference
 pass (forward only, per-token log-probs; training/reference.py runs it with the
 reference in the model) and the policy pass (forward + backward through the
-loss, whose declared statistics are averaged into the step's metrics).
+loss, whose declared statistics are averaged into the step's metrics). The loss
+gets the per-sequence values it declares (``policy_values``, losses/sequences.py)
+and the reference's that the reference attached; the step computes whatever is
+asked without knowing which loss asks.
 megatron's schedule runs them without pipelining, with 1F1B at PP > 1 or
 interleaved 1F1B over several model chunks per pipeline rank, and divides each
 microbatch's loss by the number of microbatches; with equal-sized microbatches
 and the gradient averaged over DP by ``finalize_model_grads``, the gradient is
 that of the global-batch mean loss at any layout.
 
-Under context parallelism each rank holds part of every sequence: its response
-sums are partial and are summed over the CP group before the loss, so every CP
-rank computes the same loss. The schedule multiplies the loss by CP and DDP
-averages gradients over DP x CP, so each CP rank's share of the gradient (its
-tokens' paths) adds up to the whole.
+Under context parallelism each rank holds part of every sequence: its
+per-sequence values are partial sums and are summed over the CP group before the
+loss, so every CP rank computes the same loss. Values summed over other tokens
+than the response's (LD-DPO's shared length, ORPO's whole sequence) take masks
+made from the whole sequences before the split (:func:`whole_sequence_masks`).
+The schedule multiplies the loss by CP and DDP averages gradients over DP x CP,
+so each CP rank's share of the gradient (its tokens' paths) adds up to the whole.
 """
 
 from functools import partial
@@ -27,8 +32,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 from nemo_dpo.data.batching import Microbatch
-from nemo_dpo.losses.logprobs import chunked_log_probs, vocab_parallel_log_probs
-from nemo_dpo.losses.preference import sequence_sums
+from nemo_dpo.losses.logprobs import (
+    chunked_log_probs,
+    chunked_log_sum_sq_probs,
+    vocab_parallel_log_probs,
+    vocab_parallel_log_sum_sq_probs,
+)
+from nemo_dpo.losses.sequences import WPO_LOGPS, sequence_sums, sequence_values, value_masks
 from nemo_dpo.losses.statistics import local_means
 from nemo_dpo.models.gpt import emit_hidden_states, output_weight, unwrap
 from nemo_dpo.ranges import Integer
@@ -60,6 +70,27 @@ def check_schedule(model_cfg, dp: int) -> None:
         )
 
 
+def response_values(names, token_log_probs: torch.Tensor, mb: Microbatch, cp_group=None, log_sum_sq=None) -> dict:
+    """``{name: [sequences]}``: the per-sequence values ``names`` (losses/sequences.py) of a microbatch, summed over
+    ``cp_group`` as :func:`response_sums` does; masks other than the loss mask come with the microbatch."""
+    segment_ids = mb.segment_ids if mb.packed else None
+    values = sequence_values(names, token_log_probs, mb.loss_mask, segment_ids, mb.num_sequences, log_sum_sq,
+                             mb.value_masks)
+    if cp_group is None:
+        return values
+    return {name: reduce_from_tensor_model_parallel_region(value, group=cp_group) for name, value in values.items()}
+
+
+def whole_sequence_masks(names):
+    """For the microbatcher: a whole microbatch's masks of the per-sequence values ``names`` (losses/sequences.py
+    ``value_masks``), made before context parallelism cuts it."""
+
+    def masks(mb: Microbatch) -> dict:
+        return value_masks(names, mb.loss_mask, mb.segment_ids if mb.packed else None, mb.num_sequences)
+
+    return masks
+
+
 class DPOStep:
     def __init__(self, model: list, loss, vocab_size: int, chunk_size: int, layout):
         """``model``: this rank's model chunks (one, or one per virtual pipeline stage); ``loss``: a loss object
@@ -82,14 +113,23 @@ class DPOStep:
             return chunked_log_probs(output, weight, mb.labels, self.vocab_size, self.chunk_size, group)
         return vocab_parallel_log_probs(output, mb.labels, self.vocab_size, group)
 
+    def _log_sum_sq_probs(self, mb: Microbatch, output):
+        """log sum_v p(v)^2 per position (WPO's weights), without gradient."""
+        group = self.layout.tp_group
+        if self.chunk_size > 0:
+            weight = output_weight(unwrap(self.model[-1]))
+            return chunked_log_sum_sq_probs(output, weight, self.vocab_size, self.chunk_size, group)
+        return vocab_parallel_log_sum_sq_probs(output, self.vocab_size, group)
+
     def _log_probs_only(self, mb: Microbatch, logits):
         return logits.new_zeros(()), {"log_probs": self._token_log_probs(mb, logits)}
 
-    def _policy_loss(self, mb: Microbatch, logits):
-        cp_group = self.layout.cp_group
-        policy_sums = response_sums(self._token_log_probs(mb, logits), mb, cp_group)
+    def _policy_loss(self, mb: Microbatch, output):
+        names, cp_group = self.loss.policy_values, self.layout.cp_group
+        log_sum_sq = self._log_sum_sq_probs(mb, output) if WPO_LOGPS in names else None
+        policy = response_values(names, self._token_log_probs(mb, output), mb, cp_group, log_sum_sq)
         counts = response_sums(torch.ones_like(mb.loss_mask), mb, cp_group)
-        return self.loss(policy_sums, mb.ref_sums, counts, mb.gt_rewards)
+        return self.loss(policy, mb.reference, counts, mb.gt_rewards)
 
     def _run(self, microbatches, loss_func, forward_only):
         tokens = microbatches[0].tokens

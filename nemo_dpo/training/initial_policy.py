@@ -1,9 +1,11 @@
 """Where the initial policy (and so the reference) comes from: ``model.restore_from_path``.
 
-Either a Hugging Face model folder (``config.json`` + safetensors) or a nemo-dpo
-checkpoint folder. Either way the folder defines the architecture, the
-vocabulary and the tokenizer, so :func:`resolve` copies those into the config
-before anything is built, and :func:`load_weights` fills the built model.
+A Hugging Face model folder (``config.json`` + safetensors), a nemo-dpo
+checkpoint folder, or a NeMo-Aligner ``.nemo`` file (nemo_archive.py). Each
+defines the architecture, the vocabulary and the tokenizer, so :func:`resolve`
+copies those into the config before anything is built, and :func:`load_weights`
+fills the built model. Its generation_config.json, if any, goes into every
+checkpoint of the run (:func:`carried_files`), so that the export has it.
 """
 
 import os
@@ -12,10 +14,17 @@ from pathlib import Path
 from nemo_dpo.distributed import layout
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.gpt import padded_vocab_size
-from nemo_dpo.models.hf import hf_to_global, hf_vocab_size, model_overrides_from_hf, read_hf_config, read_hf_weights
+from nemo_dpo.models.hf import (
+    generation_config_files,
+    hf_to_global,
+    hf_vocab_size,
+    model_overrides_from_hf,
+    read_hf_config,
+    read_hf_weights,
+)
 from nemo_dpo.models.sharding import load_global_state_dict
 from nemo_dpo.ranges import FilePath
-from nemo_dpo.training import checkpoint
+from nemo_dpo.training import checkpoint, nemo_archive
 
 RANGES = {"model.restore_from_path": FilePath(nullable=True)}
 
@@ -24,17 +33,19 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def _source_settings(path: str) -> dict:
-    """The ``model`` keys a source folder fixes."""
+def _source_settings(path: str, model_cfg) -> tuple[dict, list]:
+    """(the ``model`` keys a source fixes, notes for the user)."""
+    if os.path.isfile(path):
+        return nemo_archive.settings(path, model_cfg)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model.restore_from_path: {path} is not a folder")
+        raise FileNotFoundError(f"model.restore_from_path: {path} is neither a folder nor a .nemo file")
     if is_hf_dir(path):
         hf_config = read_hf_config(path)
         try:
             settings = {**model_overrides_from_hf(hf_config), "vocab_size": hf_vocab_size(hf_config)}
         except ValueError as err:
             raise ValueError(f"model.restore_from_path={path}: {err}") from err
-        return {**settings, "tokenizer.model": path}
+        return {**settings, "tokenizer.model": path}, []
     reason = checkpoint.problem(Path(path))
     if reason is not None:
         raise checkpoint.CheckpointError(
@@ -45,30 +56,34 @@ def _source_settings(path: str) -> dict:
     settings = {key: saved[key] for key in ARCHITECTURE_KEYS}
     if os.path.isdir(os.path.join(path, checkpoint.TOKENIZER_DIR)):
         settings["tokenizer.model"] = os.path.join(path, checkpoint.TOKENIZER_DIR)
-    return settings
+    return settings, []
 
 
 def resolve(model_cfg) -> list:
     """Copy the architecture, vocabulary and tokenizer of ``restore_from_path`` into ``model_cfg``.
 
-    Returns a line per key that changed, to tell the user.
+    Returns a line per key that changed, and any note on the source, to tell the user.
     """
     if model_cfg.restore_from_path is None:
         return []
+    settings, notes = _source_settings(model_cfg.restore_from_path, model_cfg)
     changes = []
-    for key, value in _source_settings(model_cfg.restore_from_path).items():
+    for key, value in settings.items():
         section, _, name = key.rpartition(".")
         node = model_cfg[section] if section else model_cfg
         if node[name] != value:
             changes.append(f"model.{key}: {node[name]!r} -> {value!r}")
             node[name] = value
-    return changes
+    return changes + notes
 
 
 def load_weights(model_chunks: list, config, model_cfg) -> None:
     """Fill this rank's model chunks with the weights of ``model_cfg.restore_from_path``."""
     path = model_cfg.restore_from_path
-    if is_hf_dir(path):
+    if os.path.isfile(path):
+        for chunk in model_chunks:
+            nemo_archive.load_weights(chunk, config, model_cfg)
+    elif is_hf_dir(path):
         padded = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, layout.current().tp)
         weights = hf_to_global(read_hf_config(path), read_hf_weights(path), padded)
         for chunk in model_chunks:
@@ -76,3 +91,10 @@ def load_weights(model_chunks: list, config, model_cfg) -> None:
     else:
         checkpoint.check_compatible(Path(path), model_cfg)
         checkpoint.load(Path(path), model_chunks)
+
+
+def carried_files(model_cfg) -> dict:
+    """``{name in a checkpoint: path}``: the source's generation_config.json, which its checkpoints keep."""
+    if model_cfg.restore_from_path is None:
+        return {}
+    return {os.path.basename(f): f for f in generation_config_files(model_cfg.restore_from_path)}

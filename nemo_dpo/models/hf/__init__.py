@@ -5,11 +5,13 @@ names GPTModel gives its parameters with the local layer spec;
 ``sharding.load_global_state_dict`` slices them for any layout, so conversion
 never needs to know the parallel layout.
 
-Each family (llama.py: Llama and Mistral; gpt2.py: GPT-2) says how its
-config.json maps onto the ``model`` section and how each megatron tensor is made
-of its tensors; this module picks the family and applies its rules in both
-directions, checking names and shapes on the way. Supporting another family
-is one more module in FAMILIES.
+Each family (llama.py: Llama 1-3.x and Mistral; qwen2.py: Qwen2 and Qwen2.5;
+qwen3.py: Qwen3; gpt2.py: GPT-2) says how its config.json maps onto the
+``model`` section and how each megatron tensor is made of its tensors; this
+module picks the family and applies its rules in both directions, checking
+names and shapes on the way. Export picks the first family that can represent
+the ``model`` section (q/k/v biases alone make it Qwen2, query/key norms
+Qwen3). Supporting another family is one more module in FAMILIES.
 """
 
 import torch
@@ -18,11 +20,19 @@ from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.hf.family import Family, TensorRule, config_size
 from nemo_dpo.models.hf.gpt2 import GPT2
 from nemo_dpo.models.hf.llama import Llama
-# read_hf_config, read_hf_weights and write_hf_dir are part of this package's API.
-from nemo_dpo.models.hf.model_folder import CONFIG_FILE, read_hf_config, read_hf_weights, write_hf_dir  # noqa: F401
+from nemo_dpo.models.hf.qwen2 import Qwen2
+from nemo_dpo.models.hf.qwen3 import Qwen3
+# generation_config_files, read_hf_config, read_hf_weights and write_hf_dir are part of this package's API.
+from nemo_dpo.models.hf.model_folder import (  # noqa: F401
+    CONFIG_FILE,
+    generation_config_files,
+    read_hf_config,
+    read_hf_weights,
+    write_hf_dir,
+)
 
 # Export tries the families in this order; an error lists them in this order too.
-FAMILIES = (Llama(), GPT2())
+FAMILIES = (Llama(), Qwen2(), Qwen3(), GPT2())
 SUPPORTED = tuple(model_type for family in FAMILIES for model_type in family.model_types)
 
 

@@ -1,10 +1,10 @@
 """What a Hugging Face family adapter is, and the pieces every family is built from.
 
-A family (models/hf/llama.py, gpt2.py) is the adapter between one kind of
-Hugging Face checkpoint and megatron's GPTModel: which config.json keys give
-which ``model`` settings and which configs it refuses, the config.json it
-writes back, and a TensorRule per megatron tensor naming the HF tensors it is
-made of. The pieces live here so that every family reads config.json, refuses
+A family (models/hf/llama.py, qwen2.py, qwen3.py, gpt2.py) is the adapter
+between one kind of Hugging Face checkpoint and megatron's GPTModel: which
+config.json keys give which ``model`` settings and which configs it refuses,
+the config.json it writes back, and a TensorRule per megatron tensor naming the
+HF tensors it is made of. The pieces live here so that every family reads config.json, refuses
 what it cannot represent and lays out attention the same way, and its errors
 read alike (file, key, expected, got).
 

@@ -60,11 +60,15 @@ class GPT2(Family):
             "ffn_hidden_size": config_size(hf_config, "n_inner", 4 * hidden),
             "num_attention_heads": heads,
             "num_query_groups": heads,
+            "kv_channels": None,
             "position_embedding_type": "learned_absolute",
+            "rope_scaling": None,
             "normalization": "LayerNorm",
             "layernorm_epsilon": config_value(hf_config, "layer_norm_epsilon", float, 1e-5),
             "activation": ACTIVATIONS[act],
             "bias": True,
+            "qkv_bias": False,
+            "qk_layernorm": False,
             "share_embeddings_and_output_weights": config_value(hf_config, "tie_word_embeddings", bool, True),
             "max_position_embeddings": config_size(hf_config, "n_positions"),
         }
@@ -78,6 +82,9 @@ class GPT2(Family):
                 "position_embedding_type": ("learned_absolute",),
                 "bias": (True,),
                 "num_query_groups": (None, model_cfg["num_attention_heads"]),
+                "kv_channels": (None, model_cfg["hidden_size"] // model_cfg["num_attention_heads"]),
+                "qkv_bias": (False,),
+                "qk_layernorm": (False,),
             },
         )
 

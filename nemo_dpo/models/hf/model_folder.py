@@ -2,8 +2,11 @@
 
 Reading takes whichever weights the folder has (one safetensors file, a sharded
 index, or an old ``pytorch_model.bin``); writing makes the whole folder appear
-at once. What the config and the tensors mean is the families' business
-(models/hf/llama.py, gpt2.py); this module only moves files.
+at once. ``generation_config.json`` (the tokens that end a reply, sampling
+defaults) is no part of the network but belongs with it: checkpoints keep the
+source's copy and the export writes it back unchanged. What the config and the
+tensors mean is the families' business (models/hf/llama.py, ...); this module
+only moves files.
 """
 
 import json
@@ -22,6 +25,13 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TORCH_WEIGHTS_FILE = "pytorch_model.bin"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def generation_config_files(folder: str) -> list[str]:
+    """``[<folder>/generation_config.json]`` when the folder (a model or a checkpoint) has one, else ``[]``."""
+    path = os.path.join(folder, GENERATION_CONFIG_FILE)
+    return [path] if os.path.isfile(path) else []
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -81,8 +91,9 @@ def read_hf_weights(hf_dir: str) -> dict:
     )
 
 
-def write_hf_dir(out_dir: str, hf_config: dict, hf_weights: dict, tokenizer_files: list) -> None:
-    """config.json, model.safetensors and the tokenizer files, appearing in ``out_dir`` all at once.
+def write_hf_dir(out_dir: str, hf_config: dict, hf_weights: dict, extra_files: list) -> None:
+    """config.json, model.safetensors and ``extra_files`` copied as they are (the tokenizer's,
+    generation_config.json), appearing in ``out_dir`` all at once.
 
     Everything is written to a temporary folder beside ``out_dir``, flushed to
     disk and renamed into place, so an interrupted export leaves no half-written
@@ -91,21 +102,21 @@ def write_hf_dir(out_dir: str, hf_config: dict, hf_weights: dict, tokenizer_file
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir} already exists and is not an empty directory; refusing to overwrite it")
-    names = [os.path.basename(f) for f in tokenizer_files]
+    names = [os.path.basename(f) for f in extra_files]
     if len(set(names)) != len(names) or {CONFIG_FILE, WEIGHTS_FILE} & set(names):
         raise ValueError(
-            f"tokenizer files {tokenizer_files} must have distinct names other than {CONFIG_FILE} and {WEIGHTS_FILE}"
+            f"files {extra_files} must have distinct names other than {CONFIG_FILE} and {WEIGHTS_FILE}"
         )
-    for path in tokenizer_files:
+    for path in extra_files:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file {path} not found")
+            raise FileNotFoundError(f"file {path} not found")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp_", dir=parent)
     try:
         write_atomic(os.path.join(tmp, CONFIG_FILE), json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         write_safetensors(os.path.join(tmp, WEIGHTS_FILE), hf_weights, metadata={"format": "pt"})
-        for path in tokenizer_files:
+        for path in extra_files:
             with open(path, "rb") as f:
                 write_atomic(os.path.join(tmp, os.path.basename(path)), f.read())
         os.chmod(tmp, 0o755)  # mkdtemp makes it private to the owner
