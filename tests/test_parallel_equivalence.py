@@ -213,8 +213,10 @@ def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, workdir):
 
 DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS]
 # LD-DPO's shared lengths, WPO and ORPO's whole sequences take masks made before the split (unpacked and packed).
-CP2 = ["llama_dpo", "gpt2_ipo_sft", "llama_dpo_packed", "gpt2_ipo_sft_packed", "llama_dpo_chunked",
-       "llama_dpo_precomputed", "lora", "options", "orpo_packed_chunked"]
+# (The plain Llama-like step at CP=2 is in the TP=2 x CP=2 launch; here its unpacked rows run chunked, precomputed,
+# with LoRA and with the loss options.)
+CP2 = ["gpt2_ipo_sft", "llama_dpo_packed", "gpt2_ipo_sft_packed", "llama_dpo_chunked", "llama_dpo_precomputed",
+       "lora", "options", "orpo_packed_chunked"]
 
 
 def test_data_parallel_2_and_context_parallel_2(baseline, workdir):
