@@ -35,7 +35,9 @@ def main() -> int:
     log_dir = tempfile.mkdtemp(prefix="bench_ckpt_") if int(os.environ.get("RANK", "0")) == 0 else None
     cfg = load_config("gpt_dpo", args.overrides + ["exp_manager.resume_if_exists=false", "checkpoint.async_save=false"])
     prepare(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    layout = init_distributed(cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size, cfg.model.seed)
+    m = cfg.model
+    layout = init_distributed(m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed,
+                              cp=m.context_parallel_size, vpp=m.virtual_pipeline_model_parallel_size)
     holder = [log_dir]
     dist.broadcast_object_list(holder, src=0)
     cfg.exp_manager.explicit_log_dir = holder[0]
@@ -56,10 +58,10 @@ def main() -> int:
             loads.append(time.perf_counter() - start)
         if layout.rank == 0:
             size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-            params = sum(p.numel() for p in trainer.model.parameters())
+            params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
             print(
                 f"checkpoint of {params:,} parameters per rank x {layout.world_size} ranks "
-                f"(TP={layout.tp} PP={layout.pp} DP={layout.dp}): {size / 2**20:.1f} MiB on disk; "
+                f"(TP={layout.tp} PP={layout.pp} CP={layout.cp} DP={layout.dp}): {size / 2**20:.1f} MiB on disk; "
                 f"save {statistics.median(saves):.3f} s, load {statistics.median(loads):.3f} s "
                 f"(median of {args.repeats})"
             )

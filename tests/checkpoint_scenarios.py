@@ -36,18 +36,19 @@ def plain_tensors(folder: str) -> dict:
         destroy_distributed()
 
 
-def steps_with_checkpoint(tp: int, pp: int, log_dir: str, cache_dir: str, save_after: int, extra=()) -> dict:
+def steps_with_checkpoint(tp: int, pp: int, log_dir: str, cache_dir: str, save_after: int, extra=(), cp: int = 1) -> dict:
     """Resume from ``log_dir`` if it holds a checkpoint; else train ``save_after`` steps and save.
 
     Then run two more steps. Returns validation metrics right after the (re)start and
     the metrics of the two steps that follow: they depend on the loaded weights
     (validation, first step) and the loaded optimizer state (second step).
     """
-    layout = init_distributed(tp, pp, seed=1234)
+    layout = init_distributed(tp, pp, seed=1234, cp=cp)
     try:
         overrides = SMALL + list(extra) + [
             f"model.tensor_model_parallel_size={tp}",
             f"model.pipeline_model_parallel_size={pp}",
+            f"model.context_parallel_size={cp}",
             f"model.tokenizer.cache_dir={cache_dir}",
             f"exp_manager.explicit_log_dir={log_dir}",
             "trainer.dpo.limit_val_batches=1",

@@ -57,8 +57,8 @@ def log_probs(layouts: list, sources: dict, tokens: torch.Tensor) -> dict:
                 prepare(cfg, world)
                 config = transformer_config(cfg.model)
                 model = build_gpt(cfg.model, cfg.model.vocab_size, config).eval()
-                initial_policy.load_weights(model, config, cfg.model)
-                step = DPOStep(model, None, cfg.model.vocab_size, cfg.model.log_prob_chunk_size, layout)
+                initial_policy.load_weights([model], config, cfg.model)
+                step = DPOStep([model], None, cfg.model.vocab_size, cfg.model.log_prob_chunk_size, layout)
                 out = step.log_probs([_forward_batch(tokens)])
                 if parallel_state.is_pipeline_last_stage() and layout.tp_rank == 0:
                     results[(tp, pp)][name] = out[0][:, :-1]

@@ -170,7 +170,7 @@ def loads_exactly(path: str, cache_dir: str, expected: dict) -> bool:
     prepare(cfg, 1, training=False)
     config = transformer_config(cfg.model)
     model = build_gpt(cfg.model, cfg.model.vocab_size, config)
-    initial_policy.load_weights(model, config, cfg.model)
+    initial_policy.load_weights([model], config, cfg.model)
     names = local_to_global_names(model, config)
     loaded = {names[n]: p.detach() for n, p in model.named_parameters()}
     return loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k].float()) for k in loaded)

@@ -1,9 +1,12 @@
 """What each process does in the multi-rank tests (imported by the spawned processes)."""
 
 import gc
+import os
 
 import torch
 from megatron.core import parallel_state
+
+import nemo_dpo
 
 from nemo_dpo.config import load_config
 from nemo_dpo.distributed import layout
@@ -73,6 +76,19 @@ VARIANTS = {
 
 VARIANTS["gpt2_ipo_sft_chunked"] = VARIANTS["gpt2_ipo_sft"] + ["model.log_prob_chunk_size=7"]  # untied output layer
 VARIANTS["gpt2_ipo_sft_packed"] = VARIANTS["gpt2_ipo_sft"] + ["model.data.packing=true"]  # learned positions
+# Sequence parallelism (at TP > 1): the same steps as without.
+VARIANTS["llama_dpo_sp"] = ["model.sequence_parallel=true"]
+VARIANTS["llama_dpo_chunked_packed"] = VARIANTS["llama_dpo_chunked"] + VARIANTS["llama_dpo_packed"]
+VARIANTS["llama_dpo_sp_chunked_packed"] = VARIANTS["llama_dpo_sp"] + VARIANTS["llama_dpo_chunked_packed"]
+VARIANTS["gpt2_ipo_sft_sp"] = VARIANTS["gpt2_ipo_sft"] + ["model.sequence_parallel=true"]  # biases, LayerNorm
+# Four layers: two model chunks of one layer per pipeline rank under the interleaved schedule at PP=2.
+VARIANTS["llama_dpo_4_layers"] = ["model.num_layers=4"]
+# The reference computed once before the step (over a small training file: the validation split).
+VARIANTS["llama_dpo_precomputed"] = [
+    "model.dpo.reference_logprobs=precomputed",
+    f"model.data.data_prefix.train={os.path.join(os.path.dirname(nemo_dpo.__file__), 'data', 'default', 'validation.jsonl')}",
+]
+VARIANTS["gpt2_ipo_sft_packed_chunked"] = VARIANTS["gpt2_ipo_sft_packed"] + ["model.log_prob_chunk_size=7"]
 
 # The loss family: every paired loss inside a weighted mixture (each term's gradient is in the step), the options
 # that change what the step computes (LD-DPO's shared-length sums, WPO's log sum p^2 across vocab shards, f-DPO,
@@ -107,21 +123,24 @@ def _tp_attrs(param):
 def one_step(trainer: DPOTrainer) -> dict:
     """One optimizer step on the first global batch, and what follows it (the loss's state, TR-DPO's reference);
     loss, grads (before the step), new weights and the reference's weights after the step."""
-    module = unwrap(trainer.model)
-    names = local_to_global_names(module, trainer.config)
+    # (global name, parameter) over this rank's model chunks
+    params = []
+    for chunk in trainer.model:
+        module = unwrap(chunk)
+        names = local_to_global_names(module, trainer.config)
+        params += [(names[n], p) for n, p in module.named_parameters()]
     runs_as_reference = getattr(trainer.reference, "runs_as_reference", None)
     moving = trainer.cfg.model.dpo.sync_ref_model
 
     def reference_weights():
         by_param = dict(zip(runs_as_reference.params, runs_as_reference.weights))
-        return {names[n]: by_param[p].clone() for n, p in module.named_parameters()}
+        return {n: by_param[p].clone() for n, p in params}
 
     reference_before = reference_weights() if moving else {}
     metrics = trainer.forward_backward(list(range(trainer.cfg.model.global_batch_size)))
     use_grads = not trainer.cfg.model.optim.use_distributed_optimizer  # sharded grads otherwise
-    trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    grads = {names[n]: p.main_grad.detach().clone() for n, p in trained} if use_grads else {}
-    frozen = {names[n]: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    grads = {n: p.main_grad.detach().clone() for n, p in params if p.requires_grad} if use_grads else {}
+    frozen = {n: p.detach().clone() for n, p in params if not p.requires_grad}
     metrics.update(trainer.optimizer_step())
     trainer.after_update(metrics)
     gc.collect()  # the earlier variants' trainers are gone: any copy of reference weights alive now is this one's
@@ -133,8 +152,8 @@ def one_step(trainer: DPOTrainer) -> dict:
         "reference": reference_weights() if moving else {},
         "reference_before": reference_before,
         "grads": grads,
-        "weights": {names[n]: p.detach().clone() for n, p in module.named_parameters()},
-        "attrs": {names[n]: _tp_attrs(p) for n, p in module.named_parameters()},
+        "weights": {n: p.detach().clone() for n, p in params},
+        "attrs": {n: _tp_attrs(p) for n, p in params},
         "frozen_before_step": frozen,
         "main_param_dtypes": {p.dtype for g in trainer.optimizer.param_groups for p in g["params"]},
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
@@ -142,21 +161,29 @@ def one_step(trainer: DPOTrainer) -> dict:
     }
 
 
-def layout_steps(tp: int, pp: int, variants: list, log_dir: str, cache_dir: str, extra=()) -> dict:
-    """In one process group: one step for each named variant (plus ``extra`` overrides)."""
-    ranks = init_distributed(tp, pp, seed=1234)
+def layout_steps(plan: dict, log_dir: str, cache_dir: str) -> dict:
+    """Several layouts in one process group: ``{layout name: (sizes, variants)}`` -> ``{layout name: {variant:
+    one step}}``. ``sizes`` holds any of tp, pp, cp (1 if absent) and vpp (None); megatron's groups are built for
+    each layout in turn on the same processes, which saves a launch per layout."""
     results = {}
     try:
-        for name in variants:
-            overrides = SMALL + VARIANTS[name] + list(extra) + [
-                f"model.tensor_model_parallel_size={tp}",
-                f"model.pipeline_model_parallel_size={pp}",
-                f"model.tokenizer.cache_dir={cache_dir}",
-                f"exp_manager.explicit_log_dir={log_dir}/{name}",
-            ]
-            results[name] = one_step(DPOTrainer(load_config("gpt_dpo", overrides), ranks))
-        if tp > 1:
-            results["logprobs"] = vocab_parallel_logprob_check()
+        for layout_name, (sizes, variants) in plan.items():
+            tp, pp, cp, vpp = sizes.get("tp", 1), sizes.get("pp", 1), sizes.get("cp", 1), sizes.get("vpp")
+            ranks = init_distributed(tp, pp, seed=1234, cp=cp, vpp=vpp)
+            results[layout_name] = {}
+            for name in variants:
+                overrides = SMALL + VARIANTS[name] + [
+                    f"model.tensor_model_parallel_size={tp}",
+                    f"model.pipeline_model_parallel_size={pp}",
+                    f"model.context_parallel_size={cp}",
+                    f"model.virtual_pipeline_model_parallel_size={'null' if vpp is None else vpp}",
+                    f"model.tokenizer.cache_dir={cache_dir}",
+                    f"exp_manager.explicit_log_dir={log_dir}/{layout_name}/{name}",
+                ]
+                results[layout_name][name] = one_step(DPOTrainer(load_config("gpt_dpo", overrides), ranks))
+            if tp > 1:
+                results[layout_name]["logprobs"] = vocab_parallel_logprob_check()
+            parallel_state.destroy_model_parallel()  # the process group stays for the next layout
     finally:
         destroy_distributed()
     return results

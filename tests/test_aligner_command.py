@@ -56,7 +56,7 @@ def test_the_documented_command_trains_its_epoch_at_the_world_size_it_names(tmp_
     out = ran.stdout
     assert f"initial policy and reference: {nemo}" in out
     assert f"test: {paths['VALID_DATA_PATH']} (model.data.data_prefix.test, NeMo-Aligner's test split) is not read" in out
-    assert "training 1 step: TP=1 PP=1 DP=8, global batch 512 pairs = 1 x 64 microbatches x DP 8" in out
+    assert "training 1 step: TP=1 PP=1 CP=1 DP=8, global batch 512 pairs = 1 x 64 microbatches x DP 8" in out
     rows = [json.loads(line) for line in open(os.path.join(results, "metrics.jsonl"))]
     train = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train] == [1] and rows[-1]["split"] == "val" and rows[-1]["step"] == 1

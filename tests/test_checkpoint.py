@@ -298,27 +298,30 @@ def test_keep_last_k_and_latest(straight_run):
 
 
 DISTOPT = ("model.optim.use_distributed_optimizer=true",)
-RESHARD = {  # name: (saved at (tp, pp, dp), loaded at (tp, pp, dp), extra overrides)
-    "tp2_to_tp1": ((2, 1, 1), (1, 1, 1), ()),
-    "tp2_to_pp2": ((2, 1, 1), (1, 2, 1), ()),
-    "tp2_to_dp2": ((2, 1, 1), (1, 1, 2), ()),
-    "distopt_dp2_to_tp2": ((1, 1, 2), (2, 1, 1), DISTOPT),
+RESHARD = {  # name: (saved at (tp, pp, dp, cp), loaded at (tp, pp, dp, cp), extra overrides)
+    "tp2_to_tp1": ((2, 1, 1, 1), (1, 1, 1, 1), ()),
+    "tp2_to_pp2": ((2, 1, 1, 1), (1, 2, 1, 1), ()),
+    "tp2_to_dp2": ((2, 1, 1, 1), (1, 1, 2, 1), ()),
+    "distopt_dp2_to_tp2": ((1, 1, 2, 1), (2, 1, 1, 1), DISTOPT),
+    "cp2_to_cp1": ((1, 1, 1, 2), (1, 1, 1, 1), ()),
 }
 
 
 @pytest.mark.parametrize("case", list(RESHARD))
 def test_checkpoint_loads_at_another_layout(tmp_path_factory, case):
     """Weights (validation right after loading) and optimizer state (the next two steps) survive resharding."""
-    (tp0, pp0, dp0), (tp, pp, dp), extra = RESHARD[case]
+    (tp0, pp0, dp0, cp0), (tp, pp, dp, cp), extra = RESHARD[case]
     base = tmp_path_factory.getbasetemp() / "reshard"
     cache = str(base / "cache")
-    origin = base / f"origin_{tp0}{pp0}{dp0}{len(extra)}"
+    origin = base / f"origin_{tp0}{pp0}{dp0}{cp0}{len(extra)}"
     if not origin.exists():  # saved once per origin layout, then reused
-        run_world(tp0 * pp0 * dp0, str(origin / "out"), steps_with_checkpoint, tp0, pp0, str(origin), cache, 1, extra)
+        run_world(tp0 * pp0 * dp0 * cp0, str(origin / "out"), steps_with_checkpoint, tp0, pp0, str(origin), cache, 1,
+                  extra, cp0)
     want = torch.load(origin / "out" / "rank0.pt", weights_only=False)
     log_dir = tmp_path_factory.mktemp(case)
     shutil.copytree(origin / "checkpoints", log_dir / "checkpoints")
-    got = run_world(tp * pp * dp, str(log_dir / "out"), steps_with_checkpoint, tp, pp, str(log_dir), cache, 1, extra)
+    got = run_world(tp * pp * dp * cp, str(log_dir / "out"), steps_with_checkpoint, tp, pp, str(log_dir), cache, 1,
+                    extra, cp)
     for result in got:
         assert result["resumed_at"] == 1
         for g, w in zip(result["after"], want["after"]):  # validation, then steps 2 and 3

@@ -101,6 +101,13 @@ def test_fine_tuning_config_is_valid_and_lists_only_what_differs():
         (["model.data.on_bad_record=drop"], 1, r"model.data.on_bad_record must be one of \['error', 'skip'\], got 'drop'"),
         (["model.make_vocab_size_divisible_by=90", "model.tensor_model_parallel_size=4", "model.ffn_hidden_size=512"], 4, r"model.make_vocab_size_divisible_by \(90\) must be divisible by model.tensor_model_parallel_size \(4\)"),
         (["model.optim.sched.min_lr=0.01"], 1, r"model.optim.sched.min_lr \(0.01\) must be <= model.optim.lr \(0.001\)"),
+        (["model.context_parallel_size=2"], 3, r"world size 3 is not divisible by .* x model.context_parallel_size \(2\) = 2"),
+        (["model.context_parallel_size=3"], 3, r"model.encoder_seq_length \(64\) is not divisible by 2 x model.context_parallel_size \(3\) = 6"),
+        (["model.context_parallel_size=2", "model.attention_dropout=0.1"], 2, r"model.context_parallel_size=2 without transformer-engine is ring attention, which has no attention dropout: model.attention_dropout must be 0, got 0.1"),
+        (["model.sequence_parallel=true"], 2, r"model.sequence_parallel=true needs model.tensor_model_parallel_size > 1"),
+        (["model.virtual_pipeline_model_parallel_size=2"], 2, r"model.virtual_pipeline_model_parallel_size=2 needs model.pipeline_model_parallel_size > 1"),
+        (["model.virtual_pipeline_model_parallel_size=4", "model.pipeline_model_parallel_size=2"], 2, r"model.num_layers \(4\) is not divisible by model.pipeline_model_parallel_size \(2\) x model.virtual_pipeline_model_parallel_size \(4\) = 8"),
+        (["model.virtual_pipeline_model_parallel_size=2", "model.pipeline_model_parallel_size=2", "model.global_batch_size=12"], 2, r"the microbatches of a step .* = 3\) must be a multiple of model.pipeline_model_parallel_size \(2\)"),
         (["model.dpo.preference_loss=[dpo,orpo]"], 1, r"model.dpo.preference_loss: a list is a mixture of distinct paired losses with a reference"),
         (["model.dpo.ld_alpha=2"], 1, r"model.dpo.ld_alpha must be in \[0, 1\] or null, got 2"),
         (["model.dpo.sync_ref_model=true", "model.dpo.reference_logprobs=precomputed"], 1, r"model.dpo.sync_ref_model=true moves the reference during training, so its log-probs cannot be precomputed"),
@@ -110,6 +117,17 @@ def test_fine_tuning_config_is_valid_and_lists_only_what_differs():
 def test_bad_values_are_named(overrides, world_size, pattern):
     with pytest.raises(ConfigError, match=pattern):
         check(overrides, world_size)
+
+
+def test_context_parallelism_on_a_gpu_needs_transformer_engine(monkeypatch):
+    """The local attention's ring attention is CPU-only: a GPU without transformer-engine cannot do CP."""
+    from nemo_dpo.models import gpt
+
+    monkeypatch.setattr(gpt, "HAVE_TE", False)
+    monkeypatch.setattr(gpt.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"model.context_parallel_size=2 on GPU needs transformer-engine's attention"):
+        check(["model.context_parallel_size=2"], 2)
+    check([], 2)  # without CP it runs
 
 
 def test_unknown_key_and_wrong_type_and_bad_syntax():
@@ -171,6 +189,9 @@ OUT_OF_RANGE = {
     "model.restore_from_path": "7",
     "model.tensor_model_parallel_size": "0",
     "model.pipeline_model_parallel_size": "-1",
+    "model.context_parallel_size": "0",
+    "model.virtual_pipeline_model_parallel_size": "1",
+    "model.sequence_parallel": "maybe",
     "model.micro_batch_size": "0",
     "model.global_batch_size": "0",
     "model.encoder_seq_length": "0",

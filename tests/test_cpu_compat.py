@@ -87,3 +87,20 @@ def test_gradient_clipping_scales_by_total_norm():
     torch.testing.assert_close(params[1].grad, torch.tensor([0.8]), atol=1e-6, rtol=0)
     optimizer.clip_grad_by_total_norm_fp32(params, max_norm=10.0, total_norm=1.0)  # below the limit: untouched
     torch.testing.assert_close(params[1].grad, torch.tensor([0.8]), atol=1e-6, rtol=0)
+
+
+def test_rope_rows_of_a_context_parallel_rank_need_no_pinned_memory_or_move():
+    """RoPE under CP keeps rows (chunk r, chunk 2CP-1-r) of its table, with an index made in pinned memory."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    class Group:  # rank 1 of a CP group of 2
+        def size(self):
+            return 2
+
+        def rank(self):
+            return 1
+
+    table = torch.arange(8.0).reshape(8, 1, 1, 1)
+    rows = rotary_pos_embedding.get_pos_emb_on_this_cp_rank(table, 0, Group())
+    assert rows.flatten().tolist() == [2.0, 3.0, 4.0, 5.0]  # chunks 1 and 2 of 4
+    assert rows.device.type == "cpu"

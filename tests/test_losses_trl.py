@@ -358,7 +358,7 @@ def test_trdpo_mixes_the_reference_as_trls_callback(alpha):
 
     torch.manual_seed(0)
     policy = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    reference = ReferenceWeights(policy)  # the weights at construction
+    reference = ReferenceWeights([policy])  # the weights at construction
     trl_reference = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     trl_reference.load_state_dict(policy.state_dict())
     with torch.no_grad():

@@ -136,7 +136,7 @@ def test_a_pickled_object_in_model_weights_is_refused_and_never_runs(world, tmp_
     model = build_gpt(cfg.model, cfg.model.vocab_size, config)
     with pytest.raises(CheckpointError, match=r"model_weights.ckpt: holds more than tensors and plain data \(it refers "
                                               r"to posix.system\); refusing to load it"):
-        initial_policy.load_weights(model, config, cfg.model)
+        initial_policy.load_weights([model], config, cfg.model)
     assert not marker.exists()
 
 
@@ -148,7 +148,7 @@ def test_a_tokenizer_that_is_not_the_models_is_named_at_load(world, tmp_path):
     config = transformer_config(cfg.model)
     with pytest.raises(CheckpointError, match=r"the word embedding has 384 rows, but the tokenizer's 600 tokens padded "
                                               r"to a multiple of 128 make 640"):
-        initial_policy.load_weights(build_gpt(cfg.model, 600, config), config, cfg.model)
+        initial_policy.load_weights([build_gpt(cfg.model, 600, config)], config, cfg.model)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""TP=2, PP=2 and DP=2 (2 real processes each, gloo) reproduce TP=PP=DP=1 exactly.
+"""TP=2, PP=2, DP=2 and CP=2 (2 real processes each, gloo), and TP=2 x CP=2 (4), reproduce TP=PP=DP=CP=1 exactly.
 
 From the same seed (layout-independent init) and the same global batch, one
 optimizer step must give the same loss and every logged statistic (rel 1e-5), the
@@ -6,7 +6,10 @@ same gradients and the same updated weights (abs 1e-5) at every layout, for
 several architectures and every loss (each of TRL's paired losses inside a
 weighted mixture, the options, the reference-free losses, TR-DPO's moved
 reference, BCO's state after the step); and the global batch split into 1, 2 or
-4 microbatches must give the same gradients.
+4 microbatches must give the same gradients. Sequence parallelism at TP=2 and
+the interleaved schedule at PP=2 (two model chunks per rank) change nothing
+either. Layouts of one world size share a launch: megatron's groups are rebuilt
+on the same processes.
 """
 
 import math
@@ -21,7 +24,7 @@ from parallel_scenarios import LOSS_VARIANTS, VARIANTS, layout_steps
 
 pytestmark = pytest.mark.slow  # real multi-process runs
 
-ALL_VARIANTS = list(VARIANTS)
+ALL_VARIANTS = [name for name in VARIANTS if "_sp" not in name]  # sequence parallelism needs TP > 1
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,9 @@ def workdir(tmp_path_factory):
 def baseline(workdir):
     """Every variant at TP=PP=DP=1, in one process."""
     cache = str(workdir / "tokenizers")
-    (result,) = run_world(1, str(workdir / "base"), layout_steps, 1, 1, ALL_VARIANTS, str(workdir / "base_logs"), cache)
-    return result
+    plan = {"base": ({}, ALL_VARIANTS)}
+    (result,) = run_world(1, str(workdir / "base"), layout_steps, plan, str(workdir / "base_logs"), cache)
+    return result["base"]
 
 
 def assert_same_metrics(got: dict, want: dict, what) -> None:
@@ -51,9 +55,10 @@ def _expected(base_tensor, rank_result, name):
     return tp_slice(base_tensor, attrs, rank_result["tp_rank"], rank_result["tp"])
 
 
-def assert_same_step(base: dict, ranks: list, variant: str):
+def assert_same_step(base: dict, ranks: list, variant: str, base_variant: str = None):
+    """Every rank's step of ``variant`` is the baseline's step of ``base_variant`` (the same variant by default)."""
     for rank, result in enumerate(ranks):
-        got, want = result[variant], base[variant]
+        got, want = result[variant], base[base_variant or variant]
         assert_same_metrics(got["metrics"], want["metrics"], f"{variant} rank {rank}")
         assert got["loss_state"].keys() == want["loss_state"].keys()
         for name, state in want["loss_state"].items():  # BCO's running mean after the step
@@ -73,9 +78,11 @@ def assert_same_step(base: dict, ranks: list, variant: str):
             )
 
 
-def _launch(workdir, tag, tp, pp, variants):
+def _launch(workdir, tag: str, plan: dict, world_size: int = 2) -> dict:
+    """``{layout name: [rank results]}`` of one launch running every layout of ``plan`` in turn."""
     cache = str(workdir / "tokenizers")
-    return run_world(2, str(workdir / tag), layout_steps, tp, pp, variants, str(workdir / f"{tag}_logs"), cache)
+    ranks = run_world(world_size, str(workdir / tag), layout_steps, plan, str(workdir / f"{tag}_logs"), cache)
+    return {name: [result[name] for result in ranks] for name in plan}
 
 
 def test_microbatch_split_gives_same_gradients(baseline):
@@ -156,13 +163,20 @@ def test_bf16_with_fp32_master_weights_tracks_fp32(baseline):
             torch.testing.assert_close(got["weights"][name].float(), weight, atol=2e-2, rtol=0)
 
 
-def test_tensor_parallel_2(baseline, workdir):
-    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "llama_dpo_chunked", *LOSS_VARIANTS]
-    ranks = _launch(workdir, "tp2", 2, 1, variants)
-    for variant in variants:
-        assert_same_step(baseline, ranks, variant)
+TP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "llama_dpo_chunked", *LOSS_VARIANTS]
+SP = {"llama_dpo_sp": "llama_dpo", "gpt2_ipo_sft_sp": "gpt2_ipo_sft", "llama_dpo_sp_chunked_packed": "llama_dpo_chunked_packed"}
+
+
+@pytest.fixture(scope="module")
+def tp2(workdir):
+    return _launch(workdir, "tp2", {"tp2": ({"tp": 2}, TP2 + list(SP))})["tp2"]
+
+
+def test_tensor_parallel_2(baseline, tp2):
+    for variant in TP2:
+        assert_same_step(baseline, tp2, variant)
     # Vocab-parallel log-probs equal a full log_softmax + gather, values and gradients; log sum p^2 too.
-    for result in ranks:
+    for result in tp2:
         lp = result["logprobs"]
         full = lp["full_logits"].clone().requires_grad_(True)
         logits = full.clone()
@@ -176,16 +190,52 @@ def test_tensor_parallel_2(baseline, workdir):
         torch.testing.assert_close(lp["local_grad"], full.grad[..., lo:hi], atol=1e-5, rtol=0)
 
 
-def test_pipeline_parallel_2(baseline, workdir):
-    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", *LOSS_VARIANTS,
-                "options_packed_chunked"]
-    ranks = _launch(workdir, "pp2", 1, 2, variants)
-    for variant in variants:
-        assert_same_step(baseline, ranks, variant)
+def test_sequence_parallelism_at_tp2_gives_the_step_without_it(baseline, tp2):
+    """Norms (and row-parallel biases) see a slice of the sequence per TP rank; their gradients are summed over TP."""
+    for variant, without in SP.items():
+        assert_same_step(baseline, tp2, variant, without)
 
 
-def test_data_parallel_2(baseline, workdir):
-    variants = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS]
-    ranks = _launch(workdir, "dp2", 1, 1, variants)
+PP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", "llama_dpo_4_layers",
+       *LOSS_VARIANTS, "options_packed_chunked"]
+
+
+def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, workdir):
+    launch = _launch(workdir, "pp2", {"pp2": ({"pp": 2}, PP2), "pp2_vpp2": ({"pp": 2, "vpp": 2}, ["llama_dpo_4_layers"])})
+    for variant in PP2:
+        assert_same_step(baseline, launch["pp2"], variant)
+    # Two model chunks of one layer per rank: layers 0 and 2 on rank 0, 1 and 3 on rank 1 (tied embeddings).
+    assert_same_step(baseline, launch["pp2_vpp2"], "llama_dpo_4_layers")
+    for rank, result in enumerate(launch["pp2_vpp2"]):
+        layers = {int(name.split(".")[2]) for name in result["llama_dpo_4_layers"]["weights"] if ".layers." in name}
+        assert layers == {rank, rank + 2}
+
+
+DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS]
+# LD-DPO's shared lengths, WPO and ORPO's whole sequences take masks made before the split (unpacked and packed).
+# (The plain Llama-like step at CP=2 is in the TP=2 x CP=2 launch; here its unpacked rows run chunked, precomputed,
+# with LoRA and with the loss options.)
+CP2 = ["gpt2_ipo_sft", "llama_dpo_packed", "gpt2_ipo_sft_packed", "llama_dpo_chunked", "llama_dpo_precomputed",
+       "lora", "options", "orpo_packed_chunked"]
+
+
+def test_data_parallel_2_and_context_parallel_2(baseline, workdir):
+    """CP=2: RoPE and learned positions, packed or not, chunked log-probs, the precomputed reference, LoRA, and the
+    per-sequence values of LD-DPO, WPO and the reference-free ORPO."""
+    launch = _launch(workdir, "dp2", {"dp2": ({}, DP2), "cp2": ({"cp": 2}, CP2)})
+    for variant in DP2:
+        assert_same_step(baseline, launch["dp2"], variant)
+    for variant in CP2:
+        assert_same_step(baseline, launch["cp2"], variant)
+    # The precomputed reference table is the same at CP=2 as at CP=1.
+    tables = [torch.load(workdir / logs / "llama_dpo_precomputed" / "reference_logprobs.pt", weights_only=True)
+              for logs in ("base_logs/base", "dp2_logs/cp2")]
+    for split in ("train", "validation"):
+        torch.testing.assert_close(tables[1][split], tables[0][split], atol=1e-5, rtol=1e-6)
+
+
+def test_tensor_parallel_2_by_context_parallel_2(baseline, workdir):
+    variants = ["llama_dpo", "gpt2_ipo_sft_packed_chunked"]
+    launch = _launch(workdir, "tp2cp2", {"tp2_cp2": ({"tp": 2, "cp": 2}, variants)}, world_size=4)
     for variant in variants:
-        assert_same_step(baseline, ranks, variant)
+        assert_same_step(baseline, launch["tp2_cp2"], variant)

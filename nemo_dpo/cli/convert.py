@@ -42,7 +42,7 @@ def _model_from(source: str):
     init_distributed(1, 1, cfg.model.seed)
     config = transformer_config(cfg.model)
     model = build_gpt(cfg.model, cfg.model.vocab_size, config)
-    initial_policy.load_weights(model, config, cfg.model)
+    initial_policy.load_weights([model], config, cfg.model)
     return cfg, model, config
 
 
@@ -83,7 +83,8 @@ def merge(ckpt: str, out: str) -> None:
     m = cfg.model
     if m.peft.peft_scheme != "lora":
         raise ValueError(f"{ckpt}: not a LoRA checkpoint (model.peft.peft_scheme={m.peft.peft_scheme!r})")
-    m.tensor_model_parallel_size = m.pipeline_model_parallel_size = 1
+    m.tensor_model_parallel_size = m.pipeline_model_parallel_size = m.context_parallel_size = 1  # one process
+    m.virtual_pipeline_model_parallel_size, m.sequence_parallel = None, False
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     init_distributed(1, 1, m.seed)
     config = transformer_config(m)
@@ -91,9 +92,9 @@ def merge(ckpt: str, out: str) -> None:
     if m.restore_from_path is None:
         init_weights(model, config, m.seed)
     else:
-        initial_policy.load_weights(model, config, m)
+        initial_policy.load_weights([model], config, m)
     add_lora(model, config, m.peft.lora_tuning, m.seed)
-    checkpoint.load(Path(ckpt), model)
+    checkpoint.load(Path(ckpt), [model])
     merge_lora(model)
     model.requires_grad_(True)  # a plain model: the checkpoint holds every parameter
     m.peft.peft_scheme, m.restore_from_path, m.tokenizer.model = "none", None, None
@@ -109,7 +110,7 @@ def _save_model(model, cfg, out: str, files: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if os.path.isdir(out):
         os.rmdir(out)  # empty (checked); the checkpoint is renamed into its place
-    checkpoint.save(Path(out), checkpoint.sharded_state(model), metadata, extra_files=files,
+    checkpoint.save(Path(out), checkpoint.sharded_state([model]), metadata, extra_files=files,
                     update_latest=False)
 
 

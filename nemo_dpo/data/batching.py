@@ -6,11 +6,13 @@ them. A :class:`Microbatch` is the written-down contract between batching, the
 model step, the reference and the losses.
 """
 
+import math
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
+from nemo_dpo.data.context_split import context_parallel_share
 from nemo_dpo.data.preference_dataset import TokenizedPair
 from nemo_dpo.ranges import Flag, Integer
 
@@ -28,6 +30,9 @@ class Microbatch:
     Unpacked, each row is one sequence, right-padded. Packed (``packed``), the
     microbatch is ONE row of its sequences back to back (megatron's ``thd``
     format), described by ``segment_ids``, ``cu_seqlens`` and ``max_seqlen``.
+    Under context parallelism the [rows, S] tensors hold this CP rank's share of
+    every sequence (data/context_split.py); ``cu_seqlens`` and ``max_seqlen`` still
+    describe the whole row, as megatron's packed-sequence parameters expect.
     """
 
     tokens: torch.Tensor  # [rows, S] int64 input ids
@@ -40,6 +45,9 @@ class Microbatch:
     cu_seqlens: torch.Tensor | None = None  # packed: [segments + 1] int32 start of each segment, then S
     max_seqlen: int = 0  # packed: the longest segment
     reference: dict | None = None  # {value: [sequences]} the reference's per-sequence values a loss asks for (set by the reference)
+    # {value: [rows, S]} masks of per-sequence values summed over other tokens than the response's, made from the
+    # whole sequences before a context-parallel split (set by the Microbatcher's ``value_masks``; None: not made)
+    value_masks: dict | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -47,23 +55,46 @@ class Microbatch:
 
     def to(self, device) -> "Microbatch":
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+        moved = {k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        if self.value_masks is not None:
+            moved["value_masks"] = {name: mask.to(device) for name, mask in self.value_masks.items()}
+        return replace(self, **moved)
 
 
 class Microbatcher:
-    """A global batch of pairs -> this data-parallel rank's microbatches on the compute device."""
+    """A global batch of pairs -> this data-parallel rank's microbatches on the compute device.
 
-    def __init__(self, micro_batch_size: int, packing: bool, pad_id: int, dp_rank: int, dp: int, device):
+    With context parallelism (``cp`` > 1) each microbatch is cut to this CP rank's
+    share (data/context_split.py): rows are padded to a multiple of 2·CP, and in a
+    packed row every sequence is. ``pad_multiple``: what row lengths are rounded up to.
+    ``value_masks``: Microbatch -> ``{value: mask}``, the masks the loss's per-sequence
+    values need, made from each whole microbatch before it is cut (None: none).
+    """
+
+    def __init__(self, micro_batch_size: int, packing: bool, pad_id: int, dp_rank: int, dp: int, device,
+                 cp_rank: int = 0, cp: int = 1, pad_multiple: int = 8, value_masks=None):
         self.micro_batch_size, self.packing, self.pad_id = micro_batch_size, packing, pad_id
         self.dp_rank, self.dp, self.device = dp_rank, dp, device
+        self.value_masks = value_masks
+        self.cp_rank, self.cp = cp_rank, cp
+        self.sequence_multiple = 2 * cp if cp > 1 else 1
+        self.pad_multiple = math.lcm(pad_multiple, self.sequence_multiple)
 
     def local(self, items: list) -> list:
         """This DP rank's share of a global batch (of pairs, indices, or per-pair rows)."""
         return dp_shard(items, self.dp_rank, self.dp)
 
     def __call__(self, global_pairs: list) -> list:
-        collate = collate_packed_microbatches if self.packing else collate_microbatches
-        return [mb.to(self.device) for mb in collate(self.local(global_pairs), self.micro_batch_size, self.pad_id)]
+        pairs = self.local(global_pairs)
+        if self.packing:
+            microbatches = collate_packed_microbatches(pairs, self.micro_batch_size, self.pad_id, self.pad_multiple,
+                                                       self.sequence_multiple)
+        else:
+            microbatches = collate_microbatches(pairs, self.micro_batch_size, self.pad_id,
+                                                pad_multiple=self.pad_multiple)
+        if self.value_masks is not None:
+            microbatches = [replace(mb, value_masks=self.value_masks(mb)) for mb in microbatches]
+        return [context_parallel_share(mb, self.cp_rank, self.cp).to(self.device) for mb in microbatches]
 
 
 def check_batch_sizes(micro_batch_size: int, global_batch_size: int, dp: int) -> None:
@@ -102,6 +133,10 @@ def dp_shard(batch: list[int], dp_rank: int, dp_size: int) -> list[int]:
     return batch[dp_rank * shard : (dp_rank + 1) * shard]
 
 
+def _round_up(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
 def collate_microbatches(
     pairs: list[TokenizedPair],
     micro_batch_size: int,
@@ -122,7 +157,7 @@ def collate_microbatches(
     rows = [(p.prompt, side) for p in pairs for side in (p.chosen, p.rejected)]
     longest = max(len(prompt) + len(response) for prompt, response in rows)
     if pad_to is None:
-        seq_len = -(-longest // pad_multiple) * pad_multiple
+        seq_len = _round_up(longest, pad_multiple)
     elif longest > pad_to:
         raise ValueError(f"a sequence of {longest} tokens does not fit pad_to={pad_to}")
     else:
@@ -163,7 +198,8 @@ def _place(tokens, labels, loss_mask, row: int, start: int, prompt: list, respon
     return end
 
 
-def collate_packed_microbatches(pairs: list, micro_batch_size: int, pad_id: int, pad_multiple: int = 8) -> list:
+def collate_packed_microbatches(pairs: list, micro_batch_size: int, pad_id: int, pad_multiple: int = 8,
+                                sequence_multiple: int = 1) -> list:
     """Microbatches of ``micro_batch_size`` pairs, each packed into ONE row with no padding between sequences.
 
     The row holds chosen 0, rejected 0, chosen 1, rejected 1, ... back to back
@@ -175,18 +211,25 @@ def collate_packed_microbatches(pairs: list, micro_batch_size: int, pad_id: int,
     predicts nothing (its label is masked). Every microbatch of a call has the same
     length (pipeline stages exchange fixed shapes): the longest, rounded up to
     ``pad_multiple``; the padding is one more segment at the end, masked out of the loss.
+    Each sequence's length is rounded up to ``sequence_multiple`` (2·CP under
+    context parallelism, which cuts every sequence into 2·CP chunks) with padding
+    tokens at its end: no loss, and no real token attends to them (they come last).
     """
     if micro_batch_size < 1 or not pairs or len(pairs) % micro_batch_size:
         raise ValueError(
             f"number of pairs ({len(pairs)}) must be a positive multiple of micro_batch_size ({micro_batch_size})"
         )
     groups = [pairs[i : i + micro_batch_size] for i in range(0, len(pairs), micro_batch_size)]
-    longest = max(sum(pair.num_tokens for pair in group) for group in groups)
-    length = -(-longest // pad_multiple) * pad_multiple
-    return [_packed_row(group, pad_id, length) for group in groups]
+    longest = max(
+        sum(_round_up(len(pair.prompt) + len(side), sequence_multiple) for pair in group
+            for side in (pair.chosen, pair.rejected))
+        for group in groups
+    )
+    length = _round_up(longest, pad_multiple)
+    return [_packed_row(group, pad_id, length, sequence_multiple) for group in groups]
 
 
-def _packed_row(group: list, pad_id: int, length: int) -> Microbatch:
+def _packed_row(group: list, pad_id: int, length: int, sequence_multiple: int) -> Microbatch:
     tokens = torch.full((1, length), pad_id, dtype=torch.long)
     labels = torch.full((1, length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((1, length), dtype=torch.float)
@@ -196,7 +239,8 @@ def _packed_row(group: list, pad_id: int, length: int) -> Microbatch:
     for index, pair in enumerate(group):
         for side, response in enumerate((pair.chosen, pair.rejected)):
             start = bounds[-1]
-            end = _place(tokens, labels, loss_mask, 0, start, pair.prompt, response)
+            end = start + _round_up(_place(tokens, labels, loss_mask, 0, start, pair.prompt, response) - start,
+                                    sequence_multiple)
             position_ids[0, start:end] = torch.arange(end - start)
             segment_ids[0, start:end] = 2 * index + side
             bounds.append(end)

@@ -24,6 +24,11 @@ answers exactly those, and nothing is patched when CUDA is available:
    gradient clipping) are answered by ``Parameter.type()`` reporting the CUDA
    type name for CPU parameters, and the clipping routine that asserts it on
    ``.grad`` is replaced by an equivalent device-agnostic one.
+6. Under context parallelism RoPE keeps this rank's rows of its table
+   (``rope_utils.get_pos_emb_on_this_cp_rank``) with an index tensor made in
+   pinned memory and moved with ``.cuda()``. Pinned memory needs an accelerator:
+   the factories of item 2 leave ``pin_memory`` out, and the move is skipped as
+   in item 4.
 
 Call :func:`apply` once, before building models (``distributed.init`` does).
 """
@@ -60,6 +65,7 @@ def _cpu_factory(fn):
     def wrapper(*args, **kwargs):
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)  # there is no pinned memory without an accelerator
         return fn(*args, **kwargs)
 
     return wrapper
@@ -182,6 +188,7 @@ def apply() -> bool:
         return True
 
     from megatron.core import utils as core_utils
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
@@ -192,7 +199,7 @@ def apply() -> bool:
     torch.cuda.synchronize = lambda device=None: None
     torch_on_cpu = _TorchOnCpu()
     for module in (
-        schedules, clip_grads, optimizer, distrib_optimizer, transformer_utils, core_utils
+        schedules, clip_grads, optimizer, distrib_optimizer, transformer_utils, core_utils, rope_utils
     ):
         module.torch = torch_on_cpu
     torch.nn.Parameter.type = _parameter_type(torch.nn.Parameter.type)
@@ -204,6 +211,9 @@ def apply() -> bool:
     DistributedOptimizer.get_parameter_state_dp_zero = _without_cuda_moves(
         DistributedOptimizer.get_parameter_state_dp_zero
     )
+    cp_rows = _without_cuda_moves(rope_utils.get_pos_emb_on_this_cp_rank)
+    for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):  # each imported it by name
+        module.get_pos_emb_on_this_cp_rank = cp_rows
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker

@@ -1,12 +1,18 @@
-"""Where this process sits in the TP x PP x DP grid: the one object every layer asks.
+"""Where this process sits in the TP x CP x PP x DP grid: the one object every layer asks.
 
 megatron keeps the parallel layout in module globals (``parallel_state``). Rather
 than every module reaching into those globals, the layout is read once, when
 the process groups exist, into a :class:`Layout`; the trainer hands it down and
 library code that runs outside a trainer (conversion, tests) asks
 :func:`current`. This is the only module outside ``distributed/init.py`` that
-talks to ``parallel_state``, so a new dimension (context or expert parallelism)
-is added here, once.
+talks to ``parallel_state``, so a new dimension (expert parallelism, say) is
+added here, once, as context parallelism and the interleaved pipeline were.
+
+Context parallelism (CP) splits every sequence over CP ranks that hold the same
+weights; for gradients they are data-parallel replicas (megatron's DDP reduces
+over DP x CP), for the per-sequence sums of the loss they are parts of one
+replica (summed over the CP group). The interleaved pipeline gives each
+pipeline rank ``vpp`` model chunks instead of one.
 """
 
 import os
@@ -20,6 +26,8 @@ from nemo_dpo.ranges import Integer
 RANGES = {
     "model.tensor_model_parallel_size": Integer(ge=1),
     "model.pipeline_model_parallel_size": Integer(ge=1),
+    "model.context_parallel_size": Integer(ge=1),
+    "model.virtual_pipeline_model_parallel_size": Integer(ge=2, nullable=True),
     "trainer.num_nodes": Integer(ge=1, nullable=True),
     "trainer.devices": Integer(ge=1, nullable=True),
 }
@@ -33,10 +41,13 @@ class Layout:
     world_size: int
     tp: int
     pp: int
+    cp: int
     dp: int
     tp_rank: int
     pp_rank: int
+    cp_rank: int
     dp_rank: int
+    vpp: int  # model chunks per pipeline rank (the interleaved schedule's virtual stages; 1 without)
     device: torch.device
 
     @property
@@ -47,20 +58,30 @@ class Layout:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    def chunk_is_first(self, chunk: int) -> bool:
+        """Whether model chunk ``chunk`` of this rank holds the embedding (the first virtual stage)."""
+        return self.is_first_stage and chunk == 0
+
+    def chunk_is_last(self, chunk: int) -> bool:
+        """Whether model chunk ``chunk`` of this rank holds the output layer (the last virtual stage)."""
+        return self.is_last_stage and chunk == self.vpp - 1
+
     @property
     def contributes_metrics(self) -> bool:
-        """Whether this rank holds its DP replica's per-pair statistics (the last stage, once per TP group)."""
-        return self.is_last_stage and self.tp_rank == 0
+        """Whether this rank holds its DP replica's per-pair statistics (the last stage, once per TP and CP group)."""
+        return self.is_last_stage and self.tp_rank == 0 and self.cp_rank == 0
 
     @property
     def sizes(self) -> tuple:
-        """(TP, PP, DP): a checkpoint records these to tell whether per-rank state (RNG) can be restored."""
-        return (self.tp, self.pp, self.dp)
+        """(TP, PP, DP, CP): a checkpoint records these to tell whether per-rank state (RNG) can be restored."""
+        return (self.tp, self.pp, self.dp, self.cp)
 
     @property
     def rng_grid(self) -> tuple:
-        """(grid shape, this rank's offset) addressing per-rank state: (PP, TP, DP) and (pp_rank, tp_rank, dp_rank)."""
-        return (self.pp, self.tp, self.dp), (self.pp_rank, self.tp_rank, self.dp_rank)
+        """(grid shape, this rank's offset) addressing per-rank state: (PP, TP, DP x CP) and (pp_rank, tp_rank,
+        dp_rank x CP + cp_rank); at CP=1 the grid of checkpoints written before context parallelism."""
+        offset = (self.pp_rank, self.tp_rank, self.dp_rank * self.cp + self.cp_rank)
+        return (self.pp, self.tp, self.dp * self.cp), offset
 
     @property
     def tp_group(self):
@@ -68,21 +89,27 @@ class Layout:
         return parallel_state.get_tensor_model_parallel_group() if self.tp > 1 else None
 
     @property
-    def dp_group(self):
-        return parallel_state.get_data_parallel_group()
+    def cp_group(self):
+        """The context-parallel process group, or None when CP is 1 (every sequence is whole here)."""
+        return parallel_state.get_context_parallel_group() if self.cp > 1 else None
+
+    def cp_peer(self, offset: int) -> int:
+        """The global rank of the CP rank ``offset`` places after this one in the CP ring."""
+        return parallel_state.get_context_parallel_global_ranks()[(self.cp_rank + offset) % self.cp]
 
 
-def check_layout(world_size: int, tp: int, pp: int) -> int:
+def check_layout(world_size: int, tp: int, pp: int, cp: int = 1) -> int:
     """Validate the parallel sizes against the world size; return the DP size."""
-    for key, value in (("model.tensor_model_parallel_size", tp), ("model.pipeline_model_parallel_size", pp)):
+    sizes = (("model.tensor_model_parallel_size", tp), ("model.pipeline_model_parallel_size", pp),
+             ("model.context_parallel_size", cp))
+    for key, value in sizes:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by model.tensor_model_parallel_size ({tp}) x "
-            f"model.pipeline_model_parallel_size ({pp}) = {tp * pp}"
-        )
-    return world_size // (tp * pp)
+    if world_size % (tp * pp * cp) != 0:
+        shown = sizes if cp > 1 else sizes[:2]
+        factors = " x ".join(f"{key} ({value})" for key, value in shown)
+        raise ValueError(f"world size {world_size} is not divisible by {factors} = {tp * pp * cp}")
+    return world_size // (tp * pp * cp)
 
 
 def check_launch(world_size: int, num_nodes: int | None, devices: int | None) -> None:
@@ -113,10 +140,13 @@ def read_layout(rank: int, world_size: int, device: torch.device) -> Layout:
         world_size=world_size,
         tp=parallel_state.get_tensor_model_parallel_world_size(),
         pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        cp=parallel_state.get_context_parallel_world_size(),
         dp=parallel_state.get_data_parallel_world_size(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         device=device,
     )
 

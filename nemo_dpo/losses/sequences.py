@@ -71,25 +71,39 @@ def whole_sequence_mask(loss_mask: torch.Tensor, segment_ids=None, num_sequences
     return ((position >= first[ids]) & (position <= last[ids])).to(flat.dtype).reshape(loss_mask.shape)
 
 
-def sequence_values(names, token_log_probs, loss_mask, segment_ids=None, num_sequences: int = 0, log_sum_sq=None):
+def value_masks(names, loss_mask, segment_ids=None, num_sequences: int = 0) -> dict:
+    """``{name: [rows, S] mask}`` for the values among ``names`` that are summed over other tokens than the
+    response's (``loss_mask``): they depend on where each sequence's response starts and ends, so under context
+    parallelism they are made from the whole sequences, before each rank keeps its share of the tokens."""
+    masks = {}
+    for name in names:
+        if name == SHARED_LOGPS:
+            masks[name] = shared_prefix_mask(loss_mask, segment_ids, num_sequences)
+        elif name in (SEQUENCE_LOGPS, SEQUENCE_TOKENS):
+            masks[name] = whole_sequence_mask(loss_mask, segment_ids, num_sequences)
+    return masks
+
+
+def sequence_values(names, token_log_probs, loss_mask, segment_ids=None, num_sequences: int = 0, log_sum_sq=None,
+                    masks=None):
     """``{name: [sequences]}`` for the values ``names`` (see the module docstring) of one microbatch.
 
-    ``log_sum_sq``: per-token log sum_v pi(v)^2, needed for ``wpo_logps`` only.
+    ``log_sum_sq``: per-token log sum_v pi(v)^2, needed for ``wpo_logps`` only. ``masks``: the
+    :func:`value_masks` of ``names``, made beforehand from the whole sequences (None: made here from these rows).
     """
     segments = (segment_ids, num_sequences)
+    if masks is None:
+        masks = value_masks(names, loss_mask, *segments)
     values = {}
     for name in names:
         if name == LOGPS:
             values[name] = sequence_sums(token_log_probs, loss_mask, *segments)
-        elif name == SHARED_LOGPS:
-            values[name] = sequence_sums(token_log_probs, shared_prefix_mask(loss_mask, *segments), *segments)
+        elif name in (SHARED_LOGPS, SEQUENCE_LOGPS):
+            values[name] = sequence_sums(token_log_probs, masks[name], *segments)
         elif name == WPO_LOGPS:
             values[name] = sequence_sums(token_log_probs.detach() - log_sum_sq, loss_mask, *segments)
-        elif name == SEQUENCE_LOGPS:
-            values[name] = sequence_sums(token_log_probs, whole_sequence_mask(loss_mask, *segments), *segments)
         elif name == SEQUENCE_TOKENS:
-            mask = whole_sequence_mask(loss_mask, *segments)
-            values[name] = sequence_sums(torch.ones_like(mask), mask, *segments)
+            values[name] = sequence_sums(torch.ones_like(masks[name]), masks[name], *segments)
         else:
             raise ValueError(f"unknown per-sequence value {name!r}; known: {list(VALUES)}")
     return values

@@ -7,7 +7,9 @@ sequences. This module computes the same causal softmax attention with
 GPU: O(s) memory, nothing quadratic saved) and takes megatron's ``thd`` packed
 format: a microbatch as one row of concatenated sequences, ``cu_seqlens`` marking
 where each starts, attention never crossing a boundary. transformer-engine's
-``TEDotProductAttention`` takes the same ``packed_seq_params`` on GPU.
+``TEDotProductAttention`` takes the same ``packed_seq_params`` on GPU. Under
+context parallelism the sequences are spread over the CP group and attention is
+ring attention (models/ring_attention.py), packed or not.
 """
 
 import contextlib
@@ -19,6 +21,9 @@ from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
+
+from nemo_dpo.distributed import layout
+from nemo_dpo.models.ring_attention import Ring, ring_attention
 
 
 class SDPAttention(MegatronModule):
@@ -36,13 +41,17 @@ class SDPAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not implement context parallelism (context_parallel_size must be 1)")
         tp = config.tensor_model_parallel_size
         self.heads = divide(config.num_attention_heads, tp)
         self.groups = divide(config.num_query_groups, tp)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.ring = None
+        if config.context_parallel_size > 1:
+            if self.dropout > 0:
+                raise ValueError("ring attention (context parallelism without transformer-engine) has no attention "
+                                 "dropout: set model.attention_dropout=0")
+            self.ring = Ring(layout.current())
 
     def _attend(self, query, key, value):
         """Causal attention over [s, b, heads, dim] inputs; returns [s, b, heads * dim]."""
@@ -56,6 +65,16 @@ class SDPAttention(MegatronModule):
             )
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
+    def _ring_attend(self, query, key, value, packed_seq_params):
+        """This rank's share of the sequences, attending across the CP group; returns [s, b, heads * dim]."""
+        if packed_seq_params is None:
+            bounds = [0, query.shape[0]]
+        else:  # one row of sequences, each cut alike over the CP ranks; cu_seqlens count whole sequences
+            bounds = [start // self.ring.size for start in packed_seq_params.cu_seqlens_q.tolist()]
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        out = ring_attention(query, key, value, bounds, self.softmax_scale, self.ring).flatten(2)
+        return out if packed_seq_params is None else out.squeeze(1)
+
     def forward(
         self,
         query,
@@ -68,10 +87,12 @@ class SDPAttention(MegatronModule):
     ):
         if attention_mask is not None or attention_bias is not None:
             raise ValueError("SDPAttention is causal; pass packed_seq_params, not an attention mask or bias")
+        if packed_seq_params is not None and packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention packs in 'thd' format, got {packed_seq_params.qkv_format!r}")
+        if self.ring is not None:
+            return self._ring_attend(query, key, value, packed_seq_params)
         if packed_seq_params is None:
             return self._attend(query, key, value)
-        if packed_seq_params.qkv_format != "thd":
-            raise ValueError(f"SDPAttention packs in 'thd' format, got {packed_seq_params.qkv_format!r}")
         bounds = packed_seq_params.cu_seqlens_q.tolist()  # query/key/value: [tokens, heads, dim]
         pieces = [
             self._attend(query[start:end, None], key[start:end, None], value[start:end, None])

@@ -1,4 +1,4 @@
-"""Build a megatron-core GPTModel for this rank's pipeline stage from the ``model`` config."""
+"""Build megatron-core GPTModels for this rank's pipeline stage (its model chunks) from the ``model`` config."""
 
 import math
 from functools import partial
@@ -10,11 +10,14 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_dpo.distributed import layout
 from nemo_dpo.models.activations import SwiGLU
 from nemo_dpo.models.attention import SDPAttention
+from nemo_dpo.models.norm import use_torch_norm
 from nemo_dpo.models.rope_scaling import attention_factor, check_rope_scaling, inverse_frequencies
 from nemo_dpo.ranges import Flag, Integer, Mapping, OneOf, Real
 
@@ -61,6 +64,7 @@ RANGES = {
     "model.activations_checkpoint_num_layers": SIZE,
     "model.vocab_size": Integer(ge=1, nullable=True),
     "model.make_vocab_size_divisible_by": SIZE,
+    "model.sequence_parallel": Flag(),
     "model.kv_channels": Integer(ge=1, nullable=True),
     "model.qkv_bias": Flag(),
     "model.qk_layernorm": Flag(),
@@ -120,6 +124,7 @@ def check_model_config(model_cfg) -> None:
             f"model.num_layers ({model_cfg.num_layers}) is not divisible by "
             f"model.pipeline_model_parallel_size ({pp})"
         )
+    check_long_context(model_cfg)
     padded_vocab_size(1, model_cfg.make_vocab_size_divisible_by, tp)  # checks divisibility by TP
     if model_cfg.encoder_seq_length > model_cfg.max_position_embeddings:
         raise ValueError(
@@ -134,6 +139,37 @@ def head_dim(model_cfg) -> int:
     return model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
 
 
+def check_long_context(model_cfg) -> None:
+    """Context and sequence parallelism and the interleaved pipeline: what each needs (ValueError naming the keys)."""
+    tp, pp = model_cfg.tensor_model_parallel_size, model_cfg.pipeline_model_parallel_size
+    cp, vpp = model_cfg.context_parallel_size, model_cfg.virtual_pipeline_model_parallel_size
+    if model_cfg.encoder_seq_length % (2 * cp) != 0:
+        raise ValueError(
+            f"model.encoder_seq_length ({model_cfg.encoder_seq_length}) is not divisible by 2 x "
+            f"model.context_parallel_size ({cp}) = {2 * cp}: context parallelism cuts every sequence into 2 x CP chunks"
+        )
+    if cp > 1 and not HAVE_TE and torch.cuda.is_available():
+        raise ValueError(
+            f"model.context_parallel_size={cp} on GPU needs transformer-engine's attention (pip install "
+            "transformer-engine); the local attention's ring attention runs on CPU only"
+        )
+    if cp > 1 and not HAVE_TE and model_cfg.attention_dropout > 0:
+        raise ValueError(
+            f"model.context_parallel_size={cp} without transformer-engine is ring attention, which has no attention "
+            f"dropout: model.attention_dropout must be 0, got {model_cfg.attention_dropout}"
+        )
+    if model_cfg.sequence_parallel and tp == 1:
+        raise ValueError("model.sequence_parallel=true needs model.tensor_model_parallel_size > 1 (it splits the "
+                         "activations outside the tensor-parallel layers over the TP ranks)")
+    if vpp is not None and pp == 1:
+        raise ValueError(f"model.virtual_pipeline_model_parallel_size={vpp} needs model.pipeline_model_parallel_size > 1")
+    if vpp is not None and model_cfg.num_layers % (pp * vpp) != 0:
+        raise ValueError(
+            f"model.num_layers ({model_cfg.num_layers}) is not divisible by model.pipeline_model_parallel_size ({pp}) "
+            f"x model.virtual_pipeline_model_parallel_size ({vpp}) = {pp * vpp} (layers per model chunk)"
+        )
+
+
 def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_func=None) -> TransformerConfig:
     """Translate the NeMo-style ``model`` keys into megatron's TransformerConfig.
 
@@ -142,6 +178,7 @@ def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_
     unless TE is present.
     """
     swiglu = model_cfg.activation == "swiglu"
+    interleaved = model_cfg.virtual_pipeline_model_parallel_size is not None
     dtype = PRECISIONS[precision]
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
@@ -164,6 +201,13 @@ def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_
         init_method_std=model_cfg.init_method_std,
         tensor_model_parallel_size=model_cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=model_cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=model_cfg.virtual_pipeline_model_parallel_size,
+        # Interleaved, a rank sends activations and gradients to the same neighbour at once: megatron-LM's
+        # overlapped, unbatched p2p orders those so that each arrives where the other side expects it.
+        overlap_p2p_comm=interleaved,
+        batch_p2p_comm=not interleaved,
+        context_parallel_size=model_cfg.context_parallel_size,
+        sequence_parallel=model_cfg.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=precision == "bf16",
@@ -200,29 +244,39 @@ def recompute_settings(model_cfg) -> dict:
     }
 
 
-def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig) -> GPTModel:
-    """The GPTModel for this pipeline stage (embedding on the first, output layer on the last)."""
+def _local_block_spec(model_cfg, config: TransformerConfig, vp_stage):
+    """The layers of the local spec with PyTorch's fused attention, SwiGLU as a module and norms that also
+    run under sequence parallelism (models/attention.py, activations.py, norm.py)."""
+    layer_spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm)
+    layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if config.use_te_activation_func:
+        layer_spec.submodules.mlp.submodules.activation_func = SwiGLU
+    use_torch_norm(layer_spec.submodules)
+    use_torch_norm(layer_spec.submodules.self_attention.submodules)
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=layer_spec.submodules.input_layernorm)
+
+
+def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: int = None) -> GPTModel:
+    """The GPTModel for this pipeline stage, or for its model chunk ``vp_stage`` under the interleaved schedule
+    (embedding on the first, output layer on the last)."""
     if HAVE_TE:
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
     else:
-        layer_spec = get_gpt_layer_local_spec(
-            normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm
-        )
-        layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
-        if config.use_te_activation_func:
-            layer_spec.submodules.mlp.submodules.activation_func = SwiGLU
+        spec = _local_block_spec(model_cfg, config, vp_stage)
     tp = model_cfg.tensor_model_parallel_size
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by, tp),
         max_sequence_length=model_cfg.max_position_embeddings,
-        pre_process=layout.current().is_first_stage,
-        post_process=layout.current().is_last_stage,
+        pre_process=layout.current().chunk_is_first(vp_stage or 0),
+        post_process=layout.current().chunk_is_last(vp_stage or 0),
         parallel_output=True,  # logits stay vocab-parallel: log-probs never gather them
         share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
         position_embedding_type=model_cfg.position_embedding_type,
         rotary_base=model_cfg.rotary_base,
+        vp_stage=vp_stage,
     )
     if model_cfg.position_embedding_type == "rope":  # scaled as model.rope_scaling says (unscaled: megatron's own)
         rotary = model.rotary_pos_emb
@@ -231,8 +285,21 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig) -> GPTModel
     return model
 
 
+def build_model_chunks(model_cfg, vocab_size: int, config: TransformerConfig) -> list:
+    """This rank's model chunks: its stage's GPTModel, or one per virtual stage under the interleaved schedule."""
+    vpp = model_cfg.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return [build_gpt(model_cfg, vocab_size, config)]
+    return [build_gpt(model_cfg, vocab_size, config, vp_stage) for vp_stage in range(vpp)]
+
+
 def _pass_hidden_states(input_, weight=None, runtime_gather_output=None):
     return input_, None
+
+
+def _gather_hidden_states(input_, weight=None, runtime_gather_output=None):
+    # The backward keeps this rank's slice of the gradient, which chunked_log_probs has summed over TP.
+    return gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False), None
 
 
 def emit_hidden_states(model: GPTModel) -> None:
@@ -240,9 +307,12 @@ def emit_hidden_states(model: GPTModel) -> None:
 
     For chunked log-probs (losses/logprobs.py), which apply the output layer
     themselves; the output layer keeps its parameters (and checkpoint entries).
+    Under sequence parallelism the states are gathered to the whole sequence on
+    every TP rank, as the output layer would gather them.
     """
     if model.post_process:
-        model.output_layer.forward = _pass_hidden_states
+        sequence_parallel = model.config.sequence_parallel
+        model.output_layer.forward = _gather_hidden_states if sequence_parallel else _pass_hidden_states
 
 
 def output_weight(model: GPTModel) -> torch.Tensor:

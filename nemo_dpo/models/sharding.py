@@ -61,8 +61,9 @@ def tp_slice(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp: int) -> 
 
 
 def local_to_global_names(model, config) -> dict:
-    """``{local name: global name}`` for this rank's model chunk."""
-    offset = get_transformer_layer_offset(config)
+    """``{local name: global name}`` for this rank's model chunk (a GPTModel; its ``vp_stage`` under the
+    interleaved schedule)."""
+    offset = get_transformer_layer_offset(config, vp_stage=getattr(model, "vp_stage", None))
     tied = getattr(model, "share_embeddings_and_output_weights", False)
     return {name: global_name(name, offset, tied) for name, _ in model.named_parameters()}
 

@@ -18,11 +18,12 @@ marker, or whose files no longer match the manifest (truncated, missing), is
 never loaded: resume falls back to the newest complete one and says so.
 
 Model and optimizer state are megatron ShardedTensors (the optimizer in its
-fully reshardable form), so a checkpoint saved at one TP/PP/DP layout loads at
-another. Other weights shaped like the model's (TR-DPO's moving reference) are
-sharded the same way under their own prefix. Everything else is tensors too
-(each rank's RNG streams) or JSON (``nemo_dpo.json``: the config, the progress,
-a loss's state such as BCO's running mean, the layout): loading a checkpoint
+fully reshardable form), so a checkpoint saved at one TP/PP/CP/DP layout (with
+or without the interleaved schedule's model chunks) loads at another. Other
+weights shaped like the model's (TR-DPO's moving reference) are sharded the same
+way under their own prefix. Everything else is tensors too (each rank's RNG
+streams) or JSON (``nemo_dpo.json``: the config, the progress, a loss's state
+such as BCO's running mean, the layout): loading a checkpoint
 never unpickles anything but the shard index, and that only through
 safe_load.py's restricted unpickler. The LR schedule is not stored: it is a
 function of the config and the step, rebuilt on resume.
@@ -255,7 +256,13 @@ def _trainable(sharded) -> bool:
     return getattr(getattr(sharded, "data", None), "requires_grad", False)
 
 
-def sharded_state(model, optimizer=None, is_loading=False) -> dict:
+def _model_keys(model_chunks: list) -> list:
+    """Where each model chunk's tensors sit in the state: ``model``, or ``model0``, ``model1``, ... for several
+    (the tensors' own keys are global, so the chunks of one layout load into those of another)."""
+    return ["model"] if len(model_chunks) == 1 else [f"model{index}" for index in range(len(model_chunks))]
+
+
+def sharded_state(model_chunks: list, optimizer=None, is_loading=False) -> dict:
     """What a checkpoint's shards hold: the model's tensors (and the optimizer's, and the RNG streams).
 
     When part of the model is frozen (LoRA), only the trainable parameters are
@@ -263,13 +270,15 @@ def sharded_state(model, optimizer=None, is_loading=False) -> dict:
     or the seed), which the checkpoint's config records. Layers' ``_extra_state``
     (a pickled object; transformer-engine's FP8 scaling, unused here) is left out.
     """
-    model_state = unwrap(model).sharded_state_dict()
-    model_state = {k: v for k, v in model_state.items() if not k.endswith(EXTRA_STATE)}
-    if any(not p.requires_grad for p in model.parameters()):
-        model_state = {k: v for k, v in model_state.items() if _trainable(v)}
-    state = {"model": model_state}
+    state = {}
+    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+        chunk_state = unwrap(chunk).sharded_state_dict()
+        chunk_state = {k: v for k, v in chunk_state.items() if not k.endswith(EXTRA_STATE)}
+        if any(not p.requires_grad for p in chunk.parameters()):
+            chunk_state = {k: v for k, v in chunk_state.items() if _trainable(v)}
+        state[key] = chunk_state
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
                                                           metadata=OPTIMIZER_METADATA)
         state["rng_state"] = _sharded_rng_state()
     return state
@@ -488,7 +497,13 @@ def _set_states_keeping_step(opt, model_param, tensors):
     DistributedOptimizer._set_main_param_and_optimizer_states(opt, model_param, tensors)
 
 
-def load(folder: Path, model, optimizer=None, extra=None) -> dict:
+def _same_layout(saved: list, current: tuple) -> bool:
+    """Whether a checkpoint's layout is this run's (checkpoints written before context parallelism record no CP)."""
+    saved = tuple(saved)
+    return (saved + (1,) if len(saved) == 3 else saved) == current
+
+
+def load(folder: Path, model_chunks: list, optimizer=None, extra=None) -> dict:
     """Load model (and optimizer, and RNG where the layout matches) from ``folder``; returns its metadata.
 
     ``extra``: {name: sharded state} of further tensors saved with the checkpoint (``sharded_like_model``), loaded
@@ -504,13 +519,14 @@ def load(folder: Path, model, optimizer=None, extra=None) -> dict:
     safe_load.install()
     safe_load.check_tensors_only(folder)
     with _torch_adam_fallback(optimizer):
-        state = {**sharded_state(model, optimizer, is_loading=True), **(extra or {})}
+        state = {**sharded_state(model_chunks, optimizer, is_loading=True), **(extra or {})}
         # loading replaces the state's entries (a factory by its parts): note where each extra tensor goes first
         targets = {name: {key: entry.data for key, entry in entries.items()} for name, entries in (extra or {}).items()}
-        if optimizer is not None and tuple(metadata.get("layout", ())) != layout.current().sizes:
+        if optimizer is not None and not _same_layout(metadata.get("layout", ()), layout.current().sizes):
             del state["rng_state"]  # RNG streams belong to ranks; another layout starts from its seeds
         loaded = dist_checkpointing.load(state, str(folder), common_strategy=safe_load.WeightsOnlyCommonLoad())
-        load_model_state(unwrap(model), loaded["model"], folder)
+        for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+            load_model_state(unwrap(chunk), loaded[key], folder)
         if optimizer is not None:
             settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(loaded["optimizer"])

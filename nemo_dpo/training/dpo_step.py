@@ -8,10 +8,19 @@ loss, whose declared statistics are averaged into the step's metrics). The loss
 gets the per-sequence values it declares (``policy_values``, losses/sequences.py)
 and the reference's that the reference attached; the step computes whatever is
 asked without knowing which loss asks.
-megatron's schedule runs them without pipelining or with 1F1B at PP > 1, and
-divides each microbatch's loss by the number of microbatches; with equal-sized
-microbatches and the gradient averaged over DP by ``finalize_model_grads``,
-the gradient is that of the global-batch mean loss at any layout.
+megatron's schedule runs them without pipelining, with 1F1B at PP > 1 or
+interleaved 1F1B over several model chunks per pipeline rank, and divides each
+microbatch's loss by the number of microbatches; with equal-sized microbatches
+and the gradient averaged over DP by ``finalize_model_grads``, the gradient is
+that of the global-batch mean loss at any layout.
+
+Under context parallelism each rank holds part of every sequence: its
+per-sequence values are partial sums and are summed over the CP group before the
+loss, so every CP rank computes the same loss. Values summed over other tokens
+than the response's (LD-DPO's shared length, ORPO's whole sequence) take masks
+made from the whole sequences before the split (:func:`whole_sequence_masks`).
+The schedule multiplies the loss by CP and DDP averages gradients over DP x CP,
+so each CP rank's share of the gradient (its tokens' paths) adds up to the whole.
 """
 
 from functools import partial
@@ -20,6 +29,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 from nemo_dpo.data.batching import Microbatch
 from nemo_dpo.losses.logprobs import (
@@ -28,7 +38,7 @@ from nemo_dpo.losses.logprobs import (
     vocab_parallel_log_probs,
     vocab_parallel_log_sum_sq_probs,
 )
-from nemo_dpo.losses.sequences import WPO_LOGPS, sequence_sums, sequence_values
+from nemo_dpo.losses.sequences import WPO_LOGPS, sequence_sums, sequence_values, value_masks
 from nemo_dpo.losses.statistics import local_means
 from nemo_dpo.models.gpt import emit_hidden_states, output_weight, unwrap
 from nemo_dpo.ranges import Integer
@@ -36,26 +46,60 @@ from nemo_dpo.ranges import Integer
 RANGES = {"model.log_prob_chunk_size": Integer(ge=1, special={0: "all at once"})}
 
 
-def response_sums(token_values: torch.Tensor, mb: Microbatch) -> torch.Tensor:
-    """[sequences] sums of per-token values over each sequence's response tokens."""
-    return sequence_sums(token_values, mb.loss_mask, mb.segment_ids if mb.packed else None, mb.num_sequences)
+def response_sums(token_values: torch.Tensor, mb: Microbatch, cp_group=None) -> torch.Tensor:
+    """[sequences] sums of per-token values over each sequence's response tokens.
+
+    With ``cp_group`` (context parallelism) the microbatch is this rank's share of
+    every sequence and the sums are summed over the group: all-reduced forward, and
+    in backward each rank's share takes the gradient of the whole sum (megatron's
+    reduce mapping, over the CP group).
+    """
+    sums = sequence_sums(token_values, mb.loss_mask, mb.segment_ids if mb.packed else None, mb.num_sequences)
+    return sums if cp_group is None else reduce_from_tensor_model_parallel_region(sums, group=cp_group)
 
 
-def response_values(names, token_log_probs: torch.Tensor, mb: Microbatch, log_sum_sq=None) -> dict:
-    """``{name: [sequences]}``: the per-sequence values ``names`` (losses/sequences.py) of a microbatch."""
+def check_schedule(model_cfg, dp: int) -> None:
+    """The interleaved schedule takes microbatches in groups of PP: a step's must be a multiple of PP (ValueError)."""
+    pp, vpp = model_cfg.pipeline_model_parallel_size, model_cfg.virtual_pipeline_model_parallel_size
+    microbatches = model_cfg.global_batch_size // (model_cfg.micro_batch_size * dp)
+    if vpp is not None and microbatches % pp != 0:
+        raise ValueError(
+            f"model.virtual_pipeline_model_parallel_size={vpp}: the microbatches of a step (model.global_batch_size "
+            f"{model_cfg.global_batch_size} / (model.micro_batch_size {model_cfg.micro_batch_size} x data-parallel "
+            f"size {dp}) = {microbatches}) must be a multiple of model.pipeline_model_parallel_size ({pp})"
+        )
+
+
+def response_values(names, token_log_probs: torch.Tensor, mb: Microbatch, cp_group=None, log_sum_sq=None) -> dict:
+    """``{name: [sequences]}``: the per-sequence values ``names`` (losses/sequences.py) of a microbatch, summed over
+    ``cp_group`` as :func:`response_sums` does; masks other than the loss mask come with the microbatch."""
     segment_ids = mb.segment_ids if mb.packed else None
-    return sequence_values(names, token_log_probs, mb.loss_mask, segment_ids, mb.num_sequences, log_sum_sq)
+    values = sequence_values(names, token_log_probs, mb.loss_mask, segment_ids, mb.num_sequences, log_sum_sq,
+                             mb.value_masks)
+    if cp_group is None:
+        return values
+    return {name: reduce_from_tensor_model_parallel_region(value, group=cp_group) for name, value in values.items()}
+
+
+def whole_sequence_masks(names):
+    """For the microbatcher: a whole microbatch's masks of the per-sequence values ``names`` (losses/sequences.py
+    ``value_masks``), made before context parallelism cuts it."""
+
+    def masks(mb: Microbatch) -> dict:
+        return value_masks(names, mb.loss_mask, mb.segment_ids if mb.packed else None, mb.num_sequences)
+
+    return masks
 
 
 class DPOStep:
-    def __init__(self, model, loss, vocab_size: int, chunk_size: int, layout):
-        """``loss``: a loss object (losses/); ``chunk_size`` > 0: the model emits hidden states and
-        log-probs apply the output layer in chunks."""
+    def __init__(self, model: list, loss, vocab_size: int, chunk_size: int, layout):
+        """``model``: this rank's model chunks (one, or one per virtual pipeline stage); ``loss``: a loss object
+        (losses/); ``chunk_size`` > 0: the model emits hidden states and log-probs apply the output layer in chunks."""
         self.model, self.loss, self.layout = model, loss, layout
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size
         if chunk_size > 0:
-            emit_hidden_states(unwrap(model))
+            emit_hidden_states(unwrap(model[-1]))
 
     def _forward_step(self, loss_func, data_iterator, model):
         mb = next(data_iterator)
@@ -65,7 +109,7 @@ class DPOStep:
     def _token_log_probs(self, mb: Microbatch, output):
         group = self.layout.tp_group
         if self.chunk_size > 0:
-            weight = output_weight(unwrap(self.model))
+            weight = output_weight(unwrap(self.model[-1]))
             return chunked_log_probs(output, weight, mb.labels, self.vocab_size, self.chunk_size, group)
         return vocab_parallel_log_probs(output, mb.labels, self.vocab_size, group)
 
@@ -73,7 +117,7 @@ class DPOStep:
         """log sum_v p(v)^2 per position (WPO's weights), without gradient."""
         group = self.layout.tp_group
         if self.chunk_size > 0:
-            weight = output_weight(unwrap(self.model))
+            weight = output_weight(unwrap(self.model[-1]))
             return chunked_log_sum_sq_probs(output, weight, self.vocab_size, self.chunk_size, group)
         return vocab_parallel_log_sum_sq_probs(output, self.vocab_size, group)
 
@@ -81,20 +125,22 @@ class DPOStep:
         return logits.new_zeros(()), {"log_probs": self._token_log_probs(mb, logits)}
 
     def _policy_loss(self, mb: Microbatch, output):
-        names = self.loss.policy_values
+        names, cp_group = self.loss.policy_values, self.layout.cp_group
         log_sum_sq = self._log_sum_sq_probs(mb, output) if WPO_LOGPS in names else None
-        policy = response_values(names, self._token_log_probs(mb, output), mb, log_sum_sq)
-        counts = response_sums(torch.ones_like(mb.loss_mask), mb)
+        policy = response_values(names, self._token_log_probs(mb, output), mb, cp_group, log_sum_sq)
+        counts = response_sums(torch.ones_like(mb.loss_mask), mb, cp_group)
         return self.loss(policy, mb.reference, counts, mb.gt_rewards)
 
     def _run(self, microbatches, loss_func, forward_only):
         tokens = microbatches[0].tokens
+        # One pass over the microbatches per model chunk (the interleaved schedule asks each chunk's in turn).
+        data = iter(microbatches) if len(self.model) == 1 else [iter(microbatches) for _ in self.model]
         return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, loss_func),
-            data_iterator=iter(microbatches),
-            model=[self.model],
+            data_iterator=data,
+            model=self.model,
             num_microbatches=len(microbatches),
-            seq_length=tokens.shape[1],
+            seq_length=tokens.shape[1] * self.layout.cp,  # the whole sequence; the schedule divides by CP
             micro_batch_size=tokens.shape[0],
             forward_only=forward_only,
         )

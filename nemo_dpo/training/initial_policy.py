@@ -77,18 +77,20 @@ def resolve(model_cfg) -> list:
     return changes + notes
 
 
-def load_weights(model, config, model_cfg) -> None:
-    """Fill this rank's model with the weights of ``model_cfg.restore_from_path``."""
+def load_weights(model_chunks: list, config, model_cfg) -> None:
+    """Fill this rank's model chunks with the weights of ``model_cfg.restore_from_path``."""
     path = model_cfg.restore_from_path
     if os.path.isfile(path):
-        nemo_archive.load_weights(model, config, model_cfg)
+        for chunk in model_chunks:
+            nemo_archive.load_weights(chunk, config, model_cfg)
     elif is_hf_dir(path):
         padded = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, layout.current().tp)
         weights = hf_to_global(read_hf_config(path), read_hf_weights(path), padded)
-        load_global_state_dict(model, config, weights)
+        for chunk in model_chunks:
+            load_global_state_dict(chunk, config, weights)
     else:
         checkpoint.check_compatible(Path(path), model_cfg)
-        checkpoint.load(Path(path), model)
+        checkpoint.load(Path(path), model_chunks)
 
 
 def carried_files(model_cfg) -> dict:

@@ -35,25 +35,32 @@ def uses_distributed_optimizer(optim_cfg) -> bool:
     return optim_cfg.use_distributed_optimizer or optim_cfg.name == "distributed_fused_adam"
 
 
-def wrap_ddp(model, config, optim_cfg) -> DistributedDataParallel:
-    """Wrap in megatron DDP (contiguous fp32 grad buffers) and wire gradient finalisation.
+def wrap_ddp(model_chunks: list, config, optim_cfg) -> list:
+    """Wrap each model chunk in megatron DDP (contiguous fp32 grad buffers) and wire gradient finalisation.
 
     ``finalize_model_grads`` is what all-reduces gradients across data-parallel
-    ranks (and tied embeddings across pipeline stages); without it megatron's
-    schedule leaves every DP rank with its own gradient.
+    ranks (DP x CP: context-parallel ranks are replicas too, each with its share
+    of the tokens), sums sequence-parallel norm gradients over TP, and ties
+    embeddings across pipeline stages; without it megatron's schedule leaves every
+    DP rank with its own gradient. Under the interleaved schedule only the first
+    chunk's buffers are bucketed (as in megatron-LM).
     """
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=uses_distributed_optimizer(optim_cfg),
     )
-    ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    ddp_chunks = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(model_chunks)
+    ]
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp_model.no_sync
-    return ddp_model
+    no_sync = [chunk.no_sync for chunk in ddp_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return ddp_chunks
 
 
-def build_optimizer(ddp_model, optim_cfg, grad_clip: float, bf16: bool = False):
+def build_optimizer(ddp_chunks: list, optim_cfg, grad_clip: float, bf16: bool = False):
     """Adam(W) over all trainable parameters; no weight decay on biases and norms (megatron's rule).
 
     With bf16 weights the optimizer keeps fp32 master copies and steps those.
@@ -72,7 +79,7 @@ def build_optimizer(ddp_model, optim_cfg, grad_clip: float, bf16: bool = False):
         clip_grad=grad_clip,
         use_distributed_optimizer=uses_distributed_optimizer(optim_cfg),
     )
-    return get_megatron_optimizer(config, [ddp_model])
+    return get_megatron_optimizer(config, ddp_chunks)
 
 
 def build_scheduler(optimizer, optim_cfg, total_steps: int) -> OptimizerParamScheduler:

@@ -69,8 +69,8 @@ def _eval_mode(model):
 class AdaptersOff:
     """LoRA's reference: the same model with its adapters switched off."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model_chunks: list):
+        self.model = torch.nn.ModuleList(model_chunks)
 
     @contextmanager
     def swapped_in(self):
@@ -82,7 +82,9 @@ class AdaptersOff:
 class ReferenceWeights:
     """The model's weights at construction (the initial policy), swapped in on demand."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model_chunks: list):
+        self.chunks = list(model_chunks)
+        model = torch.nn.ModuleList(model_chunks)
         self.params = [p for p in model.parameters()]
         self.weights = [p.detach().to("cpu", copy=True) for p in self.params]
         # On a GPU the policy's weights wait in pinned host buffers while the reference is
@@ -124,27 +126,33 @@ class ReferenceWeights:
                 ref.mul_(1.0 - alpha).add_(param.detach().to(ref.device), alpha=alpha)
 
     def sharded_state(self) -> dict:
-        """The weights as sharded tensors named ``reference.<parameter>``, for checkpoints."""
-        return sharded_like_model(self.model, dict(zip(self.params, self.weights)), REFERENCE_KEY + ".")
+        """The weights as sharded tensors named ``reference.<parameter>``, for checkpoints (entries of each model
+        chunk under its index: the tensors' own names are global, the chunks' local names repeat)."""
+        copies = dict(zip(self.params, self.weights))
+        return {f"{index}.{key}": entry for index, chunk in enumerate(self.chunks)
+                for key, entry in sharded_like_model(chunk, copies, REFERENCE_KEY + ".").items()}
 
 
-def reference_model(model, lora: bool):
-    """How ``model`` runs as the reference: adapters off (LoRA), or the current weights kept aside."""
-    return AdaptersOff(model) if lora else ReferenceWeights(model)
+def reference_model(model_chunks: list, lora: bool):
+    """How the model (its chunks) runs as the reference: adapters off (LoRA), or the current weights kept aside."""
+    return AdaptersOff(model_chunks) if lora else ReferenceWeights(model_chunks)
 
 
 class OnlineReference:
     """Reference values from a forward-only pass over the batch's own microbatches (last pipeline stage)."""
 
-    def __init__(self, runs_as_reference, log_probs, values: tuple):
+    def __init__(self, runs_as_reference, log_probs, values: tuple, cp_group=None):
         """``runs_as_reference``: ReferenceWeights or AdaptersOff; ``log_probs``: ``DPOStep.log_probs``;
-        ``values``: the loss's ``reference_values``."""
+        ``values``: the loss's ``reference_values``; ``cp_group``: the context-parallel group the values are
+        partial over (None: CP is 1)."""
         self.runs_as_reference, self.log_probs, self.values = runs_as_reference, log_probs, values
+        self.cp_group = cp_group
         self._validation = {}  # batch indices -> per-microbatch values: validation batches repeat, the reference not
 
     def _pass(self, microbatches) -> list:
         with self.runs_as_reference.swapped_in():
-            return [response_values(self.values, lp, mb) for mb, lp in zip(microbatches, self.log_probs(microbatches))]
+            log_probs = self.log_probs(microbatches)
+            return [response_values(self.values, lp, mb, self.cp_group) for mb, lp in zip(microbatches, log_probs)]
 
     def attach(self, microbatches: list, split: str, indices: list) -> float:
         start = clock()

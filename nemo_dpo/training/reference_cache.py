@@ -29,10 +29,10 @@ FILE = "reference_logprobs.pt"
 SHAPING_KEYS = ("encoder_seq_length", "data", "vocab_size", "make_vocab_size_divisible_by", "tokenizer")
 
 
-def _weights_digest(model) -> str:
+def _weights_digest(model_chunks: list) -> str:
     """Hash of every rank's parameters, in rank order (the same on all ranks)."""
     local = hashlib.sha256()
-    for name, param in model.named_parameters():
+    for name, param in torch.nn.ModuleList(model_chunks).named_parameters():
         local.update(name.encode())
         local.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digests = [None] * dist.get_world_size()
@@ -52,7 +52,7 @@ def _tokens_digest(splits: dict) -> str:
     return digest.hexdigest()
 
 
-def cache_key(data_files, tokenizer_files, model, model_cfg, splits: dict, values: tuple) -> dict:
+def cache_key(data_files, tokenizer_files, model_chunks: list, model_cfg, splits: dict, values: tuple) -> dict:
     """Hashes of everything the reference values depend on, and their names beyond the plain sums."""
     shaping = {k: OmegaConf.to_container(model_cfg[k]) if OmegaConf.is_config(model_cfg[k]) else model_cfg[k]
                for k in SHAPING_KEYS}
@@ -60,7 +60,7 @@ def cache_key(data_files, tokenizer_files, model, model_cfg, splits: dict, value
         "data": sha256_files(data_files),
         "tokenizer": sha256_files(tokenizer_files),
         "tokens": _tokens_digest(splits),
-        "weights": _weights_digest(model),
+        "weights": _weights_digest(model_chunks),
         "config": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
     }
     if tuple(values) != (LOGPS,):
@@ -74,7 +74,8 @@ def compute_table(pairs: list, runs_as_reference, log_probs, microbatcher, layou
 
     The pairs go through in global batches, as training batches them; each pair's
     values come from the one rank that holds them (its DP replica's last stage, TP
-    rank 0), and one all-reduce gives every rank the whole table.
+    and CP rank 0, after the sum over the CP group), and one all-reduce gives every
+    rank the whole table.
     """
     table = torch.zeros(len(pairs), 2 * len(values), dtype=torch.float64)
     with runs_as_reference.swapped_in():  # once for the whole pass
@@ -83,8 +84,8 @@ def compute_table(pairs: list, runs_as_reference, log_probs, microbatcher, layou
             padded = indices + [-1] * (global_batch_size - len(indices))  # a full batch; extra rows are ignored
             microbatches = microbatcher([pairs[i] for i in padded])
             outputs = log_probs(microbatches)
-            if outputs and layout.tp_rank == 0:
-                per_mb = [response_values(values, lp, mb) for lp, mb in zip(outputs, microbatches)]
+            per_mb = [response_values(values, lp, mb, layout.cp_group) for lp, mb in zip(outputs, microbatches)]
+            if layout.contributes_metrics:
                 columns = torch.stack([torch.cat([v[name] for v in per_mb]) for name in values])  # [values, sequences]
                 for row, index in enumerate(microbatcher.local(padded)):
                     if index >= 0:

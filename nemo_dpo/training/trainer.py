@@ -1,16 +1,17 @@
 """The DPO training loop, top to bottom.
 
-setup: tokenizer -> data -> loss -> model (layout-independent init, or the
-weights of ``model.restore_from_path``) -> DDP -> reference policy (a snapshot of
-those initial weights; none for a reference-free loss) -> optimizer and schedule
--> resume from the newest complete checkpoint if there is one. Each step: take
-the next global batch of pairs, keep this DP rank's share, split it into
-microbatches, compute the reference values the loss asks for (reference weights
-swapped in), run the policy forward/backward, step the optimizer, then let the
-loss update its state (BCO's running mean) and, with TR-DPO, move the reference.
-Validation runs every ``val_check_interval`` steps (or that fraction of an
-epoch) and at the end; checkpoints
-every ``save_interval`` steps and at the end.
+setup: tokenizer -> data -> loss -> model (this rank's model chunks: one, or one
+per virtual pipeline stage; layout-independent init, or the weights of
+``model.restore_from_path``) -> DDP -> reference policy (a snapshot of those
+initial weights; none for a reference-free loss) -> optimizer and schedule ->
+resume from the newest complete checkpoint if there is one. Each step: take the
+next global batch of pairs, keep this DP rank's share, split it into
+microbatches (this CP rank's share of each sequence), compute the reference
+values the loss asks for (reference weights swapped in), run the policy
+forward/backward, step the optimizer, then let the loss update its state (BCO's
+running mean) and, with TR-DPO, move the reference. Validation runs every
+``val_check_interval`` steps (or that fraction of an epoch) and at the end;
+checkpoints every ``save_interval`` steps and at the end.
 """
 
 import itertools
@@ -31,12 +32,12 @@ from nemo_dpo.data.tokenizer import source_files
 from nemo_dpo.distributed.failures import Heartbeat
 from nemo_dpo.distributed.layout import Layout
 from nemo_dpo.losses import build_loss
-from nemo_dpo.models.gpt import build_gpt, transformer_config
+from nemo_dpo.models.gpt import build_model_chunks, transformer_config
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora
 from nemo_dpo.ranges import Either, Flag, Integer, OneOf, Real
 from nemo_dpo.training import checkpoint, initial_policy, reference_cache
-from nemo_dpo.training.dpo_step import DPOStep
+from nemo_dpo.training.dpo_step import DPOStep, whole_sequence_masks
 from nemo_dpo.training.log_dir import log_dir
 from nemo_dpo.training.metrics_log import MetricsLog
 from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -105,7 +106,7 @@ class DPOTrainer:
             )
         self.config = transformer_config(m, cfg.trainer.precision)
         self.loss = build_loss(m.dpo)
-        self.model = wrap_ddp(self.build_model(), self.config, m.optim)
+        self.model = wrap_ddp(self.build_model(), self.config, m.optim)  # the model chunks
         runs_as_reference = None
         if self.loss.needs_reference:
             runs_as_reference = reference_model(self.model, lora=m.peft.peft_scheme == "lora")  # the initial weights
@@ -127,8 +128,12 @@ class DPOTrainer:
         self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val, self.config.bf16)
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
         self.step_fn = DPOStep(self.model, self.loss, m.vocab_size, m.log_prob_chunk_size, layout)
+        # Sequence parallelism splits each CP share over the TP ranks: rows must divide by CP x TP.
+        pad_multiple = math.lcm(8, layout.cp * layout.tp) if m.sequence_parallel else 8
+        values = tuple(dict.fromkeys(self.loss.policy_values + self.loss.reference_values))
         self.microbatcher = Microbatcher(m.micro_batch_size, m.data.packing, self.tokenizer.pad_id, layout.dp_rank,
-                                         layout.dp, layout.device)
+                                         layout.dp, layout.device, layout.cp_rank, layout.cp, pad_multiple,
+                                         whole_sequence_masks(values))
         self.reference = self.build_reference(runs_as_reference)  # from the initial weights, so before resuming
 
         self.checkpoint_dir = Path(self.log_dir) / "checkpoints"
@@ -155,23 +160,25 @@ class DPOTrainer:
         if self.layout.rank == 0:
             print(message, flush=True)
 
-    def build_model(self):
-        """This stage's GPT with its initial weights (and LoRA adapters), on the compute device."""
+    def build_model(self) -> list:
+        """This stage's GPT (its model chunks) with the initial weights (and LoRA adapters), on the compute device."""
         m, layout = self.cfg.model, self.layout
-        model = build_gpt(m, m.vocab_size, self.config).to(layout.device)
+        chunks = [chunk.to(layout.device) for chunk in build_model_chunks(m, m.vocab_size, self.config)]
         if m.restore_from_path is None:
-            init_weights(model, self.config, m.seed)
+            for chunk in chunks:
+                init_weights(chunk, self.config, m.seed)
         else:
-            initial_policy.load_weights(model, self.config, m)
+            initial_policy.load_weights(chunks, self.config, m)
             self.log0(f"initial policy and reference: {m.restore_from_path}")
         if m.peft.peft_scheme == "lora":
-            add_lora(model, self.config, m.peft.lora_tuning, m.seed)
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.log0(f"model: {total:,} parameters on rank 0 ({trainable:,} trainable)")
+            for chunk in chunks:
+                add_lora(chunk, self.config, m.peft.lora_tuning, m.seed)
+        params = [p for chunk in chunks for p in chunk.parameters()]
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        self.log0(f"model: {sum(p.numel() for p in params):,} parameters on rank 0 ({trainable:,} trainable)")
         if self.config.bf16:
-            model = Float16Module(self.config, model)  # bf16 in, fp32 out of the last stage
-        return model
+            chunks = [Float16Module(self.config, chunk) for chunk in chunks]  # bf16 in, fp32 out of the last stage
+        return chunks
 
     def build_reference(self, runs_as_reference):
         """Where the reference values come from (``model.dpo.reference_logprobs``): a pass per batch, or a table
@@ -184,7 +191,7 @@ class DPOTrainer:
             return ReferenceFree()
         values = self.loss.reference_values
         if m.dpo.reference_logprobs == "online":
-            return OnlineReference(runs_as_reference, self.step_fn.log_probs, values)
+            return OnlineReference(runs_as_reference, self.step_fn.log_probs, values, self.layout.cp_group)
         key = reference_cache.cache_key(self.data.input_files(), list(source_files(self.tokenizer).values()),
                                         self.model, m, self.data.pairs, values)
 
@@ -276,7 +283,8 @@ class DPOTrainer:
         microbatches = self.microbatcher([self.train_pairs[i] for i in indices])
         time_reference = self.reference.attach(microbatches, "train", indices)
         start = clock()
-        self.model.zero_grad_buffer()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = self.step_fn.policy(microbatches)
         metrics.update(time_reference=time_reference, time_policy=clock() - start)
@@ -302,7 +310,7 @@ class DPOTrainer:
 
     def numerics_ok(self, metrics: dict) -> bool:
         """Whether the loss and every gradient are finite on every rank (one all-reduce, before the update)."""
-        buffers = self.model.buffers + self.model.expert_parallel_buffers
+        buffers = [b for chunk in self.model for b in chunk.buffers + chunk.expert_parallel_buffers]
         ok = math.isfinite(metrics["loss"]) and all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
         flag = torch.tensor([0.0 if ok else 1.0], device=self.layout.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -333,7 +341,7 @@ class DPOTrainer:
                                f"(NEMO_DPO_FAULT_RAISE_AT_STEP={self.raise_at})")
         metrics = self.forward_backward(indices)
         if self.step + 1 == self.nan_at_step and self.layout.rank == 0:
-            self.model.buffers[0].grad_data[0] = float("nan")
+            self.model[0].buffers[0].grad_data[0] = float("nan")
         if self.numerics_ok(metrics):
             metrics.update(self.optimizer_step())
             self.after_update(metrics)
@@ -355,13 +363,15 @@ class DPOTrainer:
         ]
         batches = batches[: validation_batches_used(dpo.limit_val_batches, len(batches))]
         start, rows = time.perf_counter(), []
-        self.model.eval()
+        for chunk in self.model:
+            chunk.eval()
         for indices in batches:
             microbatches = self.microbatcher([self.val_pairs[i] for i in indices])
             self.reference.attach(microbatches, "validation", indices)
             with torch.no_grad():
                 rows.append(self.step_fn.policy(microbatches, forward_only=True))
-        self.model.train()
+        for chunk in self.model:
+            chunk.train()
         metrics = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
         tokens = sum(self.val_pairs[i].num_tokens for indices in batches for i in indices)
         metrics["tokens_per_sec"] = tokens / (time.perf_counter() - start)
@@ -389,7 +399,8 @@ class DPOTrainer:
             return None
         steps = f"{self.total_steps} step" + ("" if self.total_steps == 1 else "s")
         self.log0(
-            f"training {steps}: TP={self.layout.tp} PP={self.layout.pp} DP={self.layout.dp}, "
+            f"training {steps}: TP={self.layout.tp} PP={self.layout.pp} CP={self.layout.cp} "
+            f"DP={self.layout.dp}, "
             f"global batch {m.global_batch_size} pairs = {m.micro_batch_size} x "
             f"{m.global_batch_size // (m.micro_batch_size * self.layout.dp)} microbatches x DP {self.layout.dp}; "
             f"logs in {self.log_dir}",
