@@ -17,7 +17,7 @@ from chat_fixtures import default_task_records, write_jsonl
 from distributed_harness import run_world
 from nemo_fixtures import build_in_a_world
 
-pytestmark = pytest.mark.slow  # a real 8-process torchrun job
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # a real 8-process torchrun job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()

@@ -14,7 +14,7 @@ import pytest
 
 from chaos import chaos
 
-pytestmark = pytest.mark.slow  # real multi-process runs
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # a dozen torchrun jobs in a row
 
 KINDS = ("kill_launcher", "sigterm", "full_disk", "torn_latest")
 

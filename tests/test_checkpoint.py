@@ -106,6 +106,7 @@ LOSS_STATE = ["model.dpo.preference_loss=bco_pair", "model.dpo.sync_ref_model=tr
               "trainer.dpo.val_check_interval=6"]
 
 
+@pytest.mark.system
 def test_bco_and_trdpo_state_survives_kill_minus_9_bitwise(tmp_path):
     straight, killed, cache = tmp_path / "straight", tmp_path / "killed", tmp_path / "cache"
     torchrun(straight, cache, *LOSS_STATE)
@@ -199,6 +200,7 @@ def test_nan_at_a_step_is_skipped_by_every_rank(straight_run, tmp_path, monkeypa
     assert skipped[5]["loss"] != straight[5]["loss"]  # step 6 starts from step 4's weights
 
 
+@pytest.mark.system
 def test_nan_under_stop_saves_the_last_good_step_and_resume_continues(straight_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     monkeypatch.setenv("NEMO_DPO_FAULT_NAN_AT_STEP", "13")
@@ -283,6 +285,7 @@ def test_a_resume_runs_the_schedule_its_config_names(straight_run, tmp_path):
     assert "lr: 0.0005" in (run / "config.yaml").read_text()
 
 
+@pytest.mark.system
 def test_async_save_writes_the_same_checkpoint(straight_run, tmp_path):
     out = torchrun(tmp_path / "run", straight_run / "cache", "checkpoint.async_save=true")
     assert "checkpoint: saved" in out

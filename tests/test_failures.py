@@ -83,6 +83,7 @@ def test_an_exception_on_one_rank_ends_the_job_naming_rank_and_error(tmp_path):
     assert "RuntimeError: injected fault at step 3 on rank 1" in out
 
 
+@pytest.mark.system  # waits out the distributed timeout
 def test_a_hung_rank_is_named_when_the_timeout_expires(tmp_path):
     proc = launch(tmp_path / "run", "trainer.dpo.max_steps=500", "trainer.distributed_timeout_minutes=0.1",
                   f"model.tokenizer.cache_dir={tmp_path / 'tok'}")

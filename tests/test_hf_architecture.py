@@ -108,6 +108,7 @@ def test_every_architecture_key_is_tested_away_from_its_default():
 
 
 @pytest.mark.slow
+@pytest.mark.system  # import, train and export at every key away from its default: several jobs
 def test_checkpoints_keep_every_architecture_key(runs):
     for name, family in FAMILIES.items():
         converted, trained = _saved_model_config(runs[name]["mcore"]), _saved_model_config(runs[name]["trained"])
@@ -118,6 +119,7 @@ def test_checkpoints_keep_every_architecture_key(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.system
 def test_export_after_training_has_the_source_architecture_and_loads_in_transformers(runs):
     for name, family in FAMILIES.items():
         source, exported = (AutoConfig.from_pretrained(runs[name][k]) for k in ("hf", "exported"))
@@ -131,6 +133,7 @@ def test_export_after_training_has_the_source_architecture_and_loads_in_transfor
 
 
 @pytest.mark.slow
+@pytest.mark.system
 def test_export_message_counts_the_tensors_written(runs):
     for name in FAMILIES:
         count = re.search(r"wrote .*: \w+, (\d+) tensors", runs[name]["message"])

@@ -20,7 +20,7 @@ import pytest
 from nemo_dpo.training import run_lock
 from parallel_scenarios import SMALL
 
-pytestmark = pytest.mark.slow  # real multi-process runs
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # real torchrun jobs run side by side and killed (tests/test_run_lock.py and tests/test_launcher.py are the quick layer)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "examples", "train_dpo.py")
