@@ -108,8 +108,10 @@ def finish(proc, timeout: float = 300) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        for child in ranks_of(proc):  # ranks run in sessions of their own: killpg does not reach them
+            child.kill()
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        out, _ = proc.communicate(timeout=60)  # raises, rather than waits forever, if an orphan holds the pipe
         raise RuntimeError(f"a run hung for {timeout} s; its output:\n{out[-4000:]}") from None
     for child in ranks_of(proc):  # none may outlive the launcher
         child.kill()

@@ -33,8 +33,11 @@ def _forward_batch(tokens: torch.Tensor) -> Microbatch:
     )
 
 
-def log_probs(layouts: list, sources: dict, tokens: torch.Tensor) -> dict:
+def log_probs(layouts: list, sources: dict, tokens: torch.Tensor, ports: list = ()) -> dict:
     """``{(tp, pp): {name: log-probs of tokens[:, 1:]}}`` under the policy each source restores.
+
+    ``ports``: a rendezvous port per layout, as separate launches would have: re-initialising on the
+    launch's port, a rank can meet the previous layout's store and wait forever.
 
     A source is what ``model.restore_from_path`` takes (a Hugging Face folder or
     a checkpoint); the model is built, loaded and run as training does (the
@@ -43,7 +46,9 @@ def log_probs(layouts: list, sources: dict, tokens: torch.Tensor) -> dict:
     """
     world = int(os.environ["WORLD_SIZE"])
     results = {}
-    for tp, pp in layouts:
+    for i, (tp, pp) in enumerate(layouts):
+        if ports:
+            os.environ["MASTER_PORT"] = str(ports[i])
         layout = init_distributed(tp, pp, seed=1234)
         results[(tp, pp)] = {}
         try:
