@@ -187,6 +187,7 @@ def test_a_second_signal_exits_at_once_and_leaves_the_last_checkpoint_whole(stra
     assert "step_2 at step 2" in out and [r["step"] for r in rows(run)] == [1, 2, 3]
 
 
+@pytest.mark.system
 def test_nan_at_a_step_is_skipped_by_every_rank(straight_run, tmp_path, monkeypatch):
     monkeypatch.setenv("NEMO_DPO_FAULT_NAN_AT_STEP", "5")  # NaN gradients on rank 0 only
     out = torchrun(tmp_path / "run", straight_run / "cache")

@@ -21,7 +21,7 @@ from hf_fixtures import ROOT, TOKENS, convert, hf_log_probs, save_tiny
 from nemo_dpo.models.hf.safetensors_io import read_safetensors
 from pipeline_scenarios import score
 
-pytestmark = pytest.mark.slow  # real multi-process runs
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # Llama and GPT-2 at TP=2 and PP=2 (tests/test_hf_dense_families.py is the default layer's)
 FAMILIES = ("llama", "gpt2")  # Llama 3 and the Qwens: tests/test_hf_dense_families.py
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ def test_lora_config_is_complete_and_valid():
     assert cfg.model.hidden_size == load_config("gpt_dpo").model.hidden_size  # everything else from gpt_dpo.yaml
 
 
+@pytest.mark.system  # LoRA's step at TP=2 is tests/test_parallel_equivalence.py's
 def test_lora_from_hf_then_merge_and_export(tmp_path):
     base = tmp_path / "hf"
     base_model = save_tiny("qwen2", base)
