@@ -154,6 +154,25 @@ def matmul_peak(dtype: torch.dtype, device: str, largest: int) -> float:
 # ---------------------------------------------------------------- the workers (one process each)
 
 
+def workload_overrides(spec: dict, pairs: int) -> list:
+    """The config overrides of one benchmarked job: the workload's model and data, ``pairs`` per step, warm-up and
+    timed steps at a constant learning rate, a fresh log dir (bench_long_context.py runs its jobs with them too)."""
+    return [
+        f"model.restore_from_path={spec['model_dir']}",
+        f"model.data.data_prefix.train={spec['data']}",
+        f"model.data.data_prefix.validation={spec['data']}",
+        f"model.encoder_seq_length={spec['seq']}",
+        f"model.micro_batch_size={pairs}",
+        f"model.global_batch_size={pairs}",
+        f"trainer.dpo.max_steps={spec['warmup'] + spec['steps']}",
+        f"model.optim.lr={LR}",
+        "model.optim.sched.warmup_steps=0",
+        f"model.optim.sched.min_lr={LR}",
+        f"exp_manager.explicit_log_dir={spec['log_dir']}",
+        "exp_manager.resume_if_exists=false",
+    ]
+
+
 def run_nemo_dpo(spec: dict) -> dict:
     from nemo_dpo.config import load_config, prepare
     from nemo_dpo.distributed.init import destroy_distributed, init_distributed
@@ -163,22 +182,7 @@ def run_nemo_dpo(spec: dict) -> dict:
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     total = spec["warmup"] + spec["steps"]
-    overrides = [
-        f"model.restore_from_path={spec['model_dir']}",
-        f"model.data.data_prefix.train={spec['data']}",
-        f"model.data.data_prefix.validation={spec['data']}",
-        f"model.encoder_seq_length={spec['seq']}",
-        f"model.micro_batch_size={spec['pairs']}",
-        f"model.global_batch_size={spec['pairs']}",
-        f"trainer.precision={spec['dtype']}",
-        f"trainer.dpo.max_steps={total}",
-        f"model.optim.lr={LR}",
-        "model.optim.sched.warmup_steps=0",
-        f"model.optim.sched.min_lr={LR}",
-        f"exp_manager.explicit_log_dir={spec['log_dir']}",
-        "exp_manager.resume_if_exists=false",
-        *spec["ours"],
-    ]
+    overrides = [*workload_overrides(spec, spec["pairs"]), f"trainer.precision={spec['dtype']}", *spec["ours"]]
     cfg = load_config("gpt_dpo", overrides)
     prepare(cfg, 1)
     layout = init_distributed(1, 1, cfg.model.seed)

@@ -44,14 +44,13 @@ from types import SimpleNamespace
 import psutil
 import torch
 
-from bench_dpo import write_workload
+from bench_dpo import workload_overrides, write_workload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # Llama style, untied output layer
     "llama-40m": {"layers": 6, "hidden": 512, "heads": 8, "kv_heads": 4, "ffn": 1376, "vocab": 8192},
     "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 176, "vocab": 512},
 }
-LR = 1e-6
 
 
 def worker(spec_path: str) -> int:
@@ -64,22 +63,8 @@ def worker(spec_path: str) -> int:
         spec = json.load(f)
     torch.set_num_threads(spec["threads"])
     total = spec["warmup"] + spec["steps"]
-    overrides = [
-        f"model.restore_from_path={spec['model_dir']}",
-        f"model.data.data_prefix.train={spec['data']}",
-        f"model.data.data_prefix.validation={spec['data']}",
-        f"model.encoder_seq_length={spec['seq']}",
-        f"model.context_parallel_size={spec['cp']}",
-        "model.micro_batch_size=1",
-        "model.global_batch_size=1",
-        f"trainer.dpo.max_steps={total}",
-        f"model.optim.lr={LR}",
-        f"model.optim.sched.min_lr={LR}",
-        "model.optim.sched.warmup_steps=0",
-        f"exp_manager.explicit_log_dir={spec['log_dir']}",
-        "exp_manager.resume_if_exists=false",
-        "exp_manager.create_tensorboard_logger=false",
-    ]
+    overrides = [*workload_overrides(spec, 1), f"model.context_parallel_size={spec['cp']}",
+                 "exp_manager.create_tensorboard_logger=false"]
     cfg = load_config("gpt_dpo", overrides)
     prepare(cfg, spec["cp"])
     layout = init_distributed(1, 1, cfg.model.seed, cp=spec["cp"])
