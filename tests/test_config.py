@@ -91,6 +91,7 @@ def test_fine_tuning_config_is_valid_and_lists_only_what_differs():
         (["model.dpo.preference_loss=kto", "model.dpo.sft_loss_weight=0.5"], 1, r"model.dpo.sft_loss_weight must be 0.0 for kto \(TRL's KTO has no such option\), got 0.5"),
         (["model.dpo.desirable_weight=2.0"], 1, r"model.dpo.desirable_weight=2.0 does not apply to \['dpo'\]; it applies to \['kto'\]"),
         (["model.dpo.preference_loss=kto", "model.dpo.undesirable_weight=-1"], 1, r"model.dpo.undesirable_weight must be a finite number >= 0, got -1"),
+        (["model.dpo.preference_loss=kto", "model.micro_batch_size=1"], 1, r"model.micro_batch_size must be >= 2 for kto, got 1: an example's KL completion is another completion"),
         (["model.dpo.preference_loss=kto", "model.dpo.use_weighting=true"], 1, r"model.dpo.use_weighting=True does not apply to \['kto'\]"),
         (["model.data.data_prefix.train=/nonexistent/train.jsonl"], 1, r"model.data.data_prefix.train: file /nonexistent/train.jsonl does not exist"),
         (["model.data.data_prefix.validation=/nonexistent/val.jsonl"], 1, r"model.data.data_prefix.validation: file /nonexistent/val.jsonl does not exist"),

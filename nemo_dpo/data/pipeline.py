@@ -102,6 +102,10 @@ def check_data_config(model_cfg) -> None:
     tokenizer = model_cfg.tokenizer.model
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ValueError(f"model.tokenizer.model: {tokenizer} does not exist (a tokenizer.model file or a folder)")
+    if model_cfg.dpo.preference_loss == "kto" and model_cfg.micro_batch_size < 2:
+        raise ValueError(f"model.micro_batch_size must be >= 2 for kto, got {model_cfg.micro_batch_size}: an "
+                         f"example's KL completion is another completion of its chunk of micro_batch_size examples "
+                         f"(TRL's per_device_train_batch_size)")
     source = template_source(data.chat_template, tokenizer)  # the chat template compiles
     if source is not None:
         ChatTemplate(*source, special_tokens={})
@@ -138,13 +142,15 @@ def shared_tokenizer(tok_cfg, train_files: list, options: RecordOptions, rank: i
     return SentencePieceTokenizer(path)
 
 
-def check_unpaired(path: str, records: list, preference_loss) -> None:
-    """Unpaired records (prompt/completion/label) only for KTO, which learns from them (ValueError naming the key)."""
+def unpaired_problem(path: str, records: list, preference_loss) -> str | None:
+    """Why ``path``'s records cannot train with ``preference_loss``: unpaired records (prompt/completion/label) are
+    only for KTO, which learns from them (None when they can)."""
     unpaired = sum(map(is_unpaired, records))
     if unpaired and preference_loss != "kto":
-        raise ValueError(f"{path}: {unpaired} unpaired record(s) (prompt/completion/label, TRL's unpaired preference "
-                         f"format): model.dpo.preference_loss={preference_loss} learns from pairs; unpaired examples "
-                         f"need model.dpo.preference_loss=kto")
+        return (f"{path}: {unpaired} unpaired record(s) (prompt/completion/label, TRL's unpaired preference format): "
+                f"model.dpo.preference_loss={preference_loss} learns from pairs; unpaired examples need "
+                f"model.dpo.preference_loss=kto")
+    return None
 
 
 def read_splits(files: dict, policy: str, options: RecordOptions, log, preference_loss="dpo") -> tuple:
@@ -155,7 +161,9 @@ def read_splits(files: dict, policy: str, options: RecordOptions, log, preferenc
         records[split] = []
         for path in paths:
             data = read_preference_pairs(path, policy, options)
-            check_unpaired(path, data.records, preference_loss)
+            problem = unpaired_problem(path, data.records, preference_loss)
+            if problem:
+                raise ValueError(problem)
             records[split] += data.records
             schemas = ", ".join(f"{count} {name}" for name, count in data.schemas.items())
             log(f"{split}: {data.file_format} file {path}: {schemas}")

@@ -28,7 +28,7 @@ order, so that a chunk rarely holds both answers to one prompt (its KL
 completion would then not be mismatched).
 """
 
-from nemo_dpo.data.preference_dataset import TokenizedPair, encode_prompt, encode_response, fit_pair
+from nemo_dpo.data.preference_dataset import TokenizedPair, encode_prompt, encode_response, fit_pairs
 from nemo_dpo.data.schemas import is_unpaired
 
 
@@ -53,34 +53,22 @@ def kl_completions(completions: list, chunk: int) -> list:
     return rotated
 
 
-def tokenize_examples(examples: list, tokenizer, max_seq_length: int, overflow: str, chunk: int,
-                      progress=None) -> tuple[list[TokenizedPair], dict]:
-    """Examples -> items (completion, KL completion; label as reward) fitted to ``max_seq_length`` as pairs are
-    (``fit_pair``: both sequences must fit); the statistics of ``tokenize_pairs``, counting items as pairs."""
-    prompts, completions = [], []
-    for example in examples:
-        prompts.append(encode_prompt(example["prompt"], tokenizer))
-        completions.append(encode_response(example["completion"], tokenizer))
-        if progress is not None:
-            progress.advance()
-    items, truncated, dropped = [], 0, 0
-    keep = len(tokenizer.start_ids)
+def encode_examples(examples: list, tokenizer, chunk: int) -> list[TokenizedPair]:
+    """Examples -> items (prompt, completion, KL completion; the label as both rewards), before any overflow policy."""
+    prompts = [encode_prompt(example["prompt"], tokenizer) for example in examples]
+    completions = [encode_response(example["completion"], tokenizer) for example in examples]
+    items = []
     for example, prompt, completion, kl in zip(examples, prompts, completions, kl_completions(completions, chunk)):
         label = 1.0 if example["label"] else 0.0
-        item, was_truncated = fit_pair(TokenizedPair(prompt, completion, kl, label, label), max_seq_length, overflow,
-                                       keep)
-        if item is None:
-            dropped += 1
-            continue
-        truncated += was_truncated
-        items.append(item)
-    lengths = [len(p.prompt) + len(side) for p in items for side in (p.chosen, p.rejected)]
-    stats = {
-        "pairs": len(items),
-        "truncated": truncated,
-        "dropped": dropped,
-        "max_len": max(lengths, default=0),
-        "mean_len": sum(lengths) / len(lengths) if lengths else 0.0,
-        "desirable": sum(item.chosen_reward == 1.0 for item in items),
-    }
+        items.append(TokenizedPair(prompt, completion, kl, label, label))
+    return items
+
+
+def tokenize_examples(examples: list, tokenizer, max_seq_length: int, overflow: str, chunk: int,
+                      progress=None) -> tuple[list[TokenizedPair], dict]:
+    """Examples -> items fitted to ``max_seq_length`` as pairs are (``fit_pairs``: both sequences must fit); the
+    statistics of ``tokenize_pairs`` (counting items as pairs) and how many are desirable."""
+    items, stats = fit_pairs(encode_examples(examples, tokenizer, chunk), tokenizer, max_seq_length, overflow,
+                             progress)
+    stats["desirable"] = sum(item.chosen_reward == 1.0 for item in items)
     return items, stats

@@ -410,7 +410,8 @@ class DPOTrainer:
         self.log0(
             f"training {steps}: TP={self.layout.tp} PP={self.layout.pp} CP={self.layout.cp} "
             f"DP={self.layout.dp}, "
-            f"global batch {m.global_batch_size} pairs = {m.micro_batch_size} x "
+            f"global batch {m.global_batch_size} {'examples' if m.dpo.preference_loss == 'kto' else 'pairs'} = "
+            f"{m.micro_batch_size} x "
             f"{m.global_batch_size // (m.micro_batch_size * self.layout.dp)} microbatches x DP {self.layout.dp}; "
             f"logs in {self.log_dir}",
         )
