@@ -24,7 +24,6 @@ import torch.distributed as dist
 from nemo_dpo.losses.base import split
 from nemo_dpo.losses.sequences import LOGPS
 from nemo_dpo.training.dpo_step import response_values
-from nemo_dpo.training.progress import clock
 
 
 class KLEstimate:
@@ -33,13 +32,12 @@ class KLEstimate:
         forward only); ``layout``: this rank's place in the grid."""
         self.loss, self.log_probs, self.layout = loss, log_probs, layout
 
-    def attach(self, microbatches: list) -> float:
+    def attach(self, microbatches: list) -> None:
         """Estimate z0 for the global batch of which ``microbatches`` are this rank's share (reference values
-        attached) and give it to the loss; every rank of the batch's pipeline takes part. Returns the seconds."""
-        start = clock()
+        attached) and give it to the loss; every rank of the batch's pipeline takes part."""
         outputs = self.log_probs(microbatches)  # the last pipeline stage's; an empty list elsewhere
         if not self.layout.is_last_stage:
-            return clock() - start  # no loss here
+            return  # no loss here
         total = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
         for mb, log_probs in zip(microbatches, outputs):
             policy = response_values((LOGPS,), log_probs, mb, self.layout.cp_group)[LOGPS]
@@ -48,4 +46,3 @@ class KLEstimate:
         if self.layout.dp_group is not None:
             dist.all_reduce(total, group=self.layout.dp_group)
         self.loss.set_kl((total[0] / total[1]).clamp(min=0).float())
-        return clock() - start

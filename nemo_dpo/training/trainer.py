@@ -7,7 +7,8 @@ initial weights; none for a reference-free loss) -> optimizer and schedule ->
 resume from the newest complete checkpoint if there is one. Each step: take the
 next global batch of pairs, keep this DP rank's share, split it into
 microbatches (this CP rank's share of each sequence), compute the reference
-values the loss asks for (reference weights swapped in), run the policy
+values the loss asks for (reference weights swapped in), for KTO estimate the
+batch's KL reference point (a forward-only policy pass), run the policy
 forward/backward, step the optimizer, then let the loss update its state (BCO's
 running mean) and, with TR-DPO, move the reference. Validation runs every
 ``val_check_interval`` steps (or that fraction of an epoch) and at the end;
