@@ -87,3 +87,27 @@ def test_gradient_clipping_scales_by_total_norm():
     torch.testing.assert_close(params[1].grad, torch.tensor([0.8]), atol=1e-6, rtol=0)
     optimizer.clip_grad_by_total_norm_fp32(params, max_norm=10.0, total_norm=1.0)  # below the limit: untouched
     torch.testing.assert_close(params[1].grad, torch.tensor([0.8]), atol=1e-6, rtol=0)
+
+
+def test_moe_dispatcher_takes_its_token_counts_to_the_host_on_cpu():
+    """The all-to-all dispatcher's own copy-and-wait step, on CPU tensors: split sizes come out as the numpy
+    arrays ``all_to_all_single`` takes (it refuses tensors), the side stream and its event wait for nothing."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher as Dispatcher
+
+    dispatcher = SimpleNamespace(
+        drop_and_pad=False, cuda_dtoh_point="before_permutation_1", cuda_sync_point="before_permutation_1",
+        cuda_dtoh_stream=Dispatcher.cuda_dtoh_stream or cpu_compat._CpuStream(), num_local_experts=2,
+        config=SimpleNamespace(moe_permute_fusion=False), input_splits=torch.tensor([3, 1]),
+        output_splits=torch.tensor([2, 2]), output_splits_tp=torch.tensor([4]), num_out_tokens=torch.tensor(4),
+        num_global_tokens_per_local_expert=torch.tensor([[1, 3]]),
+    )
+    counts = torch.tensor([1, 3])
+    assert Dispatcher._maybe_dtoh_and_synchronize(dispatcher, "before_permutation_1", counts) is counts
+    for name, want in (("input_splits", [3, 1]), ("output_splits", [2, 2]), ("output_splits_tp", [4])):
+        splits = getattr(dispatcher, name)
+        assert isinstance(splits, np.ndarray) and splits.tolist() == want, name
+    assert torch.equal(dispatcher.num_out_tokens, torch.tensor(4))  # tensors asked for as tensors stay tensors
+    assert dispatcher.d2h_event.query()

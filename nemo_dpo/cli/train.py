@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     if changes and int(os.environ.get("RANK", "0")) == 0:
         print(f"from {m.restore_from_path}: " + "; ".join(changes), flush=True)
     layout = init_distributed(
-        m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed, cfg.trainer.distributed_timeout_minutes
+        m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed, cfg.trainer.distributed_timeout_minutes,
+        ep=m.expert_model_parallel_size,
     )
     try:
         lock = run_lock.hold(log_dir(cfg), layout.rank)  # before anything is written to the log dir

@@ -24,6 +24,16 @@ answers exactly those, and nothing is patched when CUDA is available:
    gradient clipping) are answered by ``Parameter.type()`` reporting the CUDA
    type name for CPU parameters, and the clipping routine that asserts it on
    ``.grad`` is replaced by an equivalent device-agnostic one.
+6. The all-to-all token dispatcher of mixture-of-experts layers
+   (``transformer/moe/token_dispatcher.py``) copies its token counts to the host
+   on a side CUDA stream (``torch.cuda.Stream``, ``current_stream``, ``stream``)
+   and waits on an event recorded there. On CPU the counts are on the host
+   already: that module's ``torch.cuda`` offers torch's CPU streams, whose
+   recorded event has nothing to wait for. The copy itself
+   (``moe_utils.maybe_move_tensor_to_cpu``) turns the all-to-all split sizes
+   into numpy arrays only for CUDA tensors, and ``all_to_all_single`` refuses
+   the tensors it leaves on CPU; the dispatcher gets a copy that converts CPU
+   tensors too.
 
 Call :func:`apply` once, before building models (``distributed.init`` does).
 """
@@ -75,6 +85,37 @@ class _TorchOnCpu(types.ModuleType):
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+
+class _DoneEvent:
+    """What a CPU stream records: work on the host is finished when it is issued."""
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _CpuStream(torch.cpu.Stream):
+    def record_event(self):
+        return _DoneEvent()
+
+
+class _TorchWithCpuStreams(_TorchOnCpu):
+    """``torch`` for a megatron module that moves data between CUDA streams: ``cuda`` names CPU streams."""
+
+    def __init__(self):
+        super().__init__()
+        self.cuda = types.SimpleNamespace(Stream=_CpuStream, current_stream=torch.cpu.current_stream,
+                                          stream=torch.cpu.stream)
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` for tensors already on the host: the numpy form when asked."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
 
 
 class CpuRNGStatesTracker:
@@ -187,6 +228,7 @@ def apply() -> bool:
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import utils as transformer_utils
+    from megatron.core.transformer.moe import token_dispatcher
 
     torch.cuda.current_device = _cpu_device
     torch.cuda.synchronize = lambda device=None: None
@@ -195,6 +237,8 @@ def apply() -> bool:
         schedules, clip_grads, optimizer, distrib_optimizer, transformer_utils, core_utils
     ):
         module.torch = torch_on_cpu
+    token_dispatcher.torch = _TorchWithCpuStreams()
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     torch.nn.Parameter.type = _parameter_type(torch.nn.Parameter.type)
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
     LanguageModule.setup_embeddings_and_output_layer = _without_cuda_moves(

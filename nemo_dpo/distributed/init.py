@@ -19,8 +19,11 @@ RANGES = {
 }
 
 
-def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> Layout:
+def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, ep: int = 1) -> Layout:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and megatron's parallel state.
+
+    ``ep``: expert-parallel size; megatron builds the expert groups (expert-parallel,
+    expert-data-parallel) from data-parallel ranks.
 
     Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT as set by torchrun
     (or Slurm via srun + torchrun). A plain ``python`` run is a world of one.
@@ -28,7 +31,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    check_layout(world_size, tp, pp)
+    check_layout(world_size, tp, pp, ep)
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -49,6 +52,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
         distributed_timeout_minutes=timeout_minutes,
     )
     layout = read_layout(rank, world_size, device)

@@ -1,4 +1,4 @@
-"""Where this process sits in the TP x PP x DP grid: the one object every layer asks.
+"""Where this process sits in the TP x PP x DP grid (and EP within DP): the one object every layer asks.
 
 megatron keeps the parallel layout in module globals (``parallel_state``). Rather
 than every module reaching into those globals, the layout is read once, when
@@ -7,6 +7,12 @@ library code that runs outside a trainer (conversion, tests) asks
 :func:`current`. This is the only module outside ``distributed/init.py`` that
 talks to ``parallel_state``, so a new dimension (context or expert parallelism)
 is added here, once.
+
+Expert parallelism (EP) splits a mixture-of-experts layer's experts over EP
+ranks carved out of the data-parallel ranks: the ranks of an EP group hold
+different pairs and different experts, and exchange tokens inside each MoE
+layer. Everything outside the experts keeps the TP x PP x DP layout, so EP
+adds no dimension to the world size: DP must be a multiple of EP.
 """
 
 from dataclasses import dataclass
@@ -19,6 +25,7 @@ from nemo_dpo.ranges import Integer
 RANGES = {
     "model.tensor_model_parallel_size": Integer(ge=1),
     "model.pipeline_model_parallel_size": Integer(ge=1),
+    "model.expert_model_parallel_size": Integer(ge=1),
 }
 
 
@@ -35,6 +42,8 @@ class Layout:
     pp_rank: int
     dp_rank: int
     device: torch.device
+    ep: int = 1
+    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -51,8 +60,8 @@ class Layout:
 
     @property
     def sizes(self) -> tuple:
-        """(TP, PP, DP): a checkpoint records these to tell whether per-rank state (RNG) can be restored."""
-        return (self.tp, self.pp, self.dp)
+        """(TP, PP, DP, EP): a checkpoint records these to tell whether per-rank state (RNG) can be restored."""
+        return (self.tp, self.pp, self.dp, self.ep)
 
     @property
     def rng_grid(self) -> tuple:
@@ -69,9 +78,13 @@ class Layout:
         return parallel_state.get_data_parallel_group()
 
 
-def check_layout(world_size: int, tp: int, pp: int) -> int:
+def check_layout(world_size: int, tp: int, pp: int, ep: int = 1) -> int:
     """Validate the parallel sizes against the world size; return the DP size."""
-    for key, value in (("model.tensor_model_parallel_size", tp), ("model.pipeline_model_parallel_size", pp)):
+    for key, value in (
+        ("model.tensor_model_parallel_size", tp),
+        ("model.pipeline_model_parallel_size", pp),
+        ("model.expert_model_parallel_size", ep),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
     if world_size % (tp * pp) != 0:
@@ -79,7 +92,13 @@ def check_layout(world_size: int, tp: int, pp: int) -> int:
             f"world size {world_size} is not divisible by model.tensor_model_parallel_size ({tp}) x "
             f"model.pipeline_model_parallel_size ({pp}) = {tp * pp}"
         )
-    return world_size // (tp * pp)
+    dp = world_size // (tp * pp)
+    if dp % ep != 0:
+        raise ValueError(
+            f"model.expert_model_parallel_size ({ep}) must divide the data-parallel size {dp} (world size "
+            f"{world_size} / (TP {tp} x PP {pp})): expert-parallel groups are made of data-parallel ranks"
+        )
+    return dp
 
 
 def read_layout(rank: int, world_size: int, device: torch.device) -> Layout:
@@ -94,6 +113,8 @@ def read_layout(rank: int, world_size: int, device: torch.device) -> Layout:
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
+        ep=parallel_state.get_expert_model_parallel_world_size(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
     )
 
 
