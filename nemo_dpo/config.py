@@ -181,8 +181,12 @@ def validate(cfg: DictConfig, world_size: int, training: bool = True) -> None:
     model = cfg.model
     try:
         check_ranges(cfg)
-        dp = layout.check_layout(world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size)
+        dp = layout.check_layout(
+            world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size,
+            model.expert_model_parallel_size,
+        )
         gpt.check_model_config(model)
+        lora.check_lora_config(model)
         losses.build_loss(model.dpo)
         batching.check_batch_sizes(model.micro_batch_size, model.global_batch_size, dp)
         optimizer.check_optim_config(model.optim)

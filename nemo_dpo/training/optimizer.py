@@ -5,6 +5,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from nemo_dpo.models.moe import sum_router_grads_over_tp
 from nemo_dpo.ranges import Flag, Integer, ListOf, OneOf, Real
 
 # name -> decoupled weight decay. NeMo's fused_adam / distributed_fused_adam are AdamW.
@@ -35,12 +36,20 @@ def uses_distributed_optimizer(optim_cfg) -> bool:
     return optim_cfg.use_distributed_optimizer or optim_cfg.name == "distributed_fused_adam"
 
 
+def finalize_grads(model_chunks, *args, **kwargs) -> None:
+    """megatron's ``finalize_model_grads``, then the sum over TP of MoE routers' gradients (models/moe.py)."""
+    finalize_model_grads(model_chunks, *args, **kwargs)
+    sum_router_grads_over_tp(model_chunks)
+
+
 def wrap_ddp(model, config, optim_cfg) -> DistributedDataParallel:
     """Wrap in megatron DDP (contiguous fp32 grad buffers) and wire gradient finalisation.
 
     ``finalize_model_grads`` is what all-reduces gradients across data-parallel
     ranks (and tied embeddings across pipeline stages); without it megatron's
-    schedule leaves every DP rank with its own gradient.
+    schedule leaves every DP rank with its own gradient. Expert parameters of
+    MoE layers have grad buffers of their own, reduced over the expert-data-parallel
+    ranks that hold the same experts.
     """
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -48,7 +57,7 @@ def wrap_ddp(model, config, optim_cfg) -> DistributedDataParallel:
         use_distributed_optimizer=uses_distributed_optimizer(optim_cfg),
     )
     ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_grads
     config.no_sync_func = ddp_model.no_sync
     return ddp_model
 
