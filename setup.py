@@ -28,8 +28,8 @@ setup(
     extras_require={
         # Parquet and Arrow data files (JSON Lines needs nothing more).
         "data": ["pyarrow"],
-        # pyarrow: the Parquet/Arrow data tests.
-        # trl, datasets: TRL 1.16's DPOTrainer tokenizes the pairs that nemo-dpo's tokenization is checked against.
+        # pyarrow: the Parquet/Arrow data tests; trl, datasets: TRL 1.16's own code is the oracle of the tokenization
+        # and loss tests, its DPOConfig fields are each answered, and datasets' folders are read as data.
         "test": ["pytest>=8", "hypothesis", "pyarrow", "matplotlib", "dockerfile-parse>=2", "trl~=1.16.0", "datasets"],
         # python -m nemo_dpo.plot <log dir>: PNGs of the metrics.
         "plot": ["matplotlib"],

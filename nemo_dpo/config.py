@@ -1,8 +1,11 @@
 """Load a YAML config, apply ``key=value`` overrides, and validate it before any work starts.
 
 The YAML under ``conf/`` is the single source of defaults. Overrides use OmegaConf's
-dotlist syntax (as Hydra and NeMo do); an unknown key or a value of the wrong type
-is an error that names the key, rather than a silently ignored typo.
+dotlist syntax (as Hydra and NeMo do; Hydra's ``+key=value`` and ``++key=value``
+are read as ``key=value``); an unknown key or a value of the wrong type is an
+error that names the key, rather than a silently ignored typo. NeMo-Aligner's
+spellings of keys are taken as nemo-dpo's, and a setting of NeMo-Aligner or
+TRL that has no counterpart is named as such (nemo_dpo/peer_keys.py).
 
 This module is the composition root: only the command-line programs import it.
 Each package owns the checks of its own keys: the range of every key it reads
@@ -18,7 +21,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nemo_dpo import losses
+from nemo_dpo import losses, peer_keys
 from nemo_dpo.data import batching, pipeline
 from nemo_dpo.distributed import init, layout
 from nemo_dpo.losses import preference
@@ -38,8 +41,13 @@ class ConfigError(ValueError):
     """A configuration problem, reported before training starts."""
 
 
+# Keys whose value is a name or a list of names (model.dpo.preference_loss: one loss or a weighted mixture).
+NAME_OR_LIST_KEYS = {"model.dpo.preference_loss"}
+
+
 def _check_types(merged, base, prefix=""):
-    """Each value of the type of its default (an int will do for a float); the range checks come later."""
+    """Each value of the type of its default (an int will do for a float, and any value its range admits: a fraction
+    of an epoch for a number of steps); the range checks come later."""
     for key, default in base.items():
         path = f"{prefix}{key}"
         value = merged[key]
@@ -47,11 +55,15 @@ def _check_types(merged, base, prefix=""):
             _check_types(value, default, path + ".")
         elif default is None or value is None:
             continue
+        elif path in NAME_OR_LIST_KEYS and isinstance(value, ListConfig):
+            continue
         elif isinstance(default, bool) != isinstance(value, bool):
             raise ConfigError(f"{path}: expected a boolean, got {value!r}")
         elif isinstance(default, float) and isinstance(value, (int, float)):
             continue
         elif isinstance(default, ListConfig) and isinstance(value, ListConfig):
+            continue
+        elif path in RANGES and RANGES[path].admits(value):
             continue
         elif type(default) is not type(value):
             allowed = f" (allowed: {RANGES[path]})" if path in RANGES else ""
@@ -65,18 +77,22 @@ def _dotted_keys(node, prefix=""):
             yield from _dotted_keys(value, f"{prefix}{key}.")
 
 
-# Names other DPO frameworks use for our keys (TRL's and NeMo-RL's beta is our KL penalty).
-ALIASES = {"beta": "ref_policy_kl_penalty"}
+_ABSENT = object()
+
+
+def _has(node: DictConfig, key: str) -> bool:
+    return OmegaConf.select(node, key, default=_ABSENT) is not _ABSENT
 
 
 def _did_you_mean(key: str, base: DictConfig) -> str:
-    """' (did you mean 'x'?)': the closest key in the same section, else the same name in another section."""
+    """' (did you mean 'x'?)': the key TRL's name stands for, else the closest key in the same section, else the
+    same name in another section."""
     section, _, leaf = str(key).rpartition(".")
     node = OmegaConf.select(base, section) if section else base
-    suggestion = None
-    if isinstance(node, DictConfig):
-        names = list(node.keys())
-        close = [ALIASES[leaf]] if ALIASES.get(leaf) in names else difflib.get_close_matches(leaf, names, 1, 0.6)
+    trl = peer_keys.TRL_KEYS.get(leaf)
+    suggestion = trl if trl is not None and _has(base, trl) else None
+    if suggestion is None and isinstance(node, DictConfig):
+        close = difflib.get_close_matches(leaf, list(node.keys()), 1, 0.6)
         if close:
             suggestion = f"{section}.{close[0]}" if section else close[0]
     if suggestion is None:
@@ -99,15 +115,64 @@ def _check_sections(base: DictConfig, patch: DictConfig, prefix="") -> None:
             _check_sections(base[key], value, path + ".")
 
 
+def _unknown_key(key: str, base: DictConfig, source: Path) -> str:
+    """What a key that is not in ``base`` is: a setting of NeMo-Aligner or TRL that nemo-dpo lacks, said as such,
+    or else an unknown key with a did-you-mean."""
+    for aligner, reason in peer_keys.ALIGNER_UNSUPPORTED.items():
+        if key == aligner or key.startswith(aligner + "."):
+            return f"NeMo-Aligner's {aligner} is not supported by nemo-dpo: {reason}"
+    leaf = key.rpartition(".")[2]
+    if leaf in peer_keys.TRL_UNSUPPORTED or (leaf in peer_keys.TRL_KEYS and not _has(base, peer_keys.TRL_KEYS[leaf])):
+        reason = peer_keys.TRL_UNSUPPORTED.get(leaf, peer_keys.NO_LOSS_TAKES_IT)
+        return f"TRL's {leaf} is not supported by nemo-dpo: {reason}"
+    return f"unknown config key {key!r} (not in {source})" + _did_you_mean(key, base)
+
+
 def _merge_known_keys(base: DictConfig, patch: DictConfig, describe) -> DictConfig:
-    """``patch`` over ``base``, where every key of ``patch`` must exist in ``base`` (with a did-you-mean)."""
+    """``patch`` over ``base``, where every key of ``patch`` must exist in ``base`` (``describe`` says what one
+    that does not is)."""
     _check_sections(base, patch)
     OmegaConf.set_struct(base, True)
     try:
         return OmegaConf.merge(base, patch)
     except Exception as err:
-        key = getattr(err, "full_key", None) or str(err)
-        raise ConfigError(describe(key) + _did_you_mean(key, base)) from err
+        raise ConfigError(describe(getattr(err, "full_key", None) or str(err))) from err
+
+
+def _without_hydra_prefix(item: str) -> str:
+    """Hydra's ``+key=value`` (add a key) and ``++key=value`` (add or override), as NeMo-Aligner's commands write
+    them: ``key=value`` here, where every key is already in the config."""
+    return item[2:] if item.startswith("++") else item[1:] if item.startswith("+") else item
+
+
+def _adopt_aligner_spellings(patch: DictConfig) -> None:
+    """NeMo-Aligner's name of a key (``pretrained_checkpoint.restore_from_path``) becomes nemo-dpo's, in place."""
+    for theirs, ours in peer_keys.ALIGNER_SPELLINGS.items():
+        value = OmegaConf.select(patch, theirs, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        if _has(patch, ours):
+            raise ConfigError(f"{theirs} is NeMo-Aligner's name for {ours}: give one of them, not both")
+        section, _, leaf = theirs.rpartition(".")
+        del (OmegaConf.select(patch, section) if section else patch)[leaf]
+        while section and len(OmegaConf.select(patch, section)) == 0:  # drop sections left empty
+            parent, _, leaf = section.rpartition(".")
+            del (OmegaConf.select(patch, parent) if parent else patch)[leaf]
+            section = parent
+        OmegaConf.update(patch, ours, value, force_add=True)
+
+
+def _adopt_precision_spelling(cfg: DictConfig) -> None:
+    """PyTorch Lightning's ``trainer.precision`` values (NeMo-Aligner's ``bf16-mixed``, ``32``) as nemo-dpo's names;
+    fp16 is refused with the reason (nemo-dpo trains in fp32 or bf16)."""
+    value = cfg.trainer.precision
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        return  # the range check names it
+    if value in peer_keys.FP16_SPELLINGS:
+        raise ConfigError(f"trainer.precision must be {RANGES['trainer.precision']}, got {value!r}: fp16 training is "
+                          f"not supported by nemo-dpo; trainer.precision=bf16 (NeMo-Aligner's bf16-mixed) trains in "
+                          f"bf16 with fp32 master weights")
+    cfg.trainer.precision = peer_keys.PRECISION_SPELLINGS.get(value, value)
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -138,15 +203,19 @@ def load_config(config_name: str = "gpt_dpo", overrides=(), config_dir=CONF_DIR)
     base = _read_yaml(path)
     if "base_config" in base:
         parent = load_config(base.pop("base_config"), (), config_dir)
-        base = _merge_known_keys(parent, base, lambda key: f"{path}: key {key!r} is not in the base config")
+        base = _merge_known_keys(
+            parent, base, lambda key: f"{path}: key {key!r} is not in the base config" + _did_you_mean(key, parent))
+    overrides = [_without_hydra_prefix(item) for item in overrides]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
-        patch = OmegaConf.from_dotlist(list(overrides))
+        patch = OmegaConf.from_dotlist(overrides)
     except Exception as err:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from err
-    cfg = _merge_known_keys(base, patch, lambda key: f"unknown config key {key!r} (not in {path})")
+        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from err
+    _adopt_aligner_spellings(patch)
+    cfg = _merge_known_keys(base, patch, lambda key: _unknown_key(key, base, path))
+    _adopt_precision_spelling(cfg)
     _check_types(cfg, base)
     OmegaConf.set_struct(cfg, False)
     return cfg
@@ -176,11 +245,15 @@ def check_ranges(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig, world_size: int, training: bool = True) -> None:
     """Everything that can be checked without building the model; raises ConfigError.
 
-    ``training``: the log dir will be written too (converting a model or checking data writes elsewhere).
+    ``training``: the processes were launched for this run (``world_size`` is theirs, checked against
+    ``trainer.num_nodes`` x ``trainer.devices``) and the log dir will be written (converting a model or checking data
+    runs one process and writes elsewhere).
     """
     model = cfg.model
     try:
         check_ranges(cfg)
+        if training:
+            layout.check_launch(world_size, cfg.trainer.num_nodes, cfg.trainer.devices)
         dp = layout.check_layout(
             world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size,
             model.expert_model_parallel_size,
@@ -188,6 +261,7 @@ def validate(cfg: DictConfig, world_size: int, training: bool = True) -> None:
         gpt.check_model_config(model)
         lora.check_lora_config(model)
         losses.build_loss(model.dpo)
+        reference.check_reference_config(model)
         batching.check_batch_sizes(model.micro_batch_size, model.global_batch_size, dp)
         optimizer.check_optim_config(model.optim)
         metrics_log.check_logging(cfg)

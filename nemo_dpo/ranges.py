@@ -83,30 +83,50 @@ class Integer(Range):
 
 @dataclass(frozen=True, kw_only=True)
 class Real(Range):
-    """A finite number (an integer will do) above ``gt`` or from ``ge`` on, and below ``lt`` if given.
+    """A finite number (an integer will do) above ``gt`` or from ``ge`` on, and below ``lt`` (or up to ``le``).
 
     ``special``: values outside the bounds which mean something ({0: "no clipping"}).
     """
 
     gt: float | None = None
     ge: float | None = None
-    lt: float | None = None  # every upper bound here is open: dropout < 1, Adam's betas < 1
+    lt: float | None = None  # dropout < 1, Adam's betas < 1
+    le: float | None = None  # a probability or a weight that may be 1, a fraction of an epoch up to a whole one
     special: dict = field(default_factory=dict)
 
     def _admits(self, value) -> bool:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             return False
         above = value > self.gt if self.gt is not None else value >= self.ge
-        return value in self.special or (above and (self.lt is None or value < self.lt))
+        below = (self.lt is None or value < self.lt) and (self.le is None or value <= self.le)
+        return value in self.special or (above and below)
 
     def _describe(self) -> str:
         open_low = self.gt is not None
         low = _number(self.gt if open_low else self.ge)
-        if self.lt is None:
+        if self.lt is None and self.le is None:
             bounds = f"a finite number {'>' if open_low else '>='} {low}"
         else:
-            bounds = f"in {'(' if open_low else '['}{low}, {_number(self.lt)})"
+            high = f"{_number(self.lt)})" if self.lt is not None else f"{_number(self.le)}]"
+            bounds = f"in {'(' if open_low else '['}{low}, {high}"
         return _with_special(self.special, bounds)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Either(Range):
+    """A value that one of two ranges admits, its type saying which was meant (NeMo-Aligner's intervals: an integer
+    is a number of steps, a float a fraction of an epoch); ``first_is`` and ``second_is`` name what each is."""
+
+    first: Range
+    first_is: str
+    second: Range
+    second_is: str
+
+    def _admits(self, value) -> bool:
+        return self.first.admits(value) or self.second.admits(value)
+
+    def _describe(self) -> str:
+        return f"{self.first} ({self.first_is}); or {self.second} ({self.second_is})"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +207,9 @@ class ListOf(Range):
         size = f"a list of {self.length}" if self.length is not None else "a non-empty list of"
         return f"{size} {'distinct ' if self.distinct else ''}values, each {self.each}"
 
+    def __str__(self) -> str:
+        return f"null or {self._describe()}" if self.nullable else self._describe()  # null is the whole list's
+
 
 @dataclass(frozen=True, kw_only=True)
 class Mapping(Range):
@@ -199,3 +222,19 @@ class Mapping(Range):
 
     def _describe(self) -> str:
         return f"a mapping of {self.what}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneOrMany(Range):
+    """A value in ``each``, or a non-empty list of distinct such values (a loss, or a mixture of losses)."""
+
+    each: Range
+
+    def _admits(self, value) -> bool:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            return self.each.admits(value)
+        items = list(value)
+        return bool(items) and len(set(items)) == len(items) and all(self.each.admits(item) for item in items)
+
+    def _describe(self) -> str:
+        return f"{self.each}, or a non-empty list of distinct such values"

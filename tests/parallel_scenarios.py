@@ -1,14 +1,17 @@
 """What each process does in the multi-rank tests (imported by the spawned processes)."""
 
+import gc
+
 import torch
 from megatron.core import parallel_state
 
 from nemo_dpo.config import load_config
 from nemo_dpo.distributed import layout
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
-from nemo_dpo.losses.logprobs import vocab_parallel_log_probs
+from nemo_dpo.losses.logprobs import vocab_parallel_log_probs, vocab_parallel_log_sum_sq_probs
 from nemo_dpo.models.gpt import unwrap
 from nemo_dpo.models.sharding import local_to_global_names
+from nemo_dpo.training.reference import ReferenceWeights
 from nemo_dpo.training.trainer import DPOTrainer
 
 # A small model that still has every moving part: GQA, 2 layers (one per stage at PP=2).
@@ -71,6 +74,27 @@ VARIANTS = {
 VARIANTS["gpt2_ipo_sft_chunked"] = VARIANTS["gpt2_ipo_sft"] + ["model.log_prob_chunk_size=7"]  # untied output layer
 VARIANTS["gpt2_ipo_sft_packed"] = VARIANTS["gpt2_ipo_sft"] + ["model.data.packing=true"]  # learned positions
 
+# The loss family: every paired loss inside a weighted mixture (each term's gradient is in the step), the options
+# that change what the step computes (LD-DPO's shared-length sums, WPO's log sum p^2 across vocab shards, f-DPO,
+# DPOP), the reference-free losses (ORPO's whole-sequence sums) and TR-DPO's moving reference.
+LOSS_VARIANTS = {
+    "paired_a": ["model.dpo.preference_loss=[dpo,hinge,robust,exo_pair,nca_pair,bco_pair,sppo_hard]",
+                 "model.dpo.preference_loss_weights=[1.0,0.5,0.5,1.0,0.5,0.5,0.01]", "model.dpo.label_smoothing=0.1"],
+    "paired_b": ["model.dpo.preference_loss=[aot,aot_unpaired,apo_zero,apo_down,discopop,sigmoid_norm,sft]",
+                 "model.dpo.preference_loss_weights=[1.0,1.0,0.5,0.5,1.0,1.0,0.1]"],
+    "options": ["model.dpo.preference_loss=[sigmoid,ipo,hinge]", "model.dpo.preference_loss_weights=[1.0,0.01,0.5]",
+                "model.dpo.f_divergence_type=alpha_divergence", "model.dpo.f_alpha_divergence_coef=0.3",
+                "model.dpo.ld_alpha=0.5", "model.dpo.use_weighting=true", "model.dpo.dpop_lambda=2.0"],
+    "simpo": ["model.dpo.preference_loss=simpo", "model.dpo.ref_policy_kl_penalty=2.0", "model.dpo.simpo_gamma=0.5"],
+    "cpo": ["model.dpo.preference_loss=cpo", "model.dpo.label_smoothing=0.1"],
+    "orpo": ["model.dpo.preference_loss=orpo"],
+    "trdpo": ["model.dpo.sync_ref_model=true", "model.dpo.ref_model_sync_steps=1", "model.dpo.ref_model_mixup_alpha=0.5"],
+}
+VARIANTS.update(LOSS_VARIANTS)
+# The per-sequence values from packed rows and from log-probs in chunks (compared with the plain variants above).
+VARIANTS["options_packed_chunked"] = VARIANTS["options"] + ["model.data.packing=true", "model.log_prob_chunk_size=20"]
+VARIANTS["orpo_packed_chunked"] = VARIANTS["orpo"] + ["model.data.packing=true", "model.log_prob_chunk_size=20"]
+
 
 def _tp_attrs(param):
     return {
@@ -81,17 +105,33 @@ def _tp_attrs(param):
 
 
 def one_step(trainer: DPOTrainer) -> dict:
-    """One optimizer step on the first global batch; loss, grads (before the step) and new weights."""
-    metrics = trainer.forward_backward(list(range(trainer.cfg.model.global_batch_size)))
+    """One optimizer step on the first global batch, and what follows it (the loss's state, TR-DPO's reference);
+    loss, grads (before the step), new weights and the reference's weights after the step."""
     module = unwrap(trainer.model)
     names = local_to_global_names(module, trainer.config)
+    runs_as_reference = getattr(trainer.reference, "runs_as_reference", None)
+    moving = trainer.cfg.model.dpo.sync_ref_model
+
+    def reference_weights():
+        by_param = dict(zip(runs_as_reference.params, runs_as_reference.weights))
+        return {names[n]: by_param[p].clone() for n, p in module.named_parameters()}
+
+    reference_before = reference_weights() if moving else {}
+    metrics = trainer.forward_backward(list(range(trainer.cfg.model.global_batch_size)))
     use_grads = not trainer.cfg.model.optim.use_distributed_optimizer  # sharded grads otherwise
     trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     grads = {names[n]: p.main_grad.detach().clone() for n, p in trained} if use_grads else {}
     frozen = {names[n]: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     metrics.update(trainer.optimizer_step())
+    trainer.after_update(metrics)
+    gc.collect()  # the earlier variants' trainers are gone: any copy of reference weights alive now is this one's
     return {
         "metrics": metrics,
+        "loss_state": trainer.loss.state_dict(),
+        "reference_source": type(trainer.reference).__name__,
+        "reference_copies": sum(isinstance(o, ReferenceWeights) for o in gc.get_objects()),
+        "reference": reference_weights() if moving else {},
+        "reference_before": reference_before,
         "grads": grads,
         "weights": {names[n]: p.detach().clone() for n, p in module.named_parameters()},
         "attrs": {names[n]: _tp_attrs(p) for n, p in module.named_parameters()},
@@ -123,7 +163,8 @@ def layout_steps(tp: int, pp: int, variants: list, log_dir: str, cache_dir: str,
 
 
 def vocab_parallel_logprob_check() -> dict:
-    """Log-probs and their gradient from this rank's vocab slice, for comparison with a full softmax."""
+    """Log-probs and their gradient, and log sum p^2 (WPO), from this rank's vocab slice, for comparison with a full
+    softmax."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     gen = torch.Generator().manual_seed(0)
@@ -135,12 +176,14 @@ def vocab_parallel_logprob_check() -> dict:
     local = full_logits[..., tp_rank * shard : (tp_rank + 1) * shard].clone().requires_grad_(True)
     log_probs = vocab_parallel_log_probs(local, target, vocab, layout.current().tp_group)
     (log_probs * upstream).sum().backward()
+    log_sum_sq = vocab_parallel_log_sum_sq_probs(local, vocab, layout.current().tp_group)
     return {
         "full_logits": full_logits,
         "target": target,
         "upstream": upstream,
         "vocab": vocab,
         "log_probs": log_probs.detach(),
+        "log_sum_sq": log_sum_sq,
         "local_grad": local.grad,
         "shard": (tp_rank * shard, (tp_rank + 1) * shard),
     }

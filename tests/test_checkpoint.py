@@ -70,6 +70,7 @@ def assert_same_weights(folder_a, folder_b, tmp):
             assert torch.equal(a[key], b[key]), key  # bitwise, model and optimizer state
         else:
             assert a[key] == b[key], key
+    return b
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,42 @@ def test_kill_minus_9_and_resume_is_exact(straight_run, tmp_path):
     assert [r["loss"] for r in rows(straight, "val")] == [r["loss"] for r in rows(killed, "val")]
     assert_tensorboard_matches_metrics(killed)  # what the killed run logged after step 10 is hidden
     assert_same_weights(straight / "checkpoints" / "step_20", killed / "checkpoints" / "step_20", tmp_path)
+
+
+# BCO's running mean (nemo_dpo.json) and TR-DPO's moving reference (sharded tensors), moved every 3 steps.
+LOSS_STATE = ["model.dpo.preference_loss=bco_pair", "model.dpo.sync_ref_model=true", "model.dpo.ref_model_sync_steps=3",
+              "model.dpo.ref_model_mixup_alpha=0.5", "trainer.dpo.max_steps=12", "trainer.dpo.save_interval=6",
+              "trainer.dpo.val_check_interval=6"]
+
+
+def test_bco_and_trdpo_state_survives_kill_minus_9_bitwise(tmp_path):
+    straight, killed, cache = tmp_path / "straight", tmp_path / "killed", tmp_path / "cache"
+    torchrun(straight, cache, *LOSS_STATE)
+    proc = torchrun(killed, cache, *LOSS_STATE, wait=False)
+    wait_for(proc, (killed / "checkpoints" / "step_6" / checkpoint.MARKER).exists, "its step-6 checkpoint")
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    for p in [psutil.Process(proc.pid), *ranks]:
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(ranks, timeout=30)
+    assert not (killed / "checkpoints" / "step_12").exists(), "killed too late to test anything"
+
+    out = torchrun(killed, cache, *LOSS_STATE)
+    assert "step_6 at step 6" in out, out[-3000:]
+    a, b = rows(straight), rows(killed)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    assert a[6]["bco_reward_shift"] != 0  # the state the resumed steps need is not the initial one
+    for key in ("loss", "bco_reward_shift", "rewards_chosen_mean", "reward_margin", "grad_norm"):
+        assert [r[key] for r in a] == [r[key] for r in b], key  # bitwise equal floats
+    assert [r["loss"] for r in rows(straight, "val")] == [r["loss"] for r in rows(killed, "val")]
+    folders = [run / "checkpoints" / "step_12" for run in (straight, killed)]
+    states = [checkpoint.read_metadata(folder)["loss_state"]["bco_pair"] for folder in folders]
+    assert states[0] == states[1] and states[0]["count"] == 12
+    tensors = assert_same_weights(*folders, tmp_path)
+    reference = {k[len("reference."):]: v for k, v in tensors.items() if k.startswith("reference.")}
+    weights = {k for k in tensors if k.split(".")[0] in ("embedding", "decoder", "output_layer")}
+    assert weights and set(reference) == weights  # every weight has its reference copy
+    assert any(not torch.equal(reference[k], tensors[k]) for k in reference)  # which lags the policy
 
 
 def rank_process(launcher, rank: int) -> psutil.Process:

@@ -93,7 +93,7 @@ def test_fine_tuning_config_is_valid_and_lists_only_what_differs():
         (["model.num_moe_experts=4", "model.peft.peft_scheme=lora", "model.peft.lora_tuning.target_modules=[attention_qkv,mlp_fc1]"], 1, r"model.peft.lora_tuning.target_modules: \['mlp_fc1'\] adapt a dense MLP"),
         (["model.num_query_groups=3"], 1, r"model.num_query_groups \(3\) must divide model.num_attention_heads \(4\)"),
         (["model.global_batch_size=30"], 2, r"model.global_batch_size \(30\) is not divisible by model.micro_batch_size \(4\) x data-parallel size \(2\) = 8"),
-        (["model.dpo.preference_loss=kto"], 1, r"model.dpo.preference_loss must be one of \['dpo', 'ipo', 'rpo_fwd_kl', 'rpo_bwd_kl', 'rpo_sq'\], got 'kto'"),
+        (["model.dpo.preference_loss=kto"], 1, r"model.dpo.preference_loss must be one of \['dpo', 'ipo', 'rpo_fwd_kl', 'rpo_bwd_kl', 'rpo_sq', 'sigmoid', 'hinge', 'robust', 'exo_pair', 'nca_pair', 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired', 'apo_zero', 'apo_down', 'discopop', 'sigmoid_norm', 'sft', 'simpo', 'cpo', 'orpo'\], or a non-empty list of distinct such values, got 'kto'"),
         (["model.data.data_prefix.train=/nonexistent/train.jsonl"], 1, r"model.data.data_prefix.train: file /nonexistent/train.jsonl does not exist"),
         (["model.data.data_prefix.validation=/nonexistent/val.jsonl"], 1, r"model.data.data_prefix.validation: file /nonexistent/val.jsonl does not exist"),
         (["model.num_layers=3", "model.pipeline_model_parallel_size=2"], 2, r"model.num_layers \(3\) is not divisible by model.pipeline_model_parallel_size \(2\)"),
@@ -108,6 +108,10 @@ def test_fine_tuning_config_is_valid_and_lists_only_what_differs():
         (["model.data.on_bad_record=drop"], 1, r"model.data.on_bad_record must be one of \['error', 'skip'\], got 'drop'"),
         (["model.make_vocab_size_divisible_by=90", "model.tensor_model_parallel_size=4", "model.ffn_hidden_size=512"], 4, r"model.make_vocab_size_divisible_by \(90\) must be divisible by model.tensor_model_parallel_size \(4\)"),
         (["model.optim.sched.min_lr=0.01"], 1, r"model.optim.sched.min_lr \(0.01\) must be <= model.optim.lr \(0.001\)"),
+        (["model.dpo.preference_loss=[dpo,orpo]"], 1, r"model.dpo.preference_loss: a list is a mixture of distinct paired losses with a reference"),
+        (["model.dpo.ld_alpha=2"], 1, r"model.dpo.ld_alpha must be in \[0, 1\] or null, got 2"),
+        (["model.dpo.sync_ref_model=true", "model.dpo.reference_logprobs=precomputed"], 1, r"model.dpo.sync_ref_model=true moves the reference during training, so its log-probs cannot be precomputed"),
+        (["model.dpo.sync_ref_model=true", "model.peft.peft_scheme=lora"], 1, r"model.dpo.sync_ref_model=true needs reference weights to move, but with model.peft.peft_scheme=lora the reference is the frozen base"),
     ],
 )
 def test_bad_values_are_named(overrides, world_size, pattern):
@@ -151,11 +155,13 @@ OUT_OF_RANGE = {
     "name": "''",
     "trainer.dpo.max_epochs": "0",
     "trainer.dpo.max_steps": "0",
-    "trainer.dpo.val_check_interval": "-1",
-    "trainer.dpo.limit_val_batches": "0",
+    "trainer.dpo.val_check_interval": "1.5",
+    "trainer.dpo.limit_val_batches": "0.0",
     "trainer.dpo.log_interval": "0",
     "trainer.dpo.save_interval": "-5",
     "trainer.dpo.nan_policy": "ignore",
+    "trainer.num_nodes": "0",
+    "trainer.devices": "-1",
     "trainer.gradient_clip_val": "-1",
     "trainer.precision": "fp16",
     "trainer.distributed_timeout_minutes": "0",
@@ -212,6 +218,7 @@ OUT_OF_RANGE = {
     "model.tokenizer.cache_dir": "''",
     "model.data.data_prefix.train": "5",
     "model.data.data_prefix.validation": "[]",
+    "model.data.data_prefix.test": "[a.jsonl, 3]",
     "model.data.chat_template": "''",
     "model.data.implicit_prompt_delimiter": "''",
     "model.data.overflow": "wrap",
@@ -230,6 +237,18 @@ OUT_OF_RANGE = {
     "model.dpo.sft_loss_weight": ".inf",
     "model.dpo.gt_reward_scale": "-2",
     "model.dpo.label_smoothing": "0.5",
+    "model.dpo.preference_loss_weights": "[-1]",
+    "model.dpo.f_divergence_type": "l2",
+    "model.dpo.f_alpha_divergence_coef": "0",
+    "model.dpo.ld_alpha": "2",
+    "model.dpo.use_weighting": "maybe",
+    "model.dpo.dpop_lambda": "-1",
+    "model.dpo.discopop_tau": "0",
+    "model.dpo.simpo_gamma": "-1",
+    "model.dpo.cpo_alpha": "-1",
+    "model.dpo.sync_ref_model": "maybe",
+    "model.dpo.ref_model_mixup_alpha": "2",
+    "model.dpo.ref_model_sync_steps": "0",
     "model.dpo.reference_logprobs": "cached",
     "model.optim.name": "sgd",
     "model.optim.lr": "-1",
@@ -326,7 +345,7 @@ def test_a_broken_base_config_or_non_utf8_file_is_named_from_the_command_line(tm
 
 
 def test_a_section_given_as_a_value_names_the_section():
-    with pytest.raises(ConfigError, match=r"^model.data.data_prefix: expected a mapping of its keys \(train, validation\), "
+    with pytest.raises(ConfigError, match=r"^model.data.data_prefix: expected a mapping of its keys \(train, validation, test\), "
                                           r"got \['a.jsonl', 'b.jsonl'\]$"):
         load_config("gpt_dpo", ["model.data.data_prefix=[a.jsonl,b.jsonl]"])
     with pytest.raises(ConfigError, match=r"^model.optim: expected a mapping of its keys \(name, lr, weight_decay, betas, "
@@ -371,6 +390,12 @@ def test_a_read_only_log_dir_is_a_config_error(tmp_path):
         parent.chmod(0o755)
     assert str(err.value) == (f"exp_manager.explicit_log_dir: the log dir {parent}/run cannot be created and written: "
                               f"{parent}: Permission denied")
+
+
+def test_preference_loss_takes_a_list_and_no_other_string_key_does():
+    check(["model.dpo.preference_loss=[dpo,bco_pair,sft]", "model.dpo.preference_loss_weights=[0.8,0.2,1.0]"])
+    with pytest.raises(ConfigError, match=r"model.optim.name: expected str, got \['adamw'\]"):
+        load_config("gpt_dpo", ["model.optim.name=[adamw]"])
 
 
 @pytest.mark.slow

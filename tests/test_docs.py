@@ -8,10 +8,13 @@ parser, and its config overrides load and pass the same validation that
 same kind). The commands also run for real elsewhere: the first two in CI and
 tests/test_default_run.py, the Slurm template in tests/test_slurm.py, the
 Dockerfile in tests/test_container.py, plot in tests/test_default_run.py,
-prepare in tests/test_data_hh_rlhf.py, convert in tests/test_hf_convert.py and
-tests/test_lora.py, the benchmark in tests/test_bench.py.
+prepare in tests/test_data_hh_rlhf.py and here (the HH-RLHF report, line for line),
+convert in tests/test_hf_convert.py and tests/test_lora.py, the benchmark in
+tests/test_bench.py, NeMo-Aligner's command in tests/test_aligner_command.py. Every
+program's --help is checked here too.
 """
 
+import argparse
 import ast
 import gzip
 import json
@@ -21,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -132,15 +136,27 @@ class Fixtures:
             self.made[target] = True
         return target
 
+    def nemo(self) -> str:
+        target = os.path.join(self.folder, "megatron_gpt_sft.nemo")
+        if target not in self.made:
+            from nemo_fixtures import save_config_only
+
+            save_config_only(target, os.path.join(self.folder, "spm_cache"))
+            self.made[target] = True
+        return target
+
     def substitute(self, override: str) -> str:
         key, _, value = override.partition("=")
-        if key.startswith("model.data.data_prefix"):  # a file, or lists of them: {train: [/data/a.jsonl, ...], ...}
+        if key.lstrip("+").startswith("model.data.data_prefix"):  # files, or lists: {train: [/data/a.jsonl], ...}
             files = re.sub(r"/data/[^,\]\s}]+", lambda path: self.data(path.group()), value)
             return f"{key}={files}"
         if not value.startswith(PLACEHOLDER_ROOTS):
             return override
-        if key == "model.restore_from_path":
-            value = self.hf_model("mixtral" if "mixtral" in value.lower() else "llama")
+        if key.lstrip("+") in ("model.restore_from_path", "pretrained_checkpoint.restore_from_path"):
+            if value.endswith(".nemo"):
+                value = self.nemo()
+            else:
+                value = self.hf_model("mixtral" if "mixtral" in value.lower() else "llama")
         elif key == "model.tokenizer.model":
             value = self.sentencepiece() if value.endswith(".model") else self.hf_model()
         else:  # output folders
@@ -251,3 +267,47 @@ def test_every_config_key_is_in_the_readme_key_table():
         if not any(f"`{full}`" in row for row in rows) and not any(f"`{key}`" in row for row in in_group_row):
             missing.append(full)
     assert not missing, f"README's configuration table does not name: {missing}"
+
+
+def _parsers(parser):
+    """A program's parser and its subcommands' parsers."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+PROGRAMS = {"examples/train_dpo.py": "nemo_dpo.cli.train", "python -m nemo_dpo.data.prepare": "nemo_dpo.cli.prepare",
+            "python -m nemo_dpo.convert": "nemo_dpo.cli.convert", "python -m nemo_dpo.plot": "nemo_dpo.cli.plot"}
+
+
+def test_help_explains_every_option_and_keeps_the_example_lines():
+    """--help of every program: each option and subcommand says what it is, and the examples print as written (no
+    line joined to the next by a backslash, which leaves a run of spaces where the break was)."""
+    for program, module in PROGRAMS.items():
+        for parser in _parsers(importlib.import_module(module).build_parser()):
+            for action in parser._actions:
+                assert action.help, f"{program}: {'/'.join(action.option_strings) or action.dest} has no help text"
+            text = parser.format_help()
+            for line in (parser.description or "").splitlines():
+                assert line.rstrip() in text, (program, line)
+                assert not re.search(r"\S {3,}[^\s#]", line), f"{program}: a run of spaces in {line!r}"
+
+
+HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")
+HH_IN_README = "/data/hh-rlhf/harmless-base/test.jsonl.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(HH), reason=f"{HH} not present (shared test data)")
+def test_the_hh_rlhf_prepare_command_prints_what_the_readme_shows(tmp_path):
+    """The README's prepare command for HH-RLHF, run on the real file, prints the README's report line for line."""
+    (argv,) = [argv for _, argv in COMMANDS if "nemo_dpo.data.prepare" in argv and HH_IN_README in argv]
+    shown = re.search(rf"```\n(== {re.escape(HH_IN_README)}\n.*?)```", README, re.S).group(1).splitlines()
+    command = [sys.executable if a == "python" else HH if a == HH_IN_README else a for a in argv]
+    ran = subprocess.run([*command, f"model.tokenizer.cache_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    printed = ran.stdout.replace(HH, HH_IN_README).splitlines()
+    assert printed[printed.index(shown[0]):] == shown, ran.stdout + ran.stderr
+    assert ran.returncode == 1  # the 9 bad records, under on_bad_record=error

@@ -157,3 +157,159 @@ def test_packed_rows_sum_by_segment():
 def test_bad_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         PreferenceLossConfig(**kwargs)
+
+
+# ---------------------------------------------------------------- the loss family's pieces without a TRL oracle
+
+from nemo_dpo.losses import LOSSES, build_loss  # noqa: E402
+from nemo_dpo.losses.logprobs import (  # noqa: E402
+    chunked_log_sum_sq_probs,
+    vocab_parallel_log_sum_sq_probs,
+)
+from nemo_dpo.losses.sequences import (  # noqa: E402
+    LOGPS,
+    SHARED_LOGPS,
+    shared_prefix_mask,
+    sequence_values,
+    whole_sequence_mask,
+)
+
+
+def build(**kwargs):
+    cfg = PreferenceLossConfig(**kwargs)
+    return LOSSES[cfg.names[0]](cfg)
+
+
+def call(loss, policy=POLICY, reference=REF):
+    return loss({LOGPS: sums(policy)}, {LOGPS: sums(reference)}, COUNTS, GT)
+
+
+def test_dpop_penalises_a_chosen_response_below_the_reference():
+    """Smaug's DPO-positive: -log sigmoid(beta (h - lambda max(0, l_ref(chosen) - l(chosen))))."""
+    beta, lam = 0.5, 3.0
+    loss, stats = call(build(ref_policy_kl_penalty=beta, dpop_lambda=lam))
+    chosen_policy = [-2.0 - 0.5, -0.2 - 0.4]  # pair 1's chosen is above its reference (-2.7), pair 2's too (-1.0)
+    chosen_ref = [-2.0 - 0.7, -0.5 - 0.5]
+    penalties = [lam * max(0.0, r - p) for p, r in zip(chosen_policy, chosen_ref)]
+    assert penalties == [0.0, 0.0]
+    assert loss.item() == pytest.approx(mean([-logsigmoid(beta * m) for m in MARGINS]), rel=1e-6)
+    # A policy whose chosen responses fell below the reference pays the penalty inside the sigmoid.
+    low = POLICY - 0.3 * MASK  # every response token 0.3 less likely: chosen sums drop by 0.6
+    loss, stats = call(build(ref_policy_kl_penalty=beta, dpop_lambda=lam), policy=low)
+    penalties = [lam * max(0.0, r - (p - 0.6)) for p, r in zip(chosen_policy, chosen_ref)]
+    assert penalties == pytest.approx([3 * 0.4, 3 * 0.2])
+    want = mean([-logsigmoid(beta * (m - pen)) for m, pen in zip(MARGINS, penalties)])
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert stats["dpop_penalty"].tolist() == pytest.approx(penalties, abs=1e-5)
+
+
+def test_bco_running_mean_updates_after_each_step_and_round_trips():
+    beta = 0.5
+    loss = build(preference_loss="bco_pair", ref_policy_kl_penalty=beta)
+    value, stats = call(loss)  # delta = 0 before any step
+    want = mean([-logsigmoid(beta * c) - logsigmoid(-beta * r) for c, r in zip(CHOSEN, REJECTED)])
+    assert value.item() == pytest.approx(want, rel=1e-6) and stats["bco_reward_shift"].item() == 0
+    loss.end_step({"rewards_chosen_mean": 0.4, "rewards_rejected_mean": -0.2})  # step mean 0.1
+    loss.end_step({"rewards_chosen_mean": 0.6, "rewards_rejected_mean": 0.2})  # step mean 0.4
+    assert loss.state_dict() == {"bco_pair": {"mean": pytest.approx(0.25), "count": 2}}
+    value, stats = call(loss)
+    want = mean([-logsigmoid(beta * c - 0.25) - logsigmoid(-(beta * r - 0.25)) for c, r in zip(CHOSEN, REJECTED)])
+    assert value.item() == pytest.approx(want, rel=1e-6) and stats["bco_reward_shift"].item() == pytest.approx(0.25)
+    restored = build(preference_loss=["dpo", "bco_pair"], ref_policy_kl_penalty=beta)
+    with pytest.raises(ValueError, match="no state of bco_pair"):
+        restored.load_state_dict({})
+    restored.load_state_dict(loss.state_dict())
+    assert restored.state_dict() == loss.state_dict()
+    assert build().state_dict() == {}  # a loss without state saves none
+
+
+def test_mixture_logs_each_part_and_weights_them():
+    loss, stats = call(build(preference_loss=["dpo", "ipo"], preference_loss_weights=(0.25, 2.0),
+                             ref_policy_kl_penalty=0.5))
+    dpo = mean([-logsigmoid(0.5 * m) for m in MARGINS])
+    ipo = mean([(m - 1.0) ** 2 for m in MARGINS])
+    assert stats["preference_loss_dpo"].item() == pytest.approx(dpo, rel=1e-6)
+    assert stats["preference_loss_ipo"].item() == pytest.approx(ipo, rel=1e-6)
+    assert loss.item() == pytest.approx(0.25 * dpo + 2.0 * ipo, rel=1e-6)
+    metrics = {s.metric for s in build(preference_loss=["dpo", "ipo"]).statistics}
+    assert {"preference_loss_dpo", "preference_loss_ipo"} <= metrics
+    assert "preference_loss_dpo" not in {s.metric for s in build().statistics}  # one loss logs what it always did
+
+
+def test_shared_prefix_and_whole_sequence_masks_are_the_same_packed_and_unpacked():
+    """Pair 1: responses of 2 and 2 tokens, pair 2: 2 and 2; then a pair of 3 and 1 tokens."""
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0.0]])
+    shared = shared_prefix_mask(mask)
+    assert shared.tolist() == [[0, 1, 0, 0, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]
+    assert whole_sequence_mask(mask).tolist() == [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]
+    # The same four sequences packed into one row (last token of each predicts nothing), plus 3 padding tokens.
+    lengths = [5, 3, 3, 3]
+    packed_mask = torch.cat([mask[i, :n] for i, n in enumerate(lengths)] + [torch.zeros(3)]).unsqueeze(0)
+    segment_ids = torch.tensor([[i for i, n in enumerate(lengths) for _ in range(n)] + [0, 0, 0]])
+    values = torch.arange(1.0, packed_mask.shape[1] + 1).unsqueeze(0)
+    unpacked_values = torch.zeros_like(mask)
+    start = 0
+    for i, n in enumerate(lengths):
+        unpacked_values[i, :n] = values[0, start : start + n]
+        start += n
+    for fn in (shared_prefix_mask, whole_sequence_mask):
+        torch.testing.assert_close(sequence_sums(values, fn(packed_mask, segment_ids, 4), segment_ids, 4),
+                                   sequence_sums(unpacked_values, fn(mask)))
+    got = sequence_values([LOGPS, SHARED_LOGPS, "sequence_logps", "sequence_tokens"], values, packed_mask,
+                          segment_ids, 4)
+    assert got["sequence_tokens"].tolist() == [4, 2, 2, 2]  # every token but the last of each sequence
+
+
+def test_log_sum_sq_probs_whole_and_chunked():
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 8, generator=gen), torch.randn(16, 8, generator=gen)
+    logits = hidden @ weight.t()
+    want = torch.log((torch.softmax(logits[..., :12], -1) ** 2).sum(-1))  # 4 rows of vocabulary padding
+    torch.testing.assert_close(vocab_parallel_log_sum_sq_probs(logits, 12, None), want)
+    torch.testing.assert_close(chunked_log_sum_sq_probs(hidden, weight, 12, 3, None), want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"preference_loss": ("dpo", "simpo")}, "model.dpo.preference_loss: a list is a mixture of distinct paired"),
+        ({"preference_loss": ("dpo", "dpo")}, r"model.dpo.preference_loss must be one of .*, or a non-empty list of distinct such values, got \('dpo', 'dpo'\)"),
+        ({"preference_loss": ("dpo", "sft"), "preference_loss_weights": (1.0,)},
+         r"model.dpo.preference_loss_weights must be null or 2 numbers >= 0, .* got \(1.0,\)"),
+        ({"preference_loss_weights": (-1.0,)}, r"model.dpo.preference_loss_weights must be null or a non-empty list of values, each a finite number >= 0, got \(-1.0,\)"),
+        ({"preference_loss": "exo_pair"}, r"model.dpo.label_smoothing must be in \(0, 0.5\) for exo_pair"),
+        ({"preference_loss": "orpo", "label_smoothing": 0.1}, r"model.dpo.label_smoothing must be 0 for orpo \(it has none\), got 0.1"),
+        ({"f_divergence_type": "kl"}, r"model.dpo.f_divergence_type must be one of \['reverse_kl', .*got 'kl'"),
+        ({"f_alpha_divergence_coef": 0.0}, "model.dpo.f_alpha_divergence_coef must be a finite number > 0, got 0.0"),
+        ({"ld_alpha": 1.5}, r"model.dpo.ld_alpha must be in \[0, 1\] or null, got 1.5"),
+        ({"dpop_lambda": -1.0}, "model.dpo.dpop_lambda must be a finite number >= 0, got -1.0"),
+        ({"discopop_tau": 0.0}, "model.dpo.discopop_tau must be a finite number > 0, got 0.0"),
+        ({"simpo_gamma": -0.5}, "model.dpo.simpo_gamma must be a finite number >= 0, got -0.5"),
+        ({"cpo_alpha": float("nan")}, "model.dpo.cpo_alpha must be a finite number >= 0, got nan"),
+        ({"ref_model_mixup_alpha": 1.2}, r"model.dpo.ref_model_mixup_alpha must be in \[0, 1\], got 1.2"),
+        ({"ref_model_sync_steps": 0}, "model.dpo.ref_model_sync_steps must be >= 1, got 0"),
+        ({"preference_loss": "rpo_sq", "f_divergence_type": "js_divergence"},
+         r"model.dpo.f_divergence_type='js_divergence' does not apply to \['rpo_sq'\]"),
+        ({"preference_loss": "nca_pair", "dpop_lambda": 1.0}, r"model.dpo.dpop_lambda=1.0 does not apply to \['nca_pair'\]"),
+        ({"preference_loss": ("dpo", "aot"), "use_weighting": True},
+         r"model.dpo.use_weighting=True does not apply to \['aot'\]"),
+        ({"preference_loss": "simpo", "ld_alpha": 0.5}, r"model.dpo.ld_alpha=0.5 does not apply to \['simpo'\]"),
+        ({"preference_loss": "cpo", "sync_ref_model": True}, r"model.dpo.sync_ref_model=True does not apply to \['cpo'\]"),
+    ],
+)
+def test_new_settings_name_key_value_and_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PreferenceLossConfig(**kwargs)
+
+
+def test_build_loss_reads_the_config_section_with_a_list():
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.create({f.name: getattr(PreferenceLossConfig(), f.name)
+                                for f in PreferenceLossConfig.__dataclass_fields__.values()})
+    section.preference_loss = ["sigmoid", "bco_pair", "sft"]
+    section.preference_loss_weights = [0.8, 0.2, 1.0]
+    loss = build_loss(section)
+    assert loss.names == ("sigmoid", "bco_pair", "sft") and loss.weights == (0.8, 0.2, 1.0)
+    section.preference_loss, section.preference_loss_weights = "orpo", None
+    assert type(build_loss(section)).__name__ == "ORPO" and not build_loss(section).needs_reference

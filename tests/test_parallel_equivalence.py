@@ -1,10 +1,12 @@
 """TP=2, PP=2 and DP=2 (2 real processes each, gloo) reproduce TP=PP=DP=1 exactly.
 
 From the same seed (layout-independent init) and the same global batch, one
-optimizer step must give the same loss (rel 1e-5), the same gradients and the
-same updated weights (abs 1e-5) at every layout, for several architectures and
-every loss; and the global batch split into 1, 2 or 4 microbatches must give
-the same gradients.
+optimizer step must give the same loss and every logged statistic (rel 1e-5), the
+same gradients and the same updated weights (abs 1e-5) at every layout, for
+several architectures and every loss (each of TRL's paired losses inside a
+weighted mixture, the options, the reference-free losses, TR-DPO's moved
+reference, BCO's state after the step); and the global batch split into 1, 2 or
+4 microbatches must give the same gradients.
 """
 
 import math
@@ -15,7 +17,7 @@ import torch
 
 from distributed_harness import run_world
 from nemo_dpo.models.sharding import tp_slice
-from parallel_scenarios import VARIANTS, layout_steps
+from parallel_scenarios import LOSS_VARIANTS, VARIANTS, layout_steps
 
 pytestmark = pytest.mark.slow  # real multi-process runs
 
@@ -35,6 +37,15 @@ def baseline(workdir):
     return result
 
 
+def assert_same_metrics(got: dict, want: dict, what) -> None:
+    """Every logged metric but the timings, rel 1e-5; the loss's own statistics (some, like ORPO's log odds ratio, a
+    small difference of large terms) to abs 1e-6 rather than 1e-7."""
+    assert set(got) == set(want), what
+    for key in [k for k in want if not k.startswith("time_") and k != "tokens_per_sec"]:
+        absolute = 1e-7 if key in ("loss", "preference_loss", "sft_loss", "reward_margin", "grad_norm") else 1e-6
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=absolute), f"{what}: {key} {got[key]} != {want[key]}"
+
+
 def _expected(base_tensor, rank_result, name):
     attrs = SimpleNamespace(**rank_result["attrs"][name])
     return tp_slice(base_tensor, attrs, rank_result["tp_rank"], rank_result["tp"])
@@ -43,16 +54,18 @@ def _expected(base_tensor, rank_result, name):
 def assert_same_step(base: dict, ranks: list, variant: str):
     for rank, result in enumerate(ranks):
         got, want = result[variant], base[variant]
-        for key in ("loss", "preference_loss", "sft_loss", "reward_margin", "grad_norm"):
-            assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5, abs=1e-7), (
-                f"{variant} rank {rank}: {key} {got['metrics'][key]} != {want['metrics'][key]}"
-            )
-        assert set(got["weights"]) <= set(want["weights"])
-        for name, weight in got["weights"].items():
-            torch.testing.assert_close(
-                weight, _expected(want["weights"][name], got, name), atol=1e-5, rtol=0,
-                msg=lambda m: f"{variant} rank {rank} weight {name}: {m}",
-            )
+        assert_same_metrics(got["metrics"], want["metrics"], f"{variant} rank {rank}")
+        assert got["loss_state"].keys() == want["loss_state"].keys()
+        for name, state in want["loss_state"].items():  # BCO's running mean after the step
+            assert got["loss_state"][name] == pytest.approx(state, rel=1e-5, abs=1e-7), (variant, name)
+        assert got["reference_source"] == want["reference_source"]
+        assert set(got["weights"]) <= set(want["weights"]) and set(got["reference"]) <= set(want["reference"])
+        for kind in ("weights", "reference"):
+            for name, weight in got[kind].items():
+                torch.testing.assert_close(
+                    weight, _expected(want[kind][name], got, name), atol=1e-5, rtol=0,
+                    msg=lambda m: f"{variant} rank {rank} {kind} {name}: {m}",
+                )
         for name, grad in got["grads"].items():
             torch.testing.assert_close(
                 grad, _expected(want["grads"][name], got, name), atol=1e-6, rtol=1e-4,
@@ -102,6 +115,34 @@ def test_chunked_log_probs_and_recomputation_give_the_same_step(baseline):
             torch.testing.assert_close(got["weights"][name], weight, atol=1e-5, rtol=0)
 
 
+def test_loss_family_steps_at_one_process(baseline):
+    """What the layouts are compared with: the losses ran, the reference-free ones without any reference, BCO's
+    state moved, TR-DPO's reference moved halfway to the stepped policy; packed rows and chunked log-probs give
+    the per-sequence values of the plain rows (LD-DPO's shared lengths, WPO's weights, ORPO's whole sequences)."""
+    for name in LOSS_VARIANTS:
+        assert math.isfinite(baseline[name]["metrics"]["loss"]), name
+    for name in ("simpo", "cpo", "orpo"):  # no copy of the weights, no reference pass
+        assert baseline[name]["reference_source"] == "ReferenceFree" and baseline[name]["reference_copies"] == 0
+        assert baseline[name]["metrics"]["time_reference"] == 0.0
+    assert baseline["paired_a"]["reference_source"] == "OnlineReference" and baseline["paired_a"]["reference_copies"] == 1
+    state = baseline["paired_a"]["loss_state"]["bco_pair"]
+    metrics = baseline["paired_a"]["metrics"]
+    assert state == {"mean": pytest.approx((metrics["rewards_chosen_mean"] + metrics["rewards_rejected_mean"]) / 2),
+                     "count": 1}
+    assert set(metrics) >= {"preference_loss_bco_pair", "bco_reward_shift", "preference_loss_sppo_hard"}
+    assert {"dpop_penalty", "wpo_weight"} <= set(baseline["options"]["metrics"])
+    trdpo = baseline["trdpo"]
+    assert trdpo["reference"].keys() == trdpo["weights"].keys() == trdpo["reference_before"].keys()
+    for name, moved in trdpo["reference"].items():
+        torch.testing.assert_close(moved, 0.5 * trdpo["weights"][name] + 0.5 * trdpo["reference_before"][name])
+    assert any(not torch.equal(trdpo["reference_before"][n], trdpo["weights"][n]) for n in trdpo["weights"])
+    for packed, plain in (("options_packed_chunked", "options"), ("orpo_packed_chunked", "orpo")):
+        got, want = baseline[packed], baseline[plain]
+        assert_same_metrics(got["metrics"], want["metrics"], packed)
+        for name, grad in want["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_with_fp32_master_weights_tracks_fp32(baseline):
     want = baseline["llama_dpo"]
     for variant in ("llama_dpo_bf16", "llama_dpo_bf16_chunked"):
@@ -116,11 +157,11 @@ def test_bf16_with_fp32_master_weights_tracks_fp32(baseline):
 
 
 def test_tensor_parallel_2(baseline, workdir):
-    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "llama_dpo_chunked"]
+    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "llama_dpo_chunked", *LOSS_VARIANTS]
     ranks = _launch(workdir, "tp2", 2, 1, variants)
     for variant in variants:
         assert_same_step(baseline, ranks, variant)
-    # Vocab-parallel log-probs equal a full log_softmax + gather, values and gradients.
+    # Vocab-parallel log-probs equal a full log_softmax + gather, values and gradients; log sum p^2 too.
     for result in ranks:
         lp = result["logprobs"]
         full = lp["full_logits"].clone().requires_grad_(True)
@@ -129,19 +170,22 @@ def test_tensor_parallel_2(baseline, workdir):
         want = torch.log_softmax(logits, -1).gather(-1, lp["target"].unsqueeze(-1)).squeeze(-1)
         (want * lp["upstream"]).sum().backward()
         torch.testing.assert_close(lp["log_probs"], want.detach(), atol=1e-5, rtol=0)
+        log_sum_sq = torch.log((torch.softmax(logits, -1) ** 2).sum(-1))
+        torch.testing.assert_close(lp["log_sum_sq"], log_sum_sq.detach(), atol=1e-5, rtol=0)
         lo, hi = lp["shard"]
         torch.testing.assert_close(lp["local_grad"], full.grad[..., lo:hi], atol=1e-5, rtol=0)
 
 
 def test_pipeline_parallel_2(baseline, workdir):
-    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed"]
+    variants = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", *LOSS_VARIANTS,
+                "options_packed_chunked"]
     ranks = _launch(workdir, "pp2", 1, 2, variants)
     for variant in variants:
         assert_same_step(baseline, ranks, variant)
 
 
 def test_data_parallel_2(baseline, workdir):
-    variants = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt"]
+    variants = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS]
     ranks = _launch(workdir, "dp2", 1, 1, variants)
     for variant in variants:
         assert_same_step(baseline, ranks, variant)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from logging_checks import colour_share, png_size
-from nemo_dpo.cli.plot import PLOTS, main
+from nemo_dpo.cli.plot import PLOTS, draw, main
 
 LINE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c"]  # matplotlib's C0, C1, C2: one per metric on an axes
 
@@ -83,3 +83,31 @@ def test_missing_log_dir_metrics_file_and_matplotlib(tmp_path, capsys, monkeypat
     assert main([str(tmp_path / "run")]) == 1
     assert capsys.readouterr().err == ("error: plotting needs matplotlib, which is not installed: pip install matplotlib "
                                        "(or pip install 'nemo-dpo[plot]')\n")
+
+
+def test_the_statistics_a_loss_defines_are_plotted_too(tmp_path, capsys):
+    """An ORPO run logs nll_loss, log_odds_ratio and log_odds_chosen: each gets its own PNG after the common ones."""
+    rows = synthetic_rows()
+    for row in rows:
+        row.update(nll_loss=3.0 - row["step"] / 20, log_odds_ratio=-0.7 + row["step"] / 100, log_odds_chosen=0.01,
+                   preference_loss=row["loss"], sft_loss=0.0, time_step=0.5)
+    write_metrics(tmp_path / "run", [json.dumps(r) for r in rows])
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "png")]) == 0
+    extra = ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
+    assert capsys.readouterr().out.split() == [str(tmp_path / "png" / f"{name}.png") for name in [*PLOTS, *extra]]
+    for name in extra:
+        assert png_size(tmp_path / "png" / f"{name}.png") == (800, 450)
+        assert colour_share(tmp_path / "png" / f"{name}.png", LINE_COLOURS[0]) > 0.001, name
+def test_short_runs_get_whole_step_ticks_and_the_legend_leaves_the_curves_alone():
+    """A 5-step run: no tick at step 2.5, and no legend (rewards has six entries) over the axes where curves are."""
+    rows = [row for row in synthetic_rows() if row["step"] <= 5]
+    for name in PLOTS:
+        fig = draw(rows, name)
+        fig.canvas.draw()
+        ax, renderer = fig.axes[0], fig.canvas.get_renderer()
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), (name, ticks)
+        legend, axes = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert not legend.overlaps(axes), name
+        assert legend.x1 <= fig.bbox.x1 and legend.y0 >= fig.bbox.y0, name  # and all of it is in the picture

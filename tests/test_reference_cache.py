@@ -1,6 +1,8 @@
 """Precomputed reference log-probs: same losses as the online reference, reused, and refused when stale (DP=2).
 
-The online reference computes validation's sums once, and only for the batches validation uses.
+The online reference computes validation's sums once, and only for the batches validation uses. A loss that asks
+for more reference values (LD-DPO's shared-length sums) finds them in the table too, and a table without them is
+refused.
 """
 
 import pytest
@@ -26,3 +28,5 @@ def test_precomputed_reference_matches_online_and_is_cached(tmp_path):
         # 4 x 8 pairs, 2 sequences each, half of them on each DP rank), not the whole split; the next none.
         assert rank["validation_passes"] == [4 * 8 * 2 // 2, 0]
         assert "was computed for other weights (key mismatch)" in rank["refused"]
+        assert "was computed for other values (key mismatch)" in rank["refused_values"]
+        assert rank["ld_table_vs_online"] < 1e-5

@@ -116,18 +116,20 @@ def _save_model(model, cfg, out: str, files: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nemo_dpo.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="the conversion")
     to_mcore = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> nemo-dpo checkpoint")
-    to_mcore.add_argument("--hf-dir", required=True)
-    to_mcore.add_argument("--out", required=True)
+    to_mcore.add_argument("--hf-dir", required=True,
+                          help="a Hugging Face model folder (config.json, safetensors or pytorch_model.bin, tokenizer)")
+    to_mcore.add_argument("--out", required=True,
+                          help="the checkpoint folder to write (must not exist, or be empty)")
     to_mcore.add_argument("--tp", type=int, default=1, help="tensor parallel size to check the model against")
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline parallel size to check the model against")
     to_hf = sub.add_parser("mcore-to-hf", help="nemo-dpo checkpoint -> Hugging Face folder")
     to_hf.add_argument("--ckpt", required=True, help="a checkpoint folder, e.g. <log dir>/checkpoints/step_100")
-    to_hf.add_argument("--out", required=True)
+    to_hf.add_argument("--out", required=True, help="the Hugging Face folder to write (must not exist, or be empty)")
     to_merged = sub.add_parser("merge", help="LoRA checkpoint -> checkpoint with the adapters folded into the base")
-    to_merged.add_argument("--ckpt", required=True)
-    to_merged.add_argument("--out", required=True)
+    to_merged.add_argument("--ckpt", required=True, help="a LoRA run's checkpoint folder")
+    to_merged.add_argument("--out", required=True, help="the checkpoint folder to write (must not exist, or be empty)")
     return parser
 
 

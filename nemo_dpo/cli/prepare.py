@@ -3,15 +3,17 @@
     python -m nemo_dpo.data.prepare                                   # the config's train and validation files
     python -m nemo_dpo.data.prepare --data /data/hh.jsonl.gz model.encoder_seq_length=512
     python -m nemo_dpo.data.prepare --config-name gpt_dpo model.data.data_prefix.train=/data/train.parquet
+    python -m nemo_dpo.data.prepare --data /data/saved_with_datasets   # a folder: save_to_disk, or shards
 
 Reads each file as training would (same reader, schemas, chat template,
 ``model.data.on_bad_record``), with the tokenizer the run would use: the
 configured one, or the one trained on the training files (with ``--data``, on
-the first file given), cached as training caches it. Reports records read and
-bad (the first ``--show`` reasons, as file:line), the file format and record
-schemas, token lengths as a run counts them (the prompt with the tokenizer's BOS,
-if its rule adds one; chosen, rejected with their EOS; the longer side, the pair's
-both sequences: min/mean/median/p95/max), what ``model.data.overflow`` does at
+the first file given), cached as training caches it. Reports what each folder
+is, records read and bad (the first ``--show`` reasons, as file:line), the file
+format and the record schemas it recognised (by name, with counts), token
+lengths as a run counts them (the prompt with the tokenizer's BOS, if its rule
+adds one; chosen, rejected with their EOS; the longer side, the pair's both
+sequences: min/mean/median/p95/max), what ``model.data.overflow`` does at
 ``model.encoder_seq_length``, and the pairs left against ``model.global_batch_size``.
 
 Exit status: 0 when a run would start on this data; 1 when it would not (a bad
@@ -28,6 +30,7 @@ import numpy as np
 
 from nemo_dpo.config import CONF_DIR, ConfigError, load_config, prepare
 from nemo_dpo.data.chat_template import record_options
+from nemo_dpo.data.data_folders import folder_files
 from nemo_dpo.data.pipeline import configured_tokenizer, data_files
 from nemo_dpo.data.preference_dataset import encode_pair, fit_pair, read_preference_pairs
 from nemo_dpo.data.readers import data_format
@@ -114,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-path", default=str(CONF_DIR), help="folder holding the YAML configs")
     parser.add_argument("--config-name", default="gpt_dpo", help="config file name without .yaml")
-    parser.add_argument("--data", action="append", default=[], metavar="FILE",
-                        help="a data file to check (repeatable); default: the config's train and validation files")
+    parser.add_argument("--data", action="append", default=[], metavar="PATH",
+                        help="a data file, or a folder (datasets' save_to_disk, or shards), to check (repeatable); "
+                             "default: the config's train and validation files")
     parser.add_argument("--show", type=int, default=5, help="bad-record reasons to print per file")
     parser.add_argument("--json", metavar="FILE", help="also write the reports as JSON")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for examples/train_dpo.py")
@@ -129,9 +133,17 @@ def main(argv=None) -> int:
         m = cfg.model
         prepare(cfg, m.tensor_model_parallel_size * m.pipeline_model_parallel_size, training=False)  # one DP rank
         if args.data:
-            files, train_files = args.data, args.data[:1]
+            files = []
+            for given in args.data:
+                if os.path.isdir(given):
+                    kind, found = folder_files(given, None)
+                    print(f"{given} is {kind}: {len(found)} file(s)")
+                    files += found
+                else:
+                    files.append(given)
+            train_files = files[:1]
         else:
-            splits = data_files(m.data)
+            splits = data_files(m.data, print)
             files, train_files = [path for paths in splits.values() for path in paths], splits["train"]
         for path in files:
             if not os.path.isfile(path):

@@ -1,11 +1,12 @@
-"""Train a GPT with DPO (or IPO / RPO) on megatron-core.
+r"""Train a GPT with DPO (or IPO / RPO) on megatron-core.
 
     torchrun --nproc_per_node 2 examples/train_dpo.py                      # embedded default task
     torchrun --nproc_per_node 8 examples/train_dpo.py --config-name gpt_dpo \
         model.tensor_model_parallel_size=2 model.pipeline_model_parallel_size=2 \
         model.data.data_prefix.train=/data/train.jsonl model.dpo.preference_loss=ipo
 
-Arguments after the options are OmegaConf ``key=value`` overrides of conf/<config-name>.yaml.
+Arguments after the options are OmegaConf ``key=value`` overrides of conf/<config-name>.yaml
+(Hydra's ``+key=value`` and ``++key=value``, as NeMo-Aligner's commands write them, are read the same).
 """
 
 import argparse

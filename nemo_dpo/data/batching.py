@@ -39,7 +39,7 @@ class Microbatch:
     segment_ids: torch.Tensor | None = None  # packed: [1, S] the sequence of each token (padding: one more)
     cu_seqlens: torch.Tensor | None = None  # packed: [segments + 1] int32 start of each segment, then S
     max_seqlen: int = 0  # packed: the longest segment
-    ref_sums: torch.Tensor | None = None  # [sequences] reference response log-prob sums (set by the reference)
+    reference: dict | None = None  # {value: [sequences]} the reference's per-sequence values a loss asks for (set by the reference)
 
     @property
     def num_sequences(self) -> int:

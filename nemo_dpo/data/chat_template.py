@@ -5,7 +5,8 @@ when that is null, from the Hugging Face tokenizer folder in
 ``model.tokenizer.model`` (``chat_template.jinja``, else ``tokenizer_config.json``'s
 ``chat_template``). It is rendered in jinja2's immutable sandbox with the
 variables Hugging Face passes (``messages``, ``add_generation_prompt``,
-``bos_token``, ``eos_token``; ``tools`` and ``documents`` are none) and its helpers
+``bos_token``, ``eos_token``, ``tools`` where a record has tool definitions;
+``documents`` is none) and its helpers
 (``raise_exception``, the ``tojson`` filter, loop controls), with trim_blocks and
 lstrip_blocks. There is no ``strftime_now``, so a rendering never depends on the
 day (templates that use it fall back to their fixed date): the same data must
@@ -68,17 +69,17 @@ class ChatTemplate:
         text = json.dumps([self.source, self.special_tokens], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def render(self, messages: list, add_generation_prompt: bool) -> str:
+    def render(self, messages: list, add_generation_prompt: bool, tools: list | None = None) -> str:
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, documents=None,
             **self.special_tokens,
         )
 
-    def split(self, prompt: list, response: list, where: str, key: str) -> tuple[str, str]:
+    def split(self, prompt: list, response: list, where: str, key: str, tools: list | None = None) -> tuple[str, str]:
         """(prompt text, response text) of one side; ValueError naming ``where`` if the template fails or does not split."""
         try:
-            prompt_text = self.render(prompt, add_generation_prompt=True)
-            side_text = self.render(prompt + response, add_generation_prompt=False)
+            prompt_text = self.render(prompt, add_generation_prompt=True, tools=tools)
+            side_text = self.render(prompt + response, add_generation_prompt=False, tools=tools)
         except Exception as err:  # the template is user code: whatever it raises is this record's problem
             raise ValueError(f"{where}: the chat template ({self.origin}) failed on '{key}': "
                              f"{type(err).__name__}: {err}") from err

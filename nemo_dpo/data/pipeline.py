@@ -1,7 +1,9 @@
 """From the ``model`` config to tokenized pairs: the data half of a run, shared by training and ``prepare``.
 
-1. Files: ``model.data.data_prefix`` per split (one file, or a list of files read
-   in order as one dataset), or the embedded default task.
+1. Files: ``model.data.data_prefix`` per split (a file or a folder, or a list of
+   them read in order as one dataset; a folder is the files it stands for, see
+   data_folders.py), or the embedded default task. NeMo-Aligner's ``test`` split
+   is accepted and named, never read.
 2. Records: every file read and checked before anything else; a bad record
    follows ``model.data.on_bad_record`` (skipped ones are listed in the log dir).
 3. Tokenizer: ``model.tokenizer.model``, or a SentencePiece model trained on the
@@ -19,6 +21,7 @@ import torch.distributed as dist
 
 from nemo_dpo.console import PassProgress
 from nemo_dpo.data.chat_template import ChatTemplate, record_options, template_source
+from nemo_dpo.data.data_folders import folder_files
 from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
 from nemo_dpo.data.preference_dataset import BAD_RECORD_POLICIES, OVERFLOW_POLICIES, read_preference_pairs, tokenize_pairs
 from nemo_dpo.data.readers import data_format, needs_pyarrow, pyarrow_missing
@@ -38,6 +41,7 @@ SKIPPED_LIST = "skipped_records.txt"  # in the log dir
 RANGES = {
     "model.data.data_prefix.train": FilePath(many=True, nullable=True),
     "model.data.data_prefix.validation": FilePath(many=True, nullable=True),
+    "model.data.data_prefix.test": FilePath(many=True, nullable=True),
     "model.data.chat_template": Text(nullable=True),
     "model.data.implicit_prompt_delimiter": Text(nullable=True),
     "model.data.overflow": OneOf(choices=OVERFLOW_POLICIES),
@@ -48,16 +52,30 @@ RANGES = {
 }
 
 
-def data_files(data_cfg) -> dict:
-    """``{split: [paths]}`` from ``model.data.data_prefix``: a file or a list of files per split, the embedded
-    default where unset. Every file must exist and be of a readable kind (ValueError naming the key)."""
+def _given(data_cfg, split: str) -> list:
+    given = data_cfg.data_prefix[split]
+    return [] if given is None else [given] if isinstance(given, str) else list(given)
+
+
+def data_files(data_cfg, log=None) -> dict:
+    """``{split: [paths]}`` from ``model.data.data_prefix``: files and folders per split (a folder is its files for
+    the split), the embedded default where unset. Every file must exist and be of a readable kind (ValueError naming
+    the key). ``log`` is told what each folder turned out to be."""
     files = {}
     for split in SPLITS:
-        key, given = f"model.data.data_prefix.{split}", data_cfg.data_prefix[split]
-        if given is None:
-            files[split] = [os.path.join(DEFAULT_DATA_DIR, f"{split}.jsonl")]
-        else:
-            files[split] = [given] if isinstance(given, str) else list(given)
+        key = f"model.data.data_prefix.{split}"
+        files[split] = [] if _given(data_cfg, split) else [os.path.join(DEFAULT_DATA_DIR, f"{split}.jsonl")]
+        for given in _given(data_cfg, split):
+            if not os.path.isdir(given):
+                files[split].append(given)
+                continue
+            try:
+                kind, found = folder_files(given, split)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from err
+            if log is not None:
+                log(f"{split}: {given} is {kind}: {len(found)} file(s)")
+            files[split] += found
         for file in files[split]:
             if not os.path.isfile(file):
                 raise ValueError(f"{key}: file {file} does not exist")
@@ -160,7 +178,10 @@ class RunData:
 
 def load_run_data(model_cfg, log_dir: str, rank: int, log) -> RunData:
     """Files -> checked records -> tokenizer -> pairs, for every split (see the module docstring)."""
-    files = data_files(model_cfg.data)
+    files = data_files(model_cfg.data, log)
+    if _given(model_cfg.data, "test"):
+        log(f"test: {', '.join(_given(model_cfg.data, 'test'))} (model.data.data_prefix.test, NeMo-Aligner's test split) "
+            f"is not read: nemo-dpo trains on train and validates on validation")
     options = record_options(model_cfg)
     records, skipped = read_splits(files, model_cfg.data.on_bad_record, options, log)
     if rank == 0:

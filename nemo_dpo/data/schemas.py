@@ -4,6 +4,10 @@ Accepted (each side a string, or a list of {"role", "content"} messages):
     {"prompt", "chosen", "rejected"}                     explicit prompt (TRL's; conversational when the sides are lists)
     {"prompt", "chosen_response", "rejected_response"}   NeMo-Aligner's, strings
     {"context", "completions": [{"rank", "completion"}]} NeMo-RL's ranked completions: lowest rank chosen, highest rejected
+    {"conversations", "chosen", "rejected"}              LLaMA-Factory's sharegpt preference records: {"from", "value"}
+                                                         turns, the answers one turn each; "system", "tools" optional
+    {"instruction", "input", "chosen", "rejected"}       Alpaca-style preference records (LLaMA-Factory's alpaca):
+                                                         strings; "input", "system", "history" optional
     {"chosen", "rejected"}                               implicit prompt (Anthropic HH-RLHF): the shared start is the prompt
 
 Message lists become text through the chat template (chat_template.py): one
@@ -14,6 +18,7 @@ can stop or skip; a record that cannot be read without a setting the config
 lacks raises ``MissingSetting``, which is never skipped (every such record would go).
 """
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -22,8 +27,14 @@ DEFAULT_REWARDS = {"chosen_reward": 1.0, "rejected_reward": 0.0}
 EXPLICIT = ("prompt", "chosen", "rejected")
 ALIGNER = ("prompt", "chosen_response", "rejected_response")
 RANKED = ("context", "completions")
+SHAREGPT = ("conversations", "chosen", "rejected")
+ALPACA = ("instruction", "chosen", "rejected")
 IMPLICIT = ("chosen", "rejected")
-SCHEMA_HELP = f"expected keys {EXPLICIT}, {ALIGNER}, {RANKED} or {IMPLICIT}"
+SCHEMA_HELP = f"expected keys {EXPLICIT}, {ALIGNER}, {RANKED}, {SHAREGPT}, {ALPACA} (+ 'input') or {IMPLICIT}"
+# sharegpt's speakers ("from", LLaMA-Factory's tags) -> chat-template roles. A function_call turn is the assistant
+# calling a tool (its value, the call's JSON, is the message), an observation is the tool's answer.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "observation": "tool", "function_call": "assistant",
+                  "system": "system"}
 
 
 class MissingSetting(ValueError):
@@ -91,16 +102,17 @@ def _prompt_messages(value, key: str, where: str) -> list:
     return _messages(value, key, where, assistant_only=False)
 
 
-def _rendered(prompt: list, chosen: list, rejected: list, keys: tuple, where: str, options: RecordOptions) -> tuple:
+def _rendered(prompt: list, chosen: list, rejected: list, keys: tuple, where: str, options: RecordOptions,
+              tools: list | None = None) -> tuple:
     template = options.chat_template
     if template is None:
         raise MissingSetting(
             f"{where}: a conversational record (message lists) needs a chat template: set model.data.chat_template "
             f"(Jinja text or a .jinja file), or set model.tokenizer.model to a Hugging Face tokenizer folder whose "
-            f"tokenizer_config.json (or chat_template.jinja) has one"
+            f"tokenizer_config.json (or chat_template.jinja) has one (sharegpt and Alpaca records are conversations too)"
         )
-    prompt_text, chosen_text = template.split(prompt, chosen, where, keys[1])
-    _, rejected_text = template.split(prompt, rejected, where, keys[2])
+    prompt_text, chosen_text = template.split(prompt, chosen, where, keys[1], tools)
+    _, rejected_text = template.split(prompt, rejected, where, keys[2], tools)
     return prompt_text, chosen_text, rejected_text
 
 
@@ -138,6 +150,85 @@ def _ranked(obj: dict, where: str, options: RecordOptions) -> tuple:
     chosen, rejected = (_messages(item["completion"], key, where, assistant_only=True)
                         for item, key in ((best, keys[1]), (worst, keys[2])))
     return _rendered(prompt, chosen, rejected, keys, where, options), "context/completions (ranked)", keys[1:]
+
+
+def _sharegpt_turn(turn, key: str, where: str) -> dict:
+    """One sharegpt turn, {"from", "value"} (or already {"role", "content"}), as a message."""
+    if isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str):
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise ValueError(f"{where}: key '{key}' is from {turn['from']!r}; sharegpt turns are from one of "
+                             f"{list(SHAREGPT_ROLES)}")
+        return {"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
+    if isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str):
+        return {"role": turn["role"], "content": turn["content"]}
+    raise ValueError(f"{where}: key '{key}' must be a turn {{\"from\": ..., \"value\": ...}} with string values, got "
+                     f"{turn!r:.200}")
+
+
+def _tools(value, where: str) -> list | None:
+    """A record's tool definitions for the chat template's ``tools``: a list, or the JSON text of one (LLaMA-Factory)."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            raise ValueError(f"{where}: key 'tools' is a string but not JSON ({err})") from err
+    value = [value] if isinstance(value, dict) else value
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise ValueError(f"{where}: key 'tools' must be a list of tool definitions (objects), or its JSON text")
+    return value
+
+
+def _system_turn(obj: dict, where: str) -> list:
+    """The record's "system" prompt as a leading system message (none when absent or empty)."""
+    if obj.get("system") in (None, ""):
+        return []
+    return [{"role": "system", "content": _string(obj, "system", where)}]
+
+
+def _sharegpt(obj: dict, where: str, options: RecordOptions) -> tuple:
+    """LLaMA-Factory's sharegpt preference ("ranking") record: the conversation so far, then one answer on each side."""
+    _require(obj, SHAREGPT, where)
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: key 'conversations' must be a non-empty list of turns, got "
+                         f"{'an empty list' if turns == [] else type(turns).__name__}")
+    prompt = _system_turn(obj, where) + [_sharegpt_turn(turn, f"conversations[{i}]", where)
+                                         for i, turn in enumerate(turns)]
+    if prompt[-1]["role"] == "assistant":
+        raise ValueError(f"{where}: the last turn of 'conversations' is the assistant's; it must be the turn that "
+                         f"'chosen' and 'rejected' answer (from human or observation)")
+    sides = []
+    for key in SHAREGPT[1:]:
+        given = obj[key] if isinstance(obj[key], list) else [obj[key]]
+        messages = [_sharegpt_turn(turn, key, where) for turn in given]
+        sides.append(_messages(messages, key, where, assistant_only=True))
+    rendered = _rendered(prompt, *sides, SHAREGPT, where, options, _tools(obj.get("tools"), where))
+    return rendered, "conversations/chosen/rejected (sharegpt)", SHAREGPT[1:]
+
+
+def _alpaca(obj: dict, where: str, options: RecordOptions) -> tuple:
+    """An Alpaca-style preference record: the instruction (and input) is the user's turn after the system prompt and
+    any history ([query, answer] pairs), each answer one assistant turn."""
+    _require(obj, ALPACA, where)
+    instruction, chosen, rejected = (_string(obj, key, where) for key in ALPACA)
+    extra = _string(obj, "input", where) if obj.get("input") is not None else ""
+    query = "\n".join(part for part in (instruction, extra) if part)
+    if not query.strip():
+        raise ValueError(f"{where}: keys 'instruction' and 'input' are empty")
+    history = obj.get("history") or []
+    if not isinstance(history, list):
+        raise ValueError(f"{where}: key 'history' must be a list of [query, answer] pairs")
+    prompt = _system_turn(obj, where)
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(text, str) for text in pair)):
+            raise ValueError(f"{where}: history[{i}] must be a [query, answer] pair of strings, got {pair!r:.200}")
+        prompt += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt.append({"role": "user", "content": query})
+    sides = [_messages([{"role": "assistant", "content": text}], key, where, assistant_only=True)
+             for key, text in zip(ALPACA[1:], (chosen, rejected))]
+    return _rendered(prompt, *sides, ALPACA, where, options), "instruction/input/chosen/rejected (Alpaca)", ALPACA[1:]
 
 
 def _split_text(chosen: str, rejected: str, where: str, delimiter: str | None) -> tuple:
@@ -199,6 +290,10 @@ def normalize(obj, where: str, options: RecordOptions) -> tuple[dict, str]:
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if any(key in obj for key in RANKED):
         parts = _ranked(obj, where, options)
+    elif "conversations" in obj:
+        parts = _sharegpt(obj, where, options)
+    elif "instruction" in obj:
+        parts = _alpaca(obj, where, options)
     elif any(key in obj for key in ALIGNER[1:]):
         parts = _explicit(obj, where, options, ALIGNER)
     elif "prompt" in obj:

@@ -15,6 +15,7 @@ layer. Everything outside the experts keeps the TP x PP x DP layout, so EP
 adds no dimension to the world size: DP must be a multiple of EP.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ RANGES = {
     "model.tensor_model_parallel_size": Integer(ge=1),
     "model.pipeline_model_parallel_size": Integer(ge=1),
     "model.expert_model_parallel_size": Integer(ge=1),
+    "trainer.num_nodes": Integer(ge=1, nullable=True),
+    "trainer.devices": Integer(ge=1, nullable=True),
 }
 
 
@@ -99,6 +102,27 @@ def check_layout(world_size: int, tp: int, pp: int, ep: int = 1) -> int:
             f"{world_size} / (TP {tp} x PP {pp})): expert-parallel groups are made of data-parallel ranks"
         )
     return dp
+
+
+def check_launch(world_size: int, num_nodes: int | None, devices: int | None) -> None:
+    """``trainer.num_nodes`` x ``trainer.devices`` (NeMo-Aligner's keys; null = as launched) against the processes
+    that were started: ``world_size``, and torchrun's processes per node (``LOCAL_WORLD_SIZE``) where it says."""
+    launched = os.environ.get("LOCAL_WORLD_SIZE")
+    per_node = int(launched) if launched else None
+    how = "torchrun --nnodes x --nproc_per_node, or srun's tasks"
+    if devices is not None and per_node is not None and devices != per_node:
+        raise ValueError(f"trainer.devices is {devices}, but {per_node} processes were started on this node "
+                         f"(torchrun --nproc_per_node {per_node}): launch {devices}, or set trainer.devices={per_node} "
+                         f"(null = as launched)")
+    devices = devices if devices is not None else per_node
+    if num_nodes is not None and devices is not None and num_nodes * devices != world_size:
+        raise ValueError(f"trainer.num_nodes ({num_nodes}) x trainer.devices ({devices}) = {num_nodes * devices} "
+                         f"processes, but the run has {world_size} ({how}); launch {num_nodes * devices}, or make "
+                         f"the two keys say what was launched (null = as launched)")
+    for key, count in (("trainer.num_nodes", num_nodes), ("trainer.devices", devices)):
+        if count is not None and world_size % count != 0:
+            raise ValueError(f"{key} is {count}, but the run has {world_size} processes ({how}), not a multiple of "
+                             f"it (null = as launched)")
 
 
 def read_layout(rank: int, world_size: int, device: torch.device) -> Layout:

@@ -1,22 +1,24 @@
 """Preference losses behind one interface, chosen by ``model.dpo.preference_loss``.
 
-A loss object is called once per microbatch with the policy's and the
-reference's per-sequence response log-prob sums, the response token counts and
-the data's rewards, and returns ``(loss, stats)``. It declares what it needs
-(``needs_reference``) and what it logs (``statistics``, see statistics.py), so
-the training step works with any of them. Adding a loss: its module here, its
-names in :data:`LOSSES`, its options as ``model.dpo`` keys in conf/gpt_dpo.yaml.
+A loss object is called once per microbatch with per-sequence values of the
+policy and (unless it is reference-free) of the reference, the response token
+counts and the data's rewards, and returns ``(loss, stats)`` (base.py). It
+declares what it needs (``policy_values``, ``reference_values``,
+``needs_reference``) and what it logs (``statistics``, see statistics.py), so
+the training step works with any of them. Adding a loss: its function or class
+(preference.py for the paired losses with a reference, reference_free.py for the
+others), its name in :data:`LOSSES`, its options as ``model.dpo`` keys in
+conf/gpt_dpo.yaml with their checks in ``PreferenceLossConfig``.
 """
 
-from nemo_dpo.losses.preference import PREFERENCE_LOSSES, PreferenceLoss
+from nemo_dpo.losses.preference import PREFERENCE_LOSSES, PreferenceLoss, PreferenceLossConfig
+from nemo_dpo.losses.reference_free import LOSSES as REFERENCE_FREE_LOSSES
 
-# model.dpo.preference_loss -> the loss class (built from the model.dpo section by its from_cfg)
-LOSSES = {name: PreferenceLoss for name in PREFERENCE_LOSSES}
+# model.dpo.preference_loss -> the loss class; a list of names is a mixture of paired losses (PreferenceLoss)
+LOSSES = {**{name: PreferenceLoss for name in PREFERENCE_LOSSES}, **REFERENCE_FREE_LOSSES}
 
 
 def build_loss(dpo_cfg):
     """The loss ``model.dpo`` asks for (ValueError naming the key for an unknown name or a bad option)."""
-    name = dpo_cfg.preference_loss
-    if name not in LOSSES:
-        raise ValueError(f"model.dpo.preference_loss must be one of {list(LOSSES)}, got {name!r}")
-    return LOSSES[name].from_cfg(dpo_cfg)
+    cfg = PreferenceLossConfig.from_cfg(dpo_cfg)
+    return LOSSES[cfg.names[0]](cfg)

@@ -13,6 +13,10 @@ itself, a chunk of tokens at a time, recomputing each chunk's logits in backward
 Vocabulary padding (rows beyond the tokenizer's vocabulary, added so that TP
 slices are equal) gets no probability mass: the model's distribution is over
 real tokens only, at every TP size.
+
+WPO's weights need one more number per token from the whole distribution,
+log sum_v p(v)^2; ``*_log_sum_sq_probs`` compute it the same way (two more
+all-reduced sums), forward only, and only for a loss that asks for it.
 """
 
 import torch
@@ -20,8 +24,8 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
 
-def _log_probs_and_softmax(logits, target, vocab_size, group, with_softmax=True):
-    """log p(target) and (if ``with_softmax``, for the gradient) this shard's softmax, from a [tokens, vocab/TP] shard."""
+def _real_vocab_logits(logits, vocab_size, group):
+    """fp32 logits of this rank's vocabulary slice with the padding rows at -inf, and the slice's first id."""
     logits = logits.float()
     rank = dist.get_rank(group) if group is not None else 0
     shard = logits.shape[-1]
@@ -30,6 +34,13 @@ def _log_probs_and_softmax(logits, target, vocab_size, group, with_softmax=True)
     padded = ids >= vocab_size
     if padded.any():
         logits = logits.masked_fill(padded, float("-inf"))
+    return logits, start
+
+
+def _log_probs_and_softmax(logits, target, vocab_size, group, with_softmax=True):
+    """log p(target) and (if ``with_softmax``, for the gradient) this shard's softmax, from a [tokens, vocab/TP] shard."""
+    logits, start = _real_vocab_logits(logits, vocab_size, group)
+    shard = logits.shape[-1]
     in_shard = (target >= start) & (target < start + shard)
     local_target = (target - start).clamp(0, shard - 1)
 
@@ -127,3 +138,32 @@ def chunked_log_probs(hidden, weight, target, vocab_size: int, chunk: int, tp_gr
     flat = _ChunkedOutputLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1),
                                        vocab_size, tp_group, chunk)
     return flat.reshape(shape)
+
+
+def _log_sum_sq(logits, vocab_size, group):
+    """log sum_v p(v)^2 per token from a [tokens, vocab/TP] shard: log sum exp(2 z') - 2 log sum exp(z'), z' = z - max."""
+    logits, _ = _real_vocab_logits(logits, vocab_size, group)
+    local_max = logits.max(dim=-1).values
+    if group is not None:
+        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - local_max.unsqueeze(-1)
+    sums = torch.stack([shifted.exp().sum(dim=-1), (2 * shifted).exp().sum(dim=-1)])
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    return sums[1].log() - 2 * sums[0].log()
+
+
+@torch.no_grad()
+def vocab_parallel_log_sum_sq_probs(logits: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
+    """log sum_v p(v)^2 per position (fp32, no gradient), from logits sharded over ``tp_group``'s vocab."""
+    return _log_sum_sq(logits, vocab_size, tp_group)
+
+
+@torch.no_grad()
+def chunked_log_sum_sq_probs(hidden, weight, vocab_size: int, chunk: int, tp_group) -> torch.Tensor:
+    """The same from final hidden states and the output weight, ``chunk`` tokens at a time."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=hidden.device)
+    for lo in range(0, flat.shape[0], chunk):
+        out[lo : lo + chunk] = _log_sum_sq(flat[lo : lo + chunk].to(weight.dtype) @ weight.t(), vocab_size, tp_group)
+    return out.reshape(hidden.shape[:-1])

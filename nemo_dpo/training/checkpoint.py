@@ -19,8 +19,10 @@ never loaded: resume falls back to the newest complete one and says so.
 
 Model and optimizer state are megatron ShardedTensors (the optimizer in its
 fully reshardable form), so a checkpoint saved at one TP/PP/DP layout loads at
-another. Everything else is tensors too (each rank's RNG streams) or JSON
-(``nemo_dpo.json``: the config, the progress, the layout): loading a checkpoint
+another. Other weights shaped like the model's (TR-DPO's moving reference) are
+sharded the same way under their own prefix. Everything else is tensors too
+(each rank's RNG streams) or JSON (``nemo_dpo.json``: the config, the progress,
+a loss's state such as BCO's running mean, the layout): loading a checkpoint
 never unpickles anything but the shard index, and that only through
 safe_load.py's restricted unpickler. The LR schedule is not stored: it is a
 function of the config and the step, rebuilt on resume.
@@ -28,6 +30,7 @@ function of the config and the step, rebuilt on resume.
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import random
@@ -272,6 +275,17 @@ def sharded_state(model, optimizer=None, is_loading=False) -> dict:
     return state
 
 
+def sharded_like_model(model, copies: dict, prefix: str) -> dict:
+    """ShardedTensors of ``copies`` ({parameter: a tensor of its shape}), sharded as the model's own parameters and
+    named ``prefix`` + the parameter's name: other weights of the same model, such as a moving reference."""
+    by_storage = {param.data_ptr(): copy for param, copy in copies.items()}
+    return {
+        key: dataclasses.replace(entry, key=prefix + entry.key, data=by_storage[entry.data.data_ptr()])
+        for key, entry in unwrap(model).sharded_state_dict().items()
+        if not key.endswith(EXTRA_STATE)
+    }
+
+
 def save(
     folder: Path, state: dict, metadata: dict, keep_last_k: int = 0, extra_files=None, update_latest: bool = True,
     async_queue=None,
@@ -387,7 +401,7 @@ def _complete(folder: Path, tmp: Path, metadata: dict, keep_last_k: int, extra_f
     dist.barrier()
 
 
-def _load_model_state(module, state: dict, folder) -> None:
+def load_model_state(module, state: dict, folder) -> None:
     """Load all parameters and buffers, or (frozen base) exactly the trainable parameters."""
     frozen = any(not p.requires_grad for p in module.parameters())
     if frozen:
@@ -474,10 +488,11 @@ def _set_states_keeping_step(opt, model_param, tensors):
     DistributedOptimizer._set_main_param_and_optimizer_states(opt, model_param, tensors)
 
 
-def load(folder: Path, model, optimizer=None) -> dict:
+def load(folder: Path, model, optimizer=None, extra=None) -> dict:
     """Load model (and optimizer, and RNG where the layout matches) from ``folder``; returns its metadata.
 
-    Nothing in the checkpoint is unpickled beyond its shard index (see safe_load.py).
+    ``extra``: {name: sharded state} of further tensors saved with the checkpoint (``sharded_like_model``), loaded
+    into the tensors they hold. Nothing in the checkpoint is unpickled beyond its shard index (see safe_load.py).
     The optimizer keeps this run's settings (learning rates, betas, eps, weight
     decay, from the config) and takes only its state (moments, step) from the
     checkpoint, so a resume with changed settings runs what its config says.
@@ -489,11 +504,13 @@ def load(folder: Path, model, optimizer=None) -> dict:
     safe_load.install()
     safe_load.check_tensors_only(folder)
     with _torch_adam_fallback(optimizer):
-        state = sharded_state(model, optimizer, is_loading=True)
+        state = {**sharded_state(model, optimizer, is_loading=True), **(extra or {})}
+        # loading replaces the state's entries (a factory by its parts): note where each extra tensor goes first
+        targets = {name: {key: entry.data for key, entry in entries.items()} for name, entries in (extra or {}).items()}
         if optimizer is not None and tuple(metadata.get("layout", ())) != layout.current().sizes:
             del state["rng_state"]  # RNG streams belong to ranks; another layout starts from its seeds
         loaded = dist_checkpointing.load(state, str(folder), common_strategy=safe_load.WeightsOnlyCommonLoad())
-        _load_model_state(unwrap(model), loaded["model"], folder)
+        load_model_state(unwrap(model), loaded["model"], folder)
         if optimizer is not None:
             settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(loaded["optimizer"])
@@ -501,4 +518,8 @@ def load(folder: Path, model, optimizer=None) -> dict:
                 group.update(own)
             if "rng_state" in state:
                 _set_rng_tensors(loaded["rng_state"])
+        with torch.no_grad():
+            for name, tensors in targets.items():
+                for key, tensor in tensors.items():
+                    tensor.copy_(loaded[name][key])  # a factory's parts come back merged, not in place
     return metadata

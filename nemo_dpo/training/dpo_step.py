@@ -4,7 +4,10 @@ A global batch arrives as this DP rank's list of microbatches (whole pairs,
 chosen and rejected interleaved). The same forward step serves the reference
 pass (forward only, per-token log-probs; training/reference.py runs it with the
 reference in the model) and the policy pass (forward + backward through the
-loss, whose declared statistics are averaged into the step's metrics).
+loss, whose declared statistics are averaged into the step's metrics). The loss
+gets the per-sequence values it declares (``policy_values``, losses/sequences.py)
+and the reference's that the reference attached; the step computes whatever is
+asked without knowing which loss asks.
 megatron's schedule runs them without pipelining or with 1F1B at PP > 1, and
 divides each microbatch's loss by the number of microbatches; with equal-sized
 microbatches and the gradient averaged over DP by ``finalize_model_grads``,
@@ -19,8 +22,13 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_dpo.data.batching import Microbatch
-from nemo_dpo.losses.logprobs import chunked_log_probs, vocab_parallel_log_probs
-from nemo_dpo.losses.preference import sequence_sums
+from nemo_dpo.losses.logprobs import (
+    chunked_log_probs,
+    chunked_log_sum_sq_probs,
+    vocab_parallel_log_probs,
+    vocab_parallel_log_sum_sq_probs,
+)
+from nemo_dpo.losses.sequences import WPO_LOGPS, sequence_sums, sequence_values
 from nemo_dpo.losses.statistics import local_means
 from nemo_dpo.models.gpt import emit_hidden_states, output_weight, unwrap
 from nemo_dpo.ranges import Integer
@@ -32,6 +40,12 @@ RANGES = {"model.log_prob_chunk_size": Integer(ge=1, special={0: "all at once"})
 def response_sums(token_values: torch.Tensor, mb: Microbatch) -> torch.Tensor:
     """[sequences] sums of per-token values over each sequence's response tokens."""
     return sequence_sums(token_values, mb.loss_mask, mb.segment_ids if mb.packed else None, mb.num_sequences)
+
+
+def response_values(names, token_log_probs: torch.Tensor, mb: Microbatch, log_sum_sq=None) -> dict:
+    """``{name: [sequences]}``: the per-sequence values ``names`` (losses/sequences.py) of a microbatch."""
+    segment_ids = mb.segment_ids if mb.packed else None
+    return sequence_values(names, token_log_probs, mb.loss_mask, segment_ids, mb.num_sequences, log_sum_sq)
 
 
 class DPOStep:
@@ -57,13 +71,23 @@ class DPOStep:
             return chunked_log_probs(output, weight, mb.labels, self.vocab_size, self.chunk_size, group)
         return vocab_parallel_log_probs(output, mb.labels, self.vocab_size, group)
 
+    def _log_sum_sq_probs(self, mb: Microbatch, output):
+        """log sum_v p(v)^2 per position (WPO's weights), without gradient."""
+        group = self.layout.tp_group
+        if self.chunk_size > 0:
+            weight = output_weight(unwrap(self.model))
+            return chunked_log_sum_sq_probs(output, weight, self.vocab_size, self.chunk_size, group)
+        return vocab_parallel_log_sum_sq_probs(output, self.vocab_size, group)
+
     def _log_probs_only(self, mb: Microbatch, logits):
         return logits.new_zeros(()), {"log_probs": self._token_log_probs(mb, logits)}
 
-    def _policy_loss(self, mb: Microbatch, logits):
-        policy_sums = response_sums(self._token_log_probs(mb, logits), mb)
+    def _policy_loss(self, mb: Microbatch, output):
+        names = self.loss.policy_values
+        log_sum_sq = self._log_sum_sq_probs(mb, output) if WPO_LOGPS in names else None
+        policy = response_values(names, self._token_log_probs(mb, output), mb, log_sum_sq)
         counts = response_sums(torch.ones_like(mb.loss_mask), mb)
-        return self.loss(policy_sums, mb.ref_sums, counts, mb.gt_rewards)
+        return self.loss(policy, mb.reference, counts, mb.gt_rewards)
 
     def _run(self, microbatches, loss_func, forward_only):
         tokens = microbatches[0].tokens

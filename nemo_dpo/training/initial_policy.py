@@ -1,12 +1,12 @@
 """Where the initial policy (and so the reference) comes from: ``model.restore_from_path``.
 
-Either a Hugging Face model folder (``config.json`` + safetensors) or a nemo-dpo
-checkpoint folder. Either way the folder defines the architecture, the
-vocabulary and the tokenizer, so :func:`resolve` copies those into the config
-before anything is built (and the weight of the routers' load-balancing loss,
-unless the run sets it), and :func:`load_weights` fills the built model.
-Its generation_config.json, if any, goes into every checkpoint of the run
-(:func:`carried_files`), so that the export has it.
+A Hugging Face model folder (``config.json`` + safetensors), a nemo-dpo
+checkpoint folder, or a NeMo-Aligner ``.nemo`` file (nemo_archive.py). Each
+defines the architecture, the vocabulary and the tokenizer, so :func:`resolve`
+copies those into the config before anything is built (and the weight of the
+routers' load-balancing loss, unless the run sets it), and :func:`load_weights`
+fills the built model. Its generation_config.json, if any, goes into every
+checkpoint of the run (:func:`carried_files`), so that the export has it.
 """
 
 import os
@@ -26,7 +26,7 @@ from nemo_dpo.models.hf import (
 )
 from nemo_dpo.models.sharding import load_global_state_dict
 from nemo_dpo.ranges import FilePath
-from nemo_dpo.training import checkpoint
+from nemo_dpo.training import checkpoint, nemo_archive
 
 RANGES = {"model.restore_from_path": FilePath(nullable=True)}
 
@@ -35,17 +35,19 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def _source_settings(path: str) -> dict:
-    """The ``model`` keys a source folder fixes."""
+def _source_settings(path: str, model_cfg) -> tuple[dict, list]:
+    """(the ``model`` keys a source fixes, notes for the user)."""
+    if os.path.isfile(path):
+        return nemo_archive.settings(path, model_cfg)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model.restore_from_path: {path} is not a folder")
+        raise FileNotFoundError(f"model.restore_from_path: {path} is neither a folder nor a .nemo file")
     if is_hf_dir(path):
         hf_config = read_hf_config(path)
         try:
             settings = {**model_overrides_from_hf(hf_config), "vocab_size": hf_vocab_size(hf_config)}
         except ValueError as err:
             raise ValueError(f"model.restore_from_path={path}: {err}") from err
-        return {**settings, "tokenizer.model": path}
+        return {**settings, "tokenizer.model": path}, []
     reason = checkpoint.problem(Path(path))
     if reason is not None:
         raise checkpoint.CheckpointError(
@@ -56,13 +58,13 @@ def _source_settings(path: str) -> dict:
     settings = {key: saved[key] for key in ARCHITECTURE_KEYS}
     if os.path.isdir(os.path.join(path, checkpoint.TOKENIZER_DIR)):
         settings["tokenizer.model"] = os.path.join(path, checkpoint.TOKENIZER_DIR)
-    return settings
+    return settings, []
 
 
 def _source_aux_loss_coeff(path) -> float:
     """The load-balancing loss weight the source trains with: a Hugging Face folder's (models/hf/), a
-    checkpoint's own ``model.moe_aux_loss_coeff``, 0 without a source."""
-    if path is None:
+    checkpoint's own ``model.moe_aux_loss_coeff``, 0 without a source or from a .nemo file."""
+    if path is None or os.path.isfile(path):  # no source, or a .nemo file: dense (nemo_archive.py refuses experts)
         return 0.0
     if is_hf_dir(path):
         try:
@@ -76,16 +78,18 @@ def resolve(model_cfg) -> list:
     """Copy the architecture, vocabulary and tokenizer of ``restore_from_path`` into ``model_cfg``, and
     the source's load-balancing loss weight where ``model.moe_aux_loss_coeff`` is null.
 
-    Returns a line per key that changed, to tell the user.
+    Returns a line per key that changed, and any note on the source, to tell the user.
     """
     changes = []
     if model_cfg.restore_from_path is not None:
-        for key, value in _source_settings(model_cfg.restore_from_path).items():
+        settings, notes = _source_settings(model_cfg.restore_from_path, model_cfg)
+        for key, value in settings.items():
             section, _, name = key.rpartition(".")
             node = model_cfg[section] if section else model_cfg
             if node[name] != value:
                 changes.append(f"model.{key}: {node[name]!r} -> {value!r}")
                 node[name] = value
+        changes += notes
     if model_cfg.moe_aux_loss_coeff is None:
         model_cfg.moe_aux_loss_coeff = _source_aux_loss_coeff(model_cfg.restore_from_path)
         if model_cfg.restore_from_path is not None and model_cfg.num_moe_experts is not None:
@@ -96,7 +100,9 @@ def resolve(model_cfg) -> list:
 def load_weights(model, config, model_cfg) -> None:
     """Fill this rank's model with the weights of ``model_cfg.restore_from_path``."""
     path = model_cfg.restore_from_path
-    if is_hf_dir(path):
+    if os.path.isfile(path):
+        nemo_archive.load_weights(model, config, model_cfg)
+    elif is_hf_dir(path):
         padded = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, layout.current().tp)
         weights = hf_to_global(read_hf_config(path), read_hf_weights(path), padded)
         load_global_state_dict(model, config, weights)

@@ -8,6 +8,8 @@ import shutil
 import sys
 import time
 
+import torch
+
 from nemo_dpo.console import duration
 
 # Console fields of a metrics row, in order, with their formats.
@@ -22,6 +24,13 @@ CONSOLE_FIELDS = (
     ("lr", ".2e"),
     ("tokens_per_sec", ".0f"),
 )
+
+
+def clock() -> float:
+    """Seconds, after the device has finished the work queued so far (for honest time splits)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def format_row(row: dict) -> str:

@@ -1,13 +1,14 @@
 """Reference log-probs computed once, before training, and kept on disk.
 
 The reference policy never changes, so the sum of its log-probs over each
-response (all the loss needs from it) can be computed for every pair in one
-forward-only pass and reused for every epoch and every restart, instead of a
-reference forward pass per step. The table lives in
-``<log dir>/reference_logprobs.pt`` together with its key: hashes of the data
-files, the tokenizer, the initial weights and the config keys that shape the
-numbers, and of the token ids themselves (so a change of tokenization rule is caught
-too). A table whose key differs is refused, naming what changed.
+response (what the loss needs from it: the values of its ``reference_values``)
+can be computed for every pair in one forward-only pass and reused for every
+epoch and every restart, instead of a reference forward pass per step. The table
+lives in ``<log dir>/reference_logprobs.pt`` together with its key: hashes of the
+data files, the tokenizer, the initial weights, the config keys that shape the
+numbers and the token ids themselves (so a change of tokenization rule is caught
+too), and the values it holds when they are more than the sums. A table whose
+key differs is refused, naming what changed.
 """
 
 import hashlib
@@ -21,7 +22,8 @@ from omegaconf import OmegaConf
 
 from nemo_dpo.console import PassProgress
 from nemo_dpo.files import sha256_files
-from nemo_dpo.training.dpo_step import response_sums
+from nemo_dpo.losses.sequences import LOGPS
+from nemo_dpo.training.dpo_step import response_values
 
 FILE = "reference_logprobs.pt"
 SHAPING_KEYS = ("encoder_seq_length", "data", "vocab_size", "make_vocab_size_divisible_by", "tokenizer")
@@ -50,28 +52,31 @@ def _tokens_digest(splits: dict) -> str:
     return digest.hexdigest()
 
 
-def cache_key(data_files, tokenizer_files, model, model_cfg, splits: dict) -> dict:
-    """Hashes of everything the reference sums depend on."""
+def cache_key(data_files, tokenizer_files, model, model_cfg, splits: dict, values: tuple) -> dict:
+    """Hashes of everything the reference values depend on, and their names beyond the plain sums."""
     shaping = {k: OmegaConf.to_container(model_cfg[k]) if OmegaConf.is_config(model_cfg[k]) else model_cfg[k]
                for k in SHAPING_KEYS}
-    return {
+    key = {
         "data": sha256_files(data_files),
         "tokenizer": sha256_files(tokenizer_files),
         "tokens": _tokens_digest(splits),
         "weights": _weights_digest(model),
         "config": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
     }
+    if tuple(values) != (LOGPS,):
+        key["values"] = ",".join(values)
+    return key
 
 
 def compute_table(pairs: list, runs_as_reference, log_probs, microbatcher, layout, global_batch_size: int,
-                  progress) -> torch.Tensor:
-    """[len(pairs), 2] reference sums (chosen, rejected), the same on every rank.
+                  progress, values: tuple) -> torch.Tensor:
+    """[len(pairs), 2 x len(values)] reference values, each value's (chosen, rejected) in turn, the same on every rank.
 
     The pairs go through in global batches, as training batches them; each pair's
-    sums come from the one rank that holds them (its DP replica's last stage, TP
+    values come from the one rank that holds them (its DP replica's last stage, TP
     rank 0), and one all-reduce gives every rank the whole table.
     """
-    table = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    table = torch.zeros(len(pairs), 2 * len(values), dtype=torch.float64)
     with runs_as_reference.swapped_in():  # once for the whole pass
         for start in range(0, len(pairs), global_batch_size):
             indices = list(range(start, min(start + global_batch_size, len(pairs))))
@@ -79,10 +84,11 @@ def compute_table(pairs: list, runs_as_reference, log_probs, microbatcher, layou
             microbatches = microbatcher([pairs[i] for i in padded])
             outputs = log_probs(microbatches)
             if outputs and layout.tp_rank == 0:
-                sums = torch.cat([response_sums(lp, mb) for lp, mb in zip(outputs, microbatches)])
+                per_mb = [response_values(values, lp, mb) for lp, mb in zip(outputs, microbatches)]
+                columns = torch.stack([torch.cat([v[name] for v in per_mb]) for name in values])  # [values, sequences]
                 for row, index in enumerate(microbatcher.local(padded)):
                     if index >= 0:
-                        table[index] = sums[2 * row : 2 * row + 2].double().cpu()
+                        table[index] = columns[:, 2 * row : 2 * row + 2].reshape(-1).double().cpu()
             progress.advance(len(indices))
     table = table.to(layout.device)
     dist.all_reduce(table)  # each pair was computed by exactly one rank

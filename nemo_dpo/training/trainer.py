@@ -1,13 +1,16 @@
 """The DPO training loop, top to bottom.
 
-setup: tokenizer -> data -> model (layout-independent init, or the weights of
-``model.restore_from_path``) -> DDP -> reference policy (a snapshot of those
-initial weights) -> optimizer and schedule -> resume from the newest complete
-checkpoint if there is one. Each step: take the next global batch of pairs,
-keep this DP rank's share, split it into microbatches, compute reference
-log-probs (reference weights swapped in), run the policy forward/backward, step
-the optimizer. Validation runs every ``val_check_interval`` steps and at the
-end; checkpoints every ``save_interval`` steps and at the end.
+setup: tokenizer -> data -> loss -> model (layout-independent init, or the
+weights of ``model.restore_from_path``) -> DDP -> reference policy (a snapshot of
+those initial weights; none for a reference-free loss) -> optimizer and schedule
+-> resume from the newest complete checkpoint if there is one. Each step: take
+the next global batch of pairs, keep this DP rank's share, split it into
+microbatches, compute the reference values the loss asks for (reference weights
+swapped in), run the policy forward/backward, step the optimizer, then let the
+loss update its state (BCO's running mean) and, with TR-DPO, move the reference.
+Validation runs every ``val_check_interval`` steps (or that fraction of an
+epoch) and at the end; checkpoints
+every ``save_interval`` steps and at the end.
 """
 
 import itertools
@@ -31,22 +34,31 @@ from nemo_dpo.losses import build_loss
 from nemo_dpo.models.gpt import build_gpt, transformer_config
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora
-from nemo_dpo.ranges import Flag, Integer, OneOf, Real
+from nemo_dpo.ranges import Either, Flag, Integer, OneOf, Real
 from nemo_dpo.training import checkpoint, initial_policy, reference_cache
 from nemo_dpo.training.dpo_step import DPOStep
 from nemo_dpo.training.log_dir import log_dir
 from nemo_dpo.training.metrics_log import MetricsLog
 from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from nemo_dpo.training.preemption import Preemption
-from nemo_dpo.training.reference import OnlineReference, PrecomputedReference, reference_model
+from nemo_dpo.training.progress import clock
+from nemo_dpo.training.reference import (
+    REFERENCE_KEY,
+    OnlineReference,
+    PrecomputedReference,
+    ReferenceFree,
+    reference_model,
+)
 
 NAN_POLICIES = ("skip_step", "stop")  # trainer.dpo.nan_policy
 
 RANGES = {
     "trainer.dpo.max_epochs": Integer(ge=1),
     "trainer.dpo.max_steps": Integer(ge=1, special={-1: "no limit"}),
-    "trainer.dpo.val_check_interval": Integer(ge=1, special={0: "only at the end"}),
-    "trainer.dpo.limit_val_batches": Integer(ge=1, special={-1: "the whole split"}),
+    "trainer.dpo.val_check_interval": Either(first=Integer(ge=1, special={0: "only at the end"}), first_is="steps",
+                                             second=Real(gt=0, le=1), second_is="a fraction of an epoch"),
+    "trainer.dpo.limit_val_batches": Either(first=Integer(ge=1, special={-1: "the whole split"}), first_is="batches",
+                                            second=Real(gt=0, le=1), second_is="a fraction of the split"),
     "trainer.dpo.save_interval": Integer(ge=1, special={0: "only at the end"}),
     "trainer.dpo.nan_policy": OneOf(choices=NAN_POLICIES),
     "trainer.gradient_clip_val": Real(gt=0, special={0: "no clipping"}),
@@ -58,11 +70,22 @@ class NonFiniteError(RuntimeError):
     """Training stopped on a non-finite loss or gradient (trainer.dpo.nan_policy=stop)."""
 
 
-def clock() -> float:
-    """Seconds, after the device has finished the work queued so far (for honest time splits)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
+def steps_between_validations(val_check_interval, steps_per_epoch: int) -> int:
+    """``trainer.dpo.val_check_interval`` in steps: an integer is steps (0: only at the end), a float a fraction of an
+    epoch (NeMo-Aligner's form), rounded down as Aligner does, and at least one step."""
+    if isinstance(val_check_interval, float):
+        return max(1, int(val_check_interval * steps_per_epoch))
+    return val_check_interval
+
+
+def validation_batches_used(limit_val_batches, available: int) -> int:
+    """``trainer.dpo.limit_val_batches`` in batches: -1 all, an integer at most that many, a float that fraction of
+    them (NeMo-Aligner's form, 1.0 = all), rounded down and at least one."""
+    if isinstance(limit_val_batches, float):
+        return max(1, int(limit_val_batches * available))
+    return available if limit_val_batches < 0 else min(limit_val_batches, available)
+
+
 
 
 class DPOTrainer:
@@ -81,8 +104,11 @@ class DPOTrainer:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than model.vocab_size ({m.vocab_size})"
             )
         self.config = transformer_config(m, cfg.trainer.precision)
+        self.loss = build_loss(m.dpo)
         self.model = wrap_ddp(self.build_model(), self.config, m.optim)
-        runs_as_reference = reference_model(self.model, lora=m.peft.peft_scheme == "lora")  # the initial weights
+        runs_as_reference = None
+        if self.loss.needs_reference:
+            runs_as_reference = reference_model(self.model, lora=m.peft.peft_scheme == "lora")  # the initial weights
 
         dpo = cfg.trainer.dpo
         self.steps_per_epoch = len(self.train_pairs) // m.global_batch_size
@@ -94,9 +120,13 @@ class DPOTrainer:
                 f"{dpo.max_epochs}), fewer than model.optim.sched.warmup_steps={m.optim.sched.warmup_steps}: "
                 "the warmup is cut short to fit"
             )
+        self.val_every = steps_between_validations(dpo.val_check_interval, self.steps_per_epoch)
+        if isinstance(dpo.val_check_interval, float):
+            self.log0(f"validation every {self.val_every} steps (trainer.dpo.val_check_interval={dpo.val_check_interval} "
+                      f"of an epoch of {self.steps_per_epoch} steps)")
         self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val, self.config.bf16)
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
-        self.step_fn = DPOStep(self.model, build_loss(m.dpo), m.vocab_size, m.log_prob_chunk_size, layout)
+        self.step_fn = DPOStep(self.model, self.loss, m.vocab_size, m.log_prob_chunk_size, layout)
         self.microbatcher = Microbatcher(m.micro_batch_size, m.data.packing, self.tokenizer.pad_id, layout.dp_rank,
                                          layout.dp, layout.device)
         self.reference = self.build_reference(runs_as_reference)  # from the initial weights, so before resuming
@@ -144,21 +174,27 @@ class DPOTrainer:
         return model
 
     def build_reference(self, runs_as_reference):
-        """Where the reference sums come from (``model.dpo.reference_logprobs``): a pass per batch, or a table
-        computed once from the initial weights and cached in the log dir."""
+        """Where the reference values come from (``model.dpo.reference_logprobs``): a pass per batch, or a table
+        computed once from the initial weights and cached in the log dir; nowhere for a reference-free loss."""
         m = self.cfg.model
+        if not self.loss.needs_reference:
+            unused = " (model.dpo.reference_logprobs=precomputed: nothing to compute)"
+            self.log0(f"loss {m.dpo.preference_loss}: reference-free: no reference weights, reference pass or "
+                      f"reference cache{unused if m.dpo.reference_logprobs == 'precomputed' else ''}")
+            return ReferenceFree()
+        values = self.loss.reference_values
         if m.dpo.reference_logprobs == "online":
-            return OnlineReference(runs_as_reference, self.step_fn.log_probs)
+            return OnlineReference(runs_as_reference, self.step_fn.log_probs, values)
         key = reference_cache.cache_key(self.data.input_files(), list(source_files(self.tokenizer).values()),
-                                        self.model, m, self.data.pairs)
+                                        self.model, m, self.data.pairs, values)
 
         def compute(pairs, progress):
             return reference_cache.compute_table(pairs, runs_as_reference, self.step_fn.log_probs, self.microbatcher,
-                                                 self.layout, m.global_batch_size, progress)
+                                                 self.layout, m.global_batch_size, progress, values)
 
         path = os.path.join(self.log_dir, reference_cache.FILE)
         tables = reference_cache.load_or_compute(path, key, self.data.pairs, compute, self.layout.rank, self.log0)
-        return PrecomputedReference(tables, self.microbatcher)
+        return PrecomputedReference(tables, self.microbatcher, values)
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -174,11 +210,18 @@ class DPOTrainer:
             "skipped_steps": self.skipped_steps,
         }
 
+    def extra_state(self) -> dict:
+        """Sharded training state besides model, optimizer and RNG: TR-DPO's moving reference weights."""
+        if not self.cfg.model.dpo.sync_ref_model:
+            return {}
+        return {REFERENCE_KEY: self.reference.runs_as_reference.sharded_state()}
+
     def save_checkpoint(self) -> None:
-        metadata = {"config": OmegaConf.to_container(self.cfg, resolve=True), "progress": self.progress()}
+        metadata = {"config": OmegaConf.to_container(self.cfg, resolve=True), "progress": self.progress(),
+                    "loss_state": self.loss.state_dict()}
         checkpoint.save(
             checkpoint.step_dir(self.checkpoint_dir, self.step),
-            checkpoint.sharded_state(self.model, self.optimizer),
+            {**checkpoint.sharded_state(self.model, self.optimizer), **self.extra_state()},
             metadata,
             self.cfg.checkpoint.keep_last_k,
             extra_files={**self.tokenizer_files(), **initial_policy.carried_files(self.cfg.model)},
@@ -205,7 +248,12 @@ class DPOTrainer:
             return
         folder = Path(found[0])
         checkpoint.check_compatible(folder, self.cfg.model)
-        progress = checkpoint.load(folder, self.model, self.optimizer)["progress"]
+        metadata = checkpoint.load(folder, self.model, self.optimizer, self.extra_state())
+        progress = metadata["progress"]
+        try:
+            self.loss.load_state_dict(metadata.get("loss_state", {}))
+        except ValueError as err:
+            raise checkpoint.CheckpointError(f"{folder}: {err}") from err
         for key, value in self.progress().items():
             if key not in ("step", "consumed_samples", "skipped_steps") and progress[key] != value:
                 raise checkpoint.CheckpointError(
@@ -225,14 +273,13 @@ class DPOTrainer:
     def forward_backward(self, indices: list) -> dict:
         """Reference sums, then policy forward/backward on the training pairs ``indices``; gradients stay in
         DDP's buffers. The metrics include the seconds spent in each (``time_reference``, ``time_policy``)."""
-        start = clock()
         microbatches = self.microbatcher([self.train_pairs[i] for i in indices])
-        self.reference.attach(microbatches, "train", indices)
-        reference_done = clock()
+        time_reference = self.reference.attach(microbatches, "train", indices)
+        start = clock()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = self.step_fn.policy(microbatches)
-        metrics.update(time_reference=reference_done - start, time_policy=clock() - reference_done)
+        metrics.update(time_reference=time_reference, time_policy=clock() - start)
         return metrics
 
     def optimizer_step(self) -> dict:
@@ -244,6 +291,14 @@ class DPOTrainer:
             raise RuntimeError(f"optimizer step {self.step} failed (non-finite gradients)")
         self.step += 1
         return {"grad_norm": float(grad_norm), "lr": lr, "time_optimizer": clock() - start}
+
+    def after_update(self, metrics: dict) -> None:
+        """What follows an optimizer update: the loss's state (from the step's averaged metrics), and TR-DPO's
+        reference moving towards the policy every ``ref_model_sync_steps`` steps."""
+        self.loss.end_step(metrics)
+        dpo = self.cfg.model.dpo
+        if dpo.sync_ref_model and self.step % dpo.ref_model_sync_steps == 0:
+            self.reference.mix_in(dpo.ref_model_mixup_alpha)
 
     def numerics_ok(self, metrics: dict) -> bool:
         """Whether the loss and every gradient are finite on every rank (one all-reduce, before the update)."""
@@ -279,7 +334,11 @@ class DPOTrainer:
         metrics = self.forward_backward(indices)
         if self.step + 1 == self.nan_at_step and self.layout.rank == 0:
             self.model.buffers[0].grad_data[0] = float("nan")
-        metrics.update(self.optimizer_step() if self.numerics_ok(metrics) else self.skip_step(metrics))
+        if self.numerics_ok(metrics):
+            metrics.update(self.optimizer_step())
+            self.after_update(metrics)
+        else:
+            metrics.update(self.skip_step(metrics))
         metrics["skipped_steps"] = self.skipped_steps
         metrics["time_step"] = clock() - start
         metrics["tokens_per_sec"] = sum(self.train_pairs[i].num_tokens for i in indices) / metrics["time_step"]
@@ -294,8 +353,7 @@ class DPOTrainer:
             list(range(i, i + m.global_batch_size))
             for i in range(0, len(self.val_pairs) - m.global_batch_size + 1, m.global_batch_size)
         ]
-        if dpo.limit_val_batches >= 0:
-            batches = batches[: dpo.limit_val_batches]
+        batches = batches[: validation_batches_used(dpo.limit_val_batches, len(batches))]
         start, rows = time.perf_counter(), []
         self.model.eval()
         for indices in batches:
@@ -362,7 +420,7 @@ class DPOTrainer:
                 self.finish_checkpoints(blocking=False)
                 console = self.step % dpo.log_interval == 0 or self.step == self.total_steps
                 self.log("train", metrics, console)
-                if dpo.val_check_interval > 0 and self.step % dpo.val_check_interval == 0:
+                if self.val_every > 0 and self.step % self.val_every == 0:
                     last_val = self.log("val", self.validate())
                 if dpo.save_interval > 0 and self.step % dpo.save_interval == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
