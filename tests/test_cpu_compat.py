@@ -111,3 +111,47 @@ def test_moe_dispatcher_takes_its_token_counts_to_the_host_on_cpu():
         assert isinstance(splits, np.ndarray) and splits.tolist() == want, name
     assert torch.equal(dispatcher.num_out_tokens, torch.tensor(4))  # tensors asked for as tensors stay tensors
     assert dispatcher.d2h_event.query()
+
+
+class _RankOfTwo:
+    def __init__(self, rank):
+        self._rank = rank
+
+    def size(self):
+        return 2
+
+    def rank(self):
+        return self._rank
+
+
+def test_unequal_shares_travel_padded_through_gloos_equal_size_collectives():
+    """EP with TP gathers (and reduce-scatters) shares of 3 and 1 tokens: each travels padded to 3, comes back cut."""
+    from megatron.core.tensor_parallel import mappings
+
+    shares = [torch.arange(6.0).reshape(3, 2), torch.tensor([[6.0, 7.0]])]
+    padded = [shares[0], torch.cat([shares[1], torch.zeros(2, 2)])]
+
+    def equal_gather(input_, group, sizes=None, use_global_buffer=False):
+        assert sizes is None and torch.equal(input_, padded[group.rank()])
+        return torch.cat(padded)
+
+    gather = cpu_compat._uneven_gather(equal_gather)
+    for rank in (0, 1):
+        torch.testing.assert_close(gather(shares[rank], _RankOfTwo(rank), [3, 1]), torch.cat(shares), atol=0, rtol=0)
+
+    inputs = [torch.arange(8.0).reshape(4, 2), 10 * torch.arange(8.0).reshape(4, 2)]  # each rank's [3 + 1] rows
+
+    def pad(x):  # rank 0's 3 rows, then rank 1's 1 row padded to 3
+        return torch.cat([x[:3], x[3:], torch.zeros(2, 2)])
+
+    def equal_reduce_scatter(input_, group, sizes=None, use_global_buffer=False):
+        assert sizes is None and torch.equal(input_, pad(inputs[group.rank()]))
+        total = pad(inputs[0]) + pad(inputs[1])
+        return total[3 * group.rank() : 3 * group.rank() + 3]
+
+    reduce_scatter = cpu_compat._uneven_reduce_scatter(equal_reduce_scatter)
+    summed = inputs[0] + inputs[1]
+    torch.testing.assert_close(reduce_scatter(inputs[0], _RankOfTwo(0), [3, 1]), summed[:3], atol=0, rtol=0)
+    torch.testing.assert_close(reduce_scatter(inputs[1], _RankOfTwo(1), [3, 1]), summed[3:], atol=0, rtol=0)
+    assert mappings._gather_along_first_dim.__wrapped__ is not None  # megatron's own, wrapped on CPU
+    assert mappings._reduce_scatter_along_first_dim.__wrapped__ is not None
