@@ -4,15 +4,16 @@ Three tiny mixture-of-experts models with random weights are made and saved by
 transformers (tests/moe_fixtures.py): Mixtral (top-2 of 8, trained with its
 load-balancing loss), Qwen3-MoE with norm_topk_prob (tied, its own head size)
 and Qwen3-MoE without it (top-3). Loaded from their folders at EP=1, EP=2
-(DP=2), TP=2 and PP=2 they give transformers' log-probs over 320 tokens (1e-4).
+(DP=2), TP=2 and PP=2 they give transformers' log-probs over 320 tokens (1e-4),
+and so does Mixtral at EP=2 with TP=2 and with PP=2 (4 processes).
 Converted with ``hf-to-mcore`` and back with ``mcore-to-hf``, every tensor and
 the config fields come back, and transformers loads the folder with no missing
 or unexpected weight. Mixtral's DPO step at EP=2 equals the step at EP=1 (loss,
 load-balancing loss, every gradient and updated weight), the logged
 load-balancing loss is the one transformers' routers give for the policy pass's
 tokens, and the step's checkpoint, saved at EP=2, resumes at EP=2 into the
-second step EP=1 takes, and exports to a folder transformers reproduces. Two
-process launches in all (tests/moe_scenarios.py).
+second step EP=1 takes, and exports to a folder transformers reproduces. Three
+process launches in all, one per world size (tests/moe_scenarios.py).
 """
 
 import pytest
@@ -22,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from distributed_harness import free_port, run_world
 from hf_fixtures import hf_log_probs
 from moe_fixtures import EXPERTS, MIXTRAL_AUX, SEQUENCE, SETTINGS, VOCAB, router_weights, save_cases
+from dense_scenarios import log_probs
 from moe_scenarios import convert_export_and_score, layouts_and_training
 from nemo_dpo.models.hf.safetensors_io import read_safetensors
 from nemo_dpo.training import checkpoint
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.slow  # real multi-process runs
 
 TOKENS = torch.randint(3, VOCAB - 10, (2, SEQUENCE), generator=torch.Generator().manual_seed(0))
 LAYOUTS = {"EP=2": (1, 1, 2), "TP=2": (2, 1, 1), "PP=2": (1, 2, 1)}
+WITH_EP = {"EP=2 TP=2": (2, 1, 2), "EP=2 PP=2": (1, 2, 2)}  # 4 processes
 TRAINED = "mixtral"
 # config.json fields that define the network, compared between a source and its export.
 CONFIG_FIELDS = ["architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -54,6 +57,15 @@ def parallel(work):
     ports = [free_port() for _ in range(len(LAYOUTS) + 3)]  # a rendezvous per process group, as launches have
     return run_world(2, str(root / "two"), layouts_and_training, list(LAYOUTS.values()), dirs, TOKENS,
                      hf[TRAINED][1], str(root / "runs"), ports)
+
+
+@pytest.fixture(scope="module")
+def four(work):
+    """Per rank of a 4-process launch: Mixtral's log-probs at EP=2 with TP=2 (DP=2), and with PP=2 (DP=2)."""
+    root, hf = work
+    layouts = list(WITH_EP.values())
+    return run_world(4, str(root / "four"), log_probs, layouts, {TRAINED: hf[TRAINED][1]}, TOKENS,
+                     [free_port() for _ in layouts])
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +129,18 @@ def test_log_probs_match_transformers_at_ep1_ep2_tp2_pp2(work, parallel, single)
     print("\nmax |log-prob difference| vs transformers over", TOKENS.numel() - TOKENS.shape[0], "tokens")
     for name, row in table.items():
         print(f"  {name:18s}" + "".join(f"  {label} {diff:.2e}" for label, diff in row.items()))
+
+
+def test_log_probs_match_transformers_with_ep2_and_tp2_or_pp2(work, four):
+    """EP's token exchange inside TP's and PP's: the experts' tokens gathered over TP ranks in unequal shares."""
+    _, hf = work
+    want = hf_log_probs(hf[TRAINED][0], TOKENS)
+    reporting = {"EP=2 TP=2": (0, 2), "EP=2 PP=2": (2, 3)}  # first TP rank of each DP rank / the last stage's ranks
+    for label, sizes in WITH_EP.items():
+        ranks = [rank for rank, out in enumerate(four) if out[sizes]]
+        assert ranks == list(reporting[label]), label
+        diff = max(_check_close(four[rank][sizes][TRAINED], want, f"{TRAINED} {label}") for rank in ranks)
+        print(f"\n{TRAINED} {label}: max |log-prob difference| vs transformers {diff:.2e}")
 
 
 def _last_stage(parallel, sizes):
