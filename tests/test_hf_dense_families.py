@@ -83,7 +83,8 @@ def _plain_rope_log_probs(model):
 def test_log_probs_match_transformers_at_tp1_tp2_and_pp2(work, converted):
     root, hf = work
     dirs = {name: folder for name, (_, folder) in hf.items()}
-    ranks = run_world(2, str(root / "tp2_pp2"), log_probs, [(2, 1), (1, 2)], dirs, TOKENS)
+    # a rendezvous port per layout: re-initialising on the launch's port, a rank can meet the last layout's store
+    ranks = run_world(2, str(root / "tp2_pp2"), log_probs, [(2, 1), (1, 2)], dirs, TOKENS, [free_port(), free_port()])
     runs = {"TP=1": converted, "TP=2": ranks[0][(2, 1)], "PP=2": ranks[1][(1, 2)]}
     assert not ranks[1][(2, 1)] and not ranks[0][(1, 2)]  # only the last stage's first TP rank reports
     table = {}
