@@ -25,6 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dense_fixtures import DPO_RUNS
+from moe_fixtures import SETTINGS as MOE_SETTINGS
 from hf_fixtures import ROOT, convert, save_tokenizer
 from nemo_dpo.config import load_config
 from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
@@ -102,6 +103,7 @@ def runs(tmp_path_factory):
 def test_every_architecture_key_is_tested_away_from_its_default():
     default = load_config("gpt_dpo").model
     cases = [{**f["settings"], **f["train_settings"]} for f in FAMILIES.values()] + list(DPO_RUNS.values())
+    cases += list(MOE_SETTINGS.values())
     for key in ARCHITECTURE_KEYS:
         values = [case.get(key, default[key]) for case in cases]
         assert any(value != default[key] for value in values), f"model.{key}: no case differs from the default"

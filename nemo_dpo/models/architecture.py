@@ -3,14 +3,17 @@
 A key is an architecture key when it defines the weights' shapes or meaning:
 built with another value, a model either cannot load the weights (layers,
 widths, heads and their size, biases, query/key norms, vocabulary and its
-padding, the learned position table) or computes a different function with them
-(normalisation, activation, RoPE theta and scaling, epsilon, tied embeddings,
-the positions RoPE was trained for). So these keys go wherever the weights go:
-a checkpoint that differs in one of them is refused (training/checkpoint.py),
-starting from a checkpoint copies them into the run's config
-(training/initial_policy.py), and a Hugging Face adapter may set no other key
-(models/hf/). Everything else (batching, optimizer, parallel layout, dropout)
-is the run's own choice.
+padding, the learned position table, the experts and their size) or computes a
+different function with them (normalisation, activation, RoPE theta and
+scaling, epsilon, tied embeddings, the positions RoPE was trained for, how
+many experts a token goes to and how their weights are normalised). So these
+keys go wherever the weights go: a checkpoint that differs in one of them is
+refused (training/checkpoint.py), starting from a checkpoint copies them into
+the run's config (training/initial_policy.py), and a Hugging Face adapter may
+set no other key (models/hf/). Everything else (batching, optimizer, parallel
+layout, expert parallelism included, dropout) is the run's own choice; so is
+the weight of the routers' load-balancing loss (``model.moe_aux_loss_coeff``),
+which training/initial_policy.py takes from the source when it is null.
 """
 
 ARCHITECTURE_KEYS = (
@@ -33,4 +36,8 @@ ARCHITECTURE_KEYS = (
     "rotary_base",
     "rope_scaling",
     "layernorm_epsilon",
+    "num_moe_experts",
+    "moe_router_topk",
+    "moe_ffn_hidden_size",
+    "moe_router_pre_softmax",
 )
