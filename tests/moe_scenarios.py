@@ -1,8 +1,9 @@
 """What each process does in tests/test_hf_moe_families.py (imported by the spawned processes).
 
 Expert parallelism against none, on 2 processes (DP=2): the same DPO step
-from the same Hugging Face folder at EP=2 and at EP=1, a checkpoint saved at
-EP=2 and resumed at EP=2 for the next step. Every result is keyed by the
+from the same Hugging Face folder at EP=2 and at EP=1, with the routers'
+load-balancing loss and without it, a checkpoint saved at EP=2 and resumed at
+EP=2 for the next step; and each family's DPO program run at TP=2. Every result is keyed by the
 parameters' global names (models/sharding.py), so that an EP=2 rank's half of
 the experts lines up with EP=1's whole.
 """
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-from dense_scenarios import convert_and_score, export_and_score, log_probs
+from dense_scenarios import convert_and_score, export_and_score, log_probs, train
 from nemo_dpo.config import load_config, prepare
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.models.gpt import unwrap
@@ -29,7 +30,7 @@ RUN = [
 ]
 
 
-def _steps(source: str, ep: int, log_dir: str, steps: int, save: bool, port: int) -> dict:
+def _steps(source: str, ep: int, log_dir: str, steps: int, save: bool, port: int, overrides=()) -> dict:
     """Resume from ``log_dir`` if it holds a checkpoint, then ``steps`` optimizer steps (and a checkpoint).
 
     Returns the step it started at, the weights then, and for each step its
@@ -42,7 +43,7 @@ def _steps(source: str, ep: int, log_dir: str, steps: int, save: bool, port: int
     try:
         cfg = load_config("gpt_dpo", [
             f"model.restore_from_path={source}", f"model.expert_model_parallel_size={ep}", *RUN,
-            f"exp_manager.explicit_log_dir={log_dir}",
+            f"exp_manager.explicit_log_dir={log_dir}", *overrides,
         ])
         prepare(cfg, int(os.environ["WORLD_SIZE"]))
         trainer = DPOTrainer(cfg, layout)
@@ -77,21 +78,26 @@ def _weights(module, names) -> dict:
 
 
 def expert_parallel_training(source: str, log_root: str, ports: list) -> dict:
-    """One step at EP=2 (saved), two at EP=1, then the EP=2 checkpoint resumed at EP=2 for the second step."""
+    """One step at EP=2 (saved), two at EP=1, then the EP=2 checkpoint resumed at EP=2 for the second step;
+    one step at EP=2 and at EP=1 without the load-balancing loss."""
+    no_aux = ["model.moe_aux_loss_coeff=0"]
     return {
         "ep2": _steps(source, 2, os.path.join(log_root, "ep2"), steps=1, save=True, port=ports[0]),
         "ep1": _steps(source, 1, os.path.join(log_root, "ep1"), steps=2, save=False, port=ports[1]),
         "ep2_resumed": _steps(source, 2, os.path.join(log_root, "ep2"), steps=1, save=False, port=ports[2]),
+        "ep2_no_aux": _steps(source, 2, os.path.join(log_root, "ep2_no_aux"), 1, False, ports[3], no_aux),
+        "ep1_no_aux": _steps(source, 1, os.path.join(log_root, "ep1_no_aux"), 1, False, ports[4], no_aux),
     }
 
 
 def layouts_and_training(layouts: list, sources: dict, tokens: torch.Tensor, trained: str, log_root: str,
-                         ports: list) -> dict:
-    """The log-probs of every source at each layout (dense_scenarios.log_probs), then the EP training check;
-    ``ports``: one per process group, the layouts' first."""
+                         ports: list, dpo_runs: dict) -> dict:
+    """The log-probs of every source at each layout (dense_scenarios.log_probs), the EP training check, then
+    the DPO program's ``dpo_runs`` (dense_scenarios.train); ``ports``: one per process group, the layouts' first."""
     return {
         "log_probs": log_probs(layouts, sources, tokens, ports[: len(layouts)]),
         "training": expert_parallel_training(trained, log_root, ports[len(layouts):]),
+        "dpo": train(dpo_runs),
     }
 
 

@@ -11,8 +11,11 @@ the config fields come back, and transformers loads the folder with no missing
 or unexpected weight. Mixtral's DPO step at EP=2 equals the step at EP=1 (loss,
 load-balancing loss, every gradient and updated weight), the logged
 load-balancing loss is the one transformers' routers give for the policy pass's
-tokens, and the step's checkpoint, saved at EP=2, resumes at EP=2 into the
-second step EP=1 takes, and exports to a folder transformers reproduces. Three
+tokens, the step without the loss agrees at EP=2 and EP=1 too, the DPO
+program runs 3 steps from Mixtral's and Qwen3-MoE's folders at TP=2 and
+exports what transformers reproduces, and the EP=2 step's checkpoint, saved at
+EP=2, resumes at EP=2 into the second step EP=1 takes, and exports to a folder
+transformers reproduces. Three
 process launches in all, one per world size (tests/moe_scenarios.py).
 """
 
@@ -41,6 +44,10 @@ CONFIG_FIELDS = ["architectures", "hidden_size", "intermediate_size", "num_hidde
                  "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                  "decoder_sparse_step", "mlp_only_layers", "output_router_logits", "router_aux_loss_coef"]
 TOLERANCE = 1e-5  # EP=2 against EP=1
+DPO_FAMILIES = ("mixtral", "qwen3_moe")  # the DPO program from each family's folder at TP=2
+DPO_RUN = ["model.tensor_model_parallel_size=2", "model.global_batch_size=4", "model.micro_batch_size=2",
+           "trainer.dpo.max_steps=3", "trainer.dpo.limit_val_batches=1",
+           "exp_manager.create_tensorboard_logger=false", "model.optim.lr=1e-3"]  # 9e-6 hardly moves a random model
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +61,11 @@ def parallel(work):
     """Per rank of a 2-process launch: the log-probs at EP=2, TP=2 and PP=2, and the EP training runs."""
     root, hf = work
     dirs = {name: folder for name, (_, folder) in hf.items()}
-    ports = [free_port() for _ in range(len(LAYOUTS) + 3)]  # a rendezvous per process group, as launches have
+    ports = [free_port() for _ in range(len(LAYOUTS) + 5)]  # a rendezvous per process group, as launches have
+    runs = {name: (free_port(), ["--config-name", "gpt_dpo_hf", f"model.restore_from_path={hf[name][1]}", *DPO_RUN,
+                               f"exp_manager.explicit_log_dir={root / 'dpo' / name}"]) for name in DPO_FAMILIES}
     return run_world(2, str(root / "two"), layouts_and_training, list(LAYOUTS.values()), dirs, TOKENS,
-                     hf[TRAINED][1], str(root / "runs"), ports)
+                     hf[TRAINED][1], str(root / "runs"), ports, runs)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +82,8 @@ def single(work, parallel):
     """In one process: each folder converted, exported and scored at TP=1, EP=1; the EP=2 checkpoint exported."""
     root, hf = work
     dirs = {name: folder for name, (_, folder) in hf.items()}
-    checkpoints = {TRAINED: str(_saved_step(root))}
+    checkpoints = {TRAINED: str(_saved_step(root)),
+                   **{f"dpo_{name}": str(root / "dpo" / name / "checkpoints" / "step_3") for name in DPO_FAMILIES}}
     (out,) = run_world(1, str(root / "one"), convert_export_and_score, dirs, str(root / "mcore"),
                        str(root / "exported"), checkpoints, str(root / "trained_exported"), TOKENS)
     return out
@@ -178,6 +188,9 @@ def _compare_steps(got_ranks, got_step, want_ranks, want_step, label):
     """Loss, load-balancing loss, gradients and new weights of a step: EP=2 ranks against EP=1's (within 1e-5)."""
     got, want = got_ranks[0]["steps"][got_step], want_ranks[0]["steps"][want_step]
     for metric in ("loss", "moe_aux_loss", "accuracy", "reward_margin"):
+        if metric == "moe_aux_loss" and metric not in want["metrics"]:  # trained without the loss
+            assert metric not in got["metrics"]
+            continue
         # relative for the loss terms; the margin is a small difference of larger rewards, within 1e-6
         assert got["metrics"][metric] == pytest.approx(want["metrics"][metric], rel=TOLERANCE, abs=1e-6), metric
     diffs = {}
@@ -199,6 +212,31 @@ def test_dpo_step_at_ep2_equals_ep1(parallel):
                for e in range(EXPERTS)), "every expert takes part in the step"
     print(f"\nDPO step at EP=2 vs EP=1: max |grad difference| {diffs['grads']:.2e}, "
           f"max |weight difference| {diffs['weights']:.2e}")
+
+
+def test_dpo_step_at_ep2_equals_ep1_without_the_load_balancing_loss(parallel):
+    ep2, ep1 = _run(parallel, "ep2_no_aux"), _run(parallel, "ep1_no_aux")
+    assert "moe_aux_loss" not in ep1[0]["steps"][0]["metrics"]
+    diffs = _compare_steps(ep2, 0, ep1, 0, "EP=2 without the loss")
+    with_loss = _run(parallel, "ep1")[0]["steps"][0]["grads"]
+    router = "decoder.layers.0.mlp.router.weight"
+    assert (ep1[0]["steps"][0]["grads"][router] - with_loss[router]).abs().max() > 1e-6, "the loss reaches the router"
+    print(f"\nDPO step at EP=2 vs EP=1 without the load-balancing loss: max |grad difference| {diffs['grads']:.2e}")
+
+
+def test_dpo_from_each_family_at_tp2_then_export_matches_transformers(work, parallel, single):
+    root, hf = work
+    for name in DPO_FAMILIES:
+        status, console = parallel[0]["dpo"][name]
+        assert status == 0, console[-3000:]
+        out = root / "trained_exported" / f"dpo_{name}"
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert type(model) is type(hf[name][0]), name
+        assert not info["missing_keys"] and not info["unexpected_keys"], f"{name}: {info}"
+        theirs = hf_log_probs(model.eval(), TOKENS)
+        diff = _check_close(single["checkpoints"][f"dpo_{name}"], theirs, f"{name} after DPO at TP=2")
+        assert (theirs - hf_log_probs(hf[name][0], TOKENS)).abs().max() > 1e-3, f"{name}: training changed nothing"
+        print(f"\n{name} after 3 DPO steps at TP=2: max |log-prob difference| vs transformers {diff:.2e}")
 
 
 def test_logged_load_balancing_loss_is_the_policy_pass_routers_loss(work, parallel):
