@@ -14,6 +14,11 @@ set no other key (models/hf/). Everything else (batching, optimizer, parallel
 layout, expert parallelism included, dropout) is the run's own choice; so is
 the weight of the routers' load-balancing loss (``model.moe_aux_loss_coeff``),
 which training/initial_policy.py takes from the source when it is null.
+
+Checkpoints written before a key existed do not record it; they were made
+with the value that reproduces the model as it was then (no experts, no
+query/key norms, ...), which :data:`VALUE_WHEN_ABSENT` names, so old
+checkpoints still start and resume runs.
 """
 
 ARCHITECTURE_KEYS = (
@@ -41,3 +46,29 @@ ARCHITECTURE_KEYS = (
     "moe_ffn_hidden_size",
     "moe_router_pre_softmax",
 )
+
+# Keys added after the first checkpoints were written: the value a checkpoint without the key was made with.
+VALUE_WHEN_ABSENT = {
+    "kv_channels": None,
+    "qkv_bias": False,
+    "qk_layernorm": False,
+    "rope_scaling": None,
+    "num_moe_experts": None,
+    "moe_router_topk": 2,
+    "moe_ffn_hidden_size": None,
+    "moe_router_pre_softmax": False,
+}
+
+
+def saved_architecture(saved_model_cfg: dict) -> dict:
+    """``{key: value}`` of every architecture key in a saved ``model`` config (absent keys as they were made);
+    raises KeyError naming a key that is absent and has no such value."""
+    settings = {}
+    for key in ARCHITECTURE_KEYS:
+        if key in saved_model_cfg:
+            settings[key] = saved_model_cfg[key]
+        elif key in VALUE_WHEN_ABSENT:
+            settings[key] = VALUE_WHEN_ABSENT[key]
+        else:
+            raise KeyError(f"model.{key}")
+    return settings

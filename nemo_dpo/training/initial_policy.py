@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 from nemo_dpo.distributed import layout
-from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.gpt import padded_vocab_size
 from nemo_dpo.models.hf import (
     generation_config_files,
@@ -54,8 +53,7 @@ def _source_settings(path: str, model_cfg) -> tuple[dict, list]:
             f"model.restore_from_path: {path} is neither a Hugging Face model folder (no config.json) "
             f"nor a complete nemo-dpo checkpoint ({reason})"
         )
-    saved = checkpoint.read_metadata(path)["config"]["model"]
-    settings = {key: saved[key] for key in ARCHITECTURE_KEYS}
+    settings = checkpoint.saved_architecture(path)
     if os.path.isdir(os.path.join(path, checkpoint.TOKENIZER_DIR)):
         settings["tokenizer.model"] = os.path.join(path, checkpoint.TOKENIZER_DIR)
     return settings, []
