@@ -255,8 +255,9 @@ def validate(cfg: DictConfig, world_size: int, training: bool = True) -> None:
         if training:
             layout.check_launch(world_size, cfg.trainer.num_nodes, cfg.trainer.devices)
         dp = layout.check_layout(world_size, model.tensor_model_parallel_size, model.pipeline_model_parallel_size,
-                                 model.context_parallel_size)
+                                 model.context_parallel_size, model.expert_model_parallel_size)
         gpt.check_model_config(model)
+        lora.check_lora_config(model)
         losses.build_loss(model.dpo)
         reference.check_reference_config(model)
         batching.check_batch_sizes(model.micro_batch_size, model.global_batch_size, dp)

@@ -133,6 +133,7 @@ TRL_KEYS = {
     "max_length": "model.encoder_seq_length",
     "truncation_mode": "model.data.overflow",
     "padding_free": "model.data.packing",
+    "router_aux_loss_coef": "model.moe_aux_loss_coeff",
     "precompute_ref_log_probs": "model.dpo.reference_logprobs",
     "loss_type": "model.dpo.preference_loss",
     "loss_weights": "model.dpo.preference_loss_weights",
@@ -194,7 +195,6 @@ _WHY_NOT = {
         "do_train", "do_eval", "do_predict", "debug"),
     "the model comes from model.restore_from_path, and no code of a model folder ever runs": (
         "model_init_kwargs", "trust_remote_code"),
-    "there are no mixture-of-experts models": ("router_aux_loss_coef",),
     "sequences are padded with the tokenizer's pad token to the longest of the step (or packed: "
     "model.data.packing)": ("pad_to_multiple_of", "pad_token"),
     "the precomputed reference runs in model.micro_batch_size pairs": ("precompute_ref_batch_size",),

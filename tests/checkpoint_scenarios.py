@@ -36,15 +36,21 @@ def plain_tensors(folder: str) -> dict:
         destroy_distributed()
 
 
-def steps_with_checkpoint(tp: int, pp: int, log_dir: str, cache_dir: str, save_after: int, extra=(), cp: int = 1) -> dict:
+def steps_with_checkpoint(tp: int, pp: int, log_dir: str, cache_dir: str, save_after: int, extra=(), cp: int = 1,
+                          start_from: str = None) -> dict:
     """Resume from ``log_dir`` if it holds a checkpoint; else train ``save_after`` steps and save.
 
     Then run two more steps. Returns validation metrics right after the (re)start and
     the metrics of the two steps that follow: they depend on the loaded weights
     (validation, first step) and the loaded optimizer state (second step).
+    ``start_from``: a run's ``checkpoints`` folder, copied into ``log_dir`` first.
     """
     layout = init_distributed(tp, pp, seed=1234, cp=cp)
     try:
+        if start_from is not None:
+            if layout.rank == 0:
+                shutil.copytree(start_from, os.path.join(log_dir, "checkpoints"))
+            dist.barrier()
         overrides = SMALL + list(extra) + [
             f"model.tensor_model_parallel_size={tp}",
             f"model.pipeline_model_parallel_size={pp}",
@@ -68,6 +74,16 @@ def steps_with_checkpoint(tp: int, pp: int, log_dir: str, cache_dir: str, save_a
         return {"resumed_at": resumed_at, "after": after}
     finally:
         destroy_distributed()
+
+
+def runs_one_after_another(runs: dict, cache_dir: str, ports: list) -> dict:
+    """``{name: steps_with_checkpoint(...)}`` for ``runs`` = ``{name: (tp, pp, cp, log_dir, extra, start_from)}``,
+    in order, each rendezvousing on a port of its own as a separate launch would."""
+    results = {}
+    for port, (name, (tp, pp, cp, log_dir, extra, start_from)) in zip(ports, runs.items()):
+        os.environ["MASTER_PORT"] = str(port)
+        results[name] = steps_with_checkpoint(tp, pp, log_dir, cache_dir, 1, extra, cp, start_from)
+    return results
 
 
 class Payload:

@@ -34,7 +34,9 @@ def _forward_batch(tokens: torch.Tensor) -> Microbatch:
 
 
 def log_probs(layouts: list, sources: dict, tokens: torch.Tensor, ports: list = ()) -> dict:
-    """``{(tp, pp): {name: log-probs of tokens[:, 1:]}}`` under the policy each source restores.
+    """``{layout: {name: log-probs of tokens[:, 1:]}}`` under the policy each source restores.
+
+    A layout is ``(tp, pp)`` or ``(tp, pp, ep)`` (expert parallelism, for mixture-of-experts sources).
 
     ``ports``: a rendezvous port per layout, as separate launches would have: re-initialising on the
     launch's port, a rank can meet the previous layout's store and wait forever.
@@ -46,17 +48,19 @@ def log_probs(layouts: list, sources: dict, tokens: torch.Tensor, ports: list = 
     """
     world = int(os.environ["WORLD_SIZE"])
     results = {}
-    for i, (tp, pp) in enumerate(layouts):
+    for i, sizes in enumerate(layouts):
+        tp, pp, ep = (*sizes, 1)[:3]
         if ports:
             os.environ["MASTER_PORT"] = str(ports[i])
-        layout = init_distributed(tp, pp, seed=1234)
-        results[(tp, pp)] = {}
+        layout = init_distributed(tp, pp, seed=1234, ep=ep)
+        results[sizes] = {}
         try:
             for name, source in sources.items():
                 cfg = load_config("gpt_dpo", [
                     f"model.restore_from_path={source}",
                     f"model.tensor_model_parallel_size={tp}",
                     f"model.pipeline_model_parallel_size={pp}",
+                    f"model.expert_model_parallel_size={ep}",
                     f"model.encoder_seq_length={tokens.shape[1]}",
                 ])
                 prepare(cfg, world)
@@ -66,7 +70,7 @@ def log_probs(layouts: list, sources: dict, tokens: torch.Tensor, ports: list = 
                 step = DPOStep([model], None, cfg.model.vocab_size, cfg.model.log_prob_chunk_size, layout)
                 out = step.log_probs([_forward_batch(tokens)])
                 if parallel_state.is_pipeline_last_stage() and layout.tp_rank == 0:
-                    results[(tp, pp)][name] = out[0][:, :-1]
+                    results[sizes][name] = out[0][:, :-1]
         finally:
             destroy_distributed()
     return results

@@ -13,8 +13,8 @@ import psutil
 import pytest
 import torch
 
-from checkpoint_scenarios import plain_tensors, steps_with_checkpoint
-from distributed_harness import run_world
+from checkpoint_scenarios import plain_tensors, runs_one_after_another
+from distributed_harness import free_port, run_world
 from logging_checks import assert_tensorboard_matches_metrics
 from nemo_dpo.training import checkpoint
 from parallel_scenarios import SMALL
@@ -311,22 +311,30 @@ RESHARD = {  # name: (saved at (tp, pp, dp, cp), loaded at (tp, pp, dp, cp), ext
 }
 
 
-@pytest.mark.parametrize("case", list(RESHARD))
-def test_checkpoint_loads_at_another_layout(tmp_path_factory, case):
-    """Weights (validation right after loading) and optimizer state (the next two steps) survive resharding."""
-    (tp0, pp0, dp0, cp0), (tp, pp, dp, cp), extra = RESHARD[case]
-    base = tmp_path_factory.getbasetemp() / "reshard"
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory):
+    """Every origin layout saved once and every case loaded, in two launches: one of 2 processes (the origins,
+    then the cases at world size 2), one of 1 (the cases at world size 1)."""
+    base = tmp_path_factory.mktemp("reshard")
+    origins, loads = {}, {1: {}, 2: {}}
+    for case, ((tp0, pp0, dp0, cp0), (tp, pp, dp, cp), extra) in RESHARD.items():
+        origin = f"origin_{tp0}{pp0}{dp0}{cp0}{len(extra)}"
+        origins[origin] = (tp0, pp0, cp0, str(base / origin), extra, None)
+        loads[tp * pp * dp * cp][case] = (tp, pp, cp, str(base / case), extra, str(base / origin / "checkpoints"))
     cache = str(base / "cache")
-    origin = base / f"origin_{tp0}{pp0}{dp0}{cp0}{len(extra)}"
-    if not origin.exists():  # saved once per origin layout, then reused
-        run_world(tp0 * pp0 * dp0 * cp0, str(origin / "out"), steps_with_checkpoint, tp0, pp0, str(origin), cache, 1,
-                  extra, cp0)
-    want = torch.load(origin / "out" / "rank0.pt", weights_only=False)
-    log_dir = tmp_path_factory.mktemp(case)
-    shutil.copytree(origin / "checkpoints", log_dir / "checkpoints")
-    got = run_world(tp * pp * dp * cp, str(log_dir / "out"), steps_with_checkpoint, tp, pp, str(log_dir), cache, 1,
-                    extra, cp)
-    for result in got:
+    two = {**origins, **loads[2]}
+    ranks = run_world(2, str(base / "two"), runs_one_after_another, two, cache, [free_port() for _ in two])
+    ranks += run_world(1, str(base / "one"), runs_one_after_another, loads[1], cache, [free_port() for _ in loads[1]])
+    return {name: [rank[name] for rank in ranks if name in rank] for name in {**two, **loads[1]}}  # per rank
+
+
+@pytest.mark.parametrize("case", list(RESHARD))
+def test_checkpoint_loads_at_another_layout(resharded, case):
+    """Weights (validation right after loading) and optimizer state (the next two steps) survive resharding."""
+    (tp0, pp0, dp0, cp0), _, extra = RESHARD[case]
+    want = resharded[f"origin_{tp0}{pp0}{dp0}{cp0}{len(extra)}"][0]
+    assert want["resumed_at"] == 0
+    for result in resharded[case]:
         assert result["resumed_at"] == 1
         for g, w in zip(result["after"], want["after"]):  # validation, then steps 2 and 3
             for key in ("loss", "rewards_chosen_mean", "rewards_rejected_mean", "reward_margin"):

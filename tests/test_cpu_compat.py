@@ -104,3 +104,71 @@ def test_rope_rows_of_a_context_parallel_rank_need_no_pinned_memory_or_move():
     rows = rotary_pos_embedding.get_pos_emb_on_this_cp_rank(table, 0, Group())
     assert rows.flatten().tolist() == [2.0, 3.0, 4.0, 5.0]  # chunks 1 and 2 of 4
     assert rows.device.type == "cpu"
+
+
+def test_moe_dispatcher_takes_its_token_counts_to_the_host_on_cpu():
+    """The all-to-all dispatcher's own copy-and-wait step, on CPU tensors: split sizes come out as the numpy
+    arrays ``all_to_all_single`` takes (it refuses tensors), the side stream and its event wait for nothing."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher as Dispatcher
+
+    dispatcher = SimpleNamespace(
+        drop_and_pad=False, cuda_dtoh_point="before_permutation_1", cuda_sync_point="before_permutation_1",
+        cuda_dtoh_stream=Dispatcher.cuda_dtoh_stream or cpu_compat._CpuStream(), num_local_experts=2,
+        config=SimpleNamespace(moe_permute_fusion=False), input_splits=torch.tensor([3, 1]),
+        output_splits=torch.tensor([2, 2]), output_splits_tp=torch.tensor([4]), num_out_tokens=torch.tensor(4),
+        num_global_tokens_per_local_expert=torch.tensor([[1, 3]]),
+    )
+    counts = torch.tensor([1, 3])
+    assert Dispatcher._maybe_dtoh_and_synchronize(dispatcher, "before_permutation_1", counts) is counts
+    for name, want in (("input_splits", [3, 1]), ("output_splits", [2, 2]), ("output_splits_tp", [4])):
+        splits = getattr(dispatcher, name)
+        assert isinstance(splits, np.ndarray) and splits.tolist() == want, name
+    assert torch.equal(dispatcher.num_out_tokens, torch.tensor(4))  # tensors asked for as tensors stay tensors
+    assert dispatcher.d2h_event.query()
+
+
+class _RankOfTwo:
+    def __init__(self, rank):
+        self._rank = rank
+
+    def size(self):
+        return 2
+
+    def rank(self):
+        return self._rank
+
+
+def test_unequal_shares_travel_padded_through_gloos_equal_size_collectives():
+    """EP with TP gathers (and reduce-scatters) shares of 3 and 1 tokens: each travels padded to 3, comes back cut."""
+    from megatron.core.tensor_parallel import mappings
+
+    shares = [torch.arange(6.0).reshape(3, 2), torch.tensor([[6.0, 7.0]])]
+    padded = [shares[0], torch.cat([shares[1], torch.zeros(2, 2)])]
+
+    def equal_gather(input_, group, sizes=None, use_global_buffer=False):
+        assert sizes is None and torch.equal(input_, padded[group.rank()])
+        return torch.cat(padded)
+
+    gather = cpu_compat._uneven_gather(equal_gather)
+    for rank in (0, 1):
+        torch.testing.assert_close(gather(shares[rank], _RankOfTwo(rank), [3, 1]), torch.cat(shares), atol=0, rtol=0)
+
+    inputs = [torch.arange(8.0).reshape(4, 2), 10 * torch.arange(8.0).reshape(4, 2)]  # each rank's [3 + 1] rows
+
+    def pad(x):  # rank 0's 3 rows, then rank 1's 1 row padded to 3
+        return torch.cat([x[:3], x[3:], torch.zeros(2, 2)])
+
+    def equal_reduce_scatter(input_, group, sizes=None, use_global_buffer=False):
+        assert sizes is None and torch.equal(input_, pad(inputs[group.rank()]))
+        total = pad(inputs[0]) + pad(inputs[1])
+        return total[3 * group.rank() : 3 * group.rank() + 3]
+
+    reduce_scatter = cpu_compat._uneven_reduce_scatter(equal_reduce_scatter)
+    summed = inputs[0] + inputs[1]
+    torch.testing.assert_close(reduce_scatter(inputs[0], _RankOfTwo(0), [3, 1]), summed[:3], atol=0, rtol=0)
+    torch.testing.assert_close(reduce_scatter(inputs[1], _RankOfTwo(1), [3, 1]), summed[3:], atol=0, rtol=0)
+    assert mappings._gather_along_first_dim.__wrapped__ is not None  # megatron's own, wrapped on CPU
+    assert mappings._reduce_scatter_along_first_dim.__wrapped__ is not None

@@ -110,12 +110,18 @@ class Fixtures:
             self.made[target] = True
         return target
 
-    def hf_model(self) -> str:
-        target = os.path.join(self.folder, "hf_llama")
+    def hf_model(self, family: str = "llama") -> str:
+        """A tiny Llama, or a tiny Mixtral for a placeholder that names one (mixture-of-experts commands)."""
+        target = os.path.join(self.folder, f"hf_{family}")
         if target not in self.made:
-            from hf_fixtures import save_tiny
+            if family == "mixtral":
+                from moe_fixtures import save_case
 
-            save_tiny("llama", target)
+                save_case("mixtral", target)
+            else:
+                from hf_fixtures import save_tiny
+
+                save_tiny("llama", target)
             self.made[target] = True
         return target
 
@@ -147,7 +153,10 @@ class Fixtures:
         if not value.startswith(PLACEHOLDER_ROOTS):
             return override
         if key.lstrip("+") in ("model.restore_from_path", "pretrained_checkpoint.restore_from_path"):
-            value = self.nemo() if value.endswith(".nemo") else self.hf_model()
+            if value.endswith(".nemo"):
+                value = self.nemo()
+            else:
+                value = self.hf_model("mixtral" if "mixtral" in value.lower() else "llama")
         elif key == "model.tokenizer.model":
             value = self.sentencepiece() if value.endswith(".model") else self.hf_model()
         else:  # output folders

@@ -14,6 +14,7 @@ the Qwens brought (head size, q/k/v biases, query/key norms, RoPE scaling) go
 through the same journey in tests/test_hf_dense_families.py's DPO runs.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -25,9 +26,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from dense_fixtures import DPO_RUNS
+from moe_fixtures import SETTINGS as MOE_SETTINGS
 from hf_fixtures import ROOT, convert, save_tokenizer
 from nemo_dpo.config import load_config
-from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
+from nemo_dpo.models.architecture import ARCHITECTURE_KEYS, VALUE_WHEN_ABSENT
 from nemo_dpo.training import checkpoint
 
 VOCAB = 300
@@ -102,9 +104,31 @@ def runs(tmp_path_factory):
 def test_every_architecture_key_is_tested_away_from_its_default():
     default = load_config("gpt_dpo").model
     cases = [{**f["settings"], **f["train_settings"]} for f in FAMILIES.values()] + list(DPO_RUNS.values())
+    cases += list(MOE_SETTINGS.values())
     for key in ARCHITECTURE_KEYS:
         values = [case.get(key, default[key]) for case in cases]
         assert any(value != default[key] for value in values), f"model.{key}: no case differs from the default"
+
+
+def test_a_checkpoint_written_before_a_key_existed_is_read_as_it_was_made(tmp_path):
+    """A checkpoint's config from before qk_layernorm, kv_channels, rope_scaling and the experts: still the
+    same dense model (no refusal, no KeyError), and a key with no such value is named."""
+    from omegaconf import OmegaConf
+
+    model = load_config("gpt_dpo").model
+    old = {key: value for key, value in OmegaConf.to_container(model).items() if key not in VALUE_WHEN_ABSENT}
+    folder = tmp_path / "step_10"
+    folder.mkdir()
+    (folder / checkpoint.METADATA).write_text(json.dumps({"format": checkpoint.FORMAT, "config": {"model": old}}))
+    for key, value in VALUE_WHEN_ABSENT.items():
+        assert model[key] == value, f"model.{key}: its default is what older checkpoints were made with"
+    checkpoint.check_compatible(folder, model)
+    assert checkpoint.saved_architecture(folder) == {key: model[key] for key in ARCHITECTURE_KEYS}
+    del old["rotary_base"]
+    (folder / checkpoint.METADATA).write_text(json.dumps({"format": checkpoint.FORMAT, "config": {"model": old}}))
+    with pytest.raises(checkpoint.CheckpointError, match=r"step_10/nemo_dpo.json: the model config has no "
+                                                         r"model.rotary_base"):
+        checkpoint.check_compatible(folder, model)
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from nemo_dpo.config import load_config
 from nemo_dpo.data.tokenizer import HFTokenizer, load_tokenizer_from_dir, tokenizer_files
 from nemo_dpo.models.hf import (
     global_to_hf,
+    hf_aux_loss_coeff,
     hf_config_from_model,
     hf_to_global,
     model_overrides_from_hf,
@@ -225,6 +226,9 @@ def test_model_section_that_fits_no_architecture_names_the_keys():
         (["model.rope_scaling={rope_type: yarn, factor: 4.0, original_max_position_embeddings: 16}"], "LlamaForCausalLM"),
         (["model.qkv_bias=true"], "Qwen2ForCausalLM"),
         (["model.qk_layernorm=true", "model.kv_channels=64"], "Qwen3ForCausalLM"),
+        (["model.num_moe_experts=4", "model.moe_aux_loss_coeff=0.01"], "MixtralForCausalLM"),
+        (["model.num_moe_experts=4", "model.moe_router_topk=3", "model.qk_layernorm=true",
+          "model.moe_ffn_hidden_size=64", "model.moe_router_pre_softmax=true"], "Qwen3MoeForCausalLM"),
     ],
 )
 def test_export_picks_the_family_from_the_model_section(overrides, architecture):
@@ -243,7 +247,7 @@ def test_export_picks_the_family_from_the_model_section(overrides, architecture)
     [
         (
             {"model_type": "bert"},
-            "config.json: model_type 'bert' is not supported (supported: ['llama', 'mistral', 'qwen2', 'qwen3', 'gpt2'])",
+            "config.json: model_type 'bert' is not supported (supported: ['llama', 'mistral', 'qwen2', 'qwen3', 'mixtral', 'qwen3_moe', 'gpt2'])",
         ),
         (  # Gemma 2's logit soft-capping, sandwich norms and alternating windows: a family of its own
             {"model_type": "gemma2", "final_logit_softcapping": 30.0},
@@ -279,6 +283,27 @@ def test_export_picks_the_family_from_the_model_section(overrides, architecture)
             {"model_type": "qwen3", "head_dim": 16, "attention_bias": True},
             "config.json: attention_bias=True is not supported (Qwen3 would have biases on attention but not the MLP",
         ),
+        (  # Mixtral's router noise: transformers only while training, megatron in every pass
+            {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "router_jitter_noise": 0.1},
+            "config.json: router_jitter_noise=0.1 is not supported (megatron would jitter the router's input in every",
+        ),
+        (
+            {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 6},
+            "config.json: num_experts_per_tok=6 is not supported (a token can go to at most the 4 experts)",
+        ),
+        ({"model_type": "mixtral", "num_experts_per_tok": 2}, "config.json: missing 'num_local_experts'"),
+        (
+            {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 2},
+            "config.json: decoder_sparse_step=2 is not supported (every layer must be a mixture of experts)",
+        ),
+        (
+            {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "mlp_only_layers": [0]},
+            "config.json: mlp_only_layers=[0] is not supported (every layer must be a mixture of experts)",
+        ),
+        (
+            {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_coef": -1.0},
+            "config.json: router_aux_loss_coef=-1.0 is not supported (a loss weight is >= 0)",
+        ),
         ({"num_hidden_layers": None}, "config.json: missing 'num_hidden_layers'"),
         ({"hidden_size": "64"}, "config.json: hidden_size must be int, got '64'"),
     ],
@@ -287,7 +312,23 @@ def test_unsupported_configs_are_rejected(hf, patch, message):
     config = {**read_hf_config(hf["llama"][1]), **patch}
     with pytest.raises(ValueError) as err:
         model_overrides_from_hf(config)
+        hf_aux_loss_coeff(config)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "patch, coefficient",
+    [
+        ({"model_type": "llama"}, 0.0),  # dense
+        ({"output_router_logits": False, "router_aux_loss_coef": 0.02}, 0.0),  # transformers adds no loss then
+        ({"output_router_logits": True, "router_aux_loss_coef": 0.02}, 0.02),
+        ({"output_router_logits": True}, 0.001),  # transformers' default weight
+    ],
+)
+def test_the_load_balancing_loss_weight_comes_from_a_folder_that_trains_with_it(hf, patch, coefficient):
+    config = {**read_hf_config(hf["llama"][1]), "model_type": "mixtral", "num_local_experts": 4,
+              "num_experts_per_tok": 2, **patch}
+    assert hf_aux_loss_coeff(config) == coefficient
 
 
 @pytest.mark.parametrize(

@@ -206,3 +206,11 @@ def test_wandb_gets_every_scalar_at_its_step(tmp_path, monkeypatch):
                                 "val/tokens_per_sec": 4321.0, "val/consumed_samples": 32}, 1)
     assert calls[3:] == [("finish",)]
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_the_load_balancing_loss_follows_the_loss_on_the_console_when_there_is_one(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    progress = Progress(total_steps=10, start_step=0, enabled=False)
+    progress.update({**train_row(1), "moe_aux_loss": 0.04125}, console=True)
+    assert out.getvalue().startswith("train step 1 | loss 0.5000 | moe_aux_loss 0.0413 | accuracy 0.750")

@@ -170,11 +170,31 @@ def test_bf16_with_fp32_master_weights_tracks_fp32(baseline):
 
 TP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "llama_dpo_chunked", *LOSS_VARIANTS]
 SP = {"llama_dpo_sp": "llama_dpo", "gpt2_ipo_sft_sp": "gpt2_ipo_sft", "llama_dpo_sp_chunked_packed": "llama_dpo_chunked_packed"}
+PP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", "llama_dpo_4_layers",
+       *LOSS_VARIANTS, "options_packed_chunked"]
+DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS, "kto_precomputed"]
+# LD-DPO's shared lengths, WPO and ORPO's whole sequences take masks made before the split (unpacked and packed).
+# (The plain Llama-like step at CP=2 is in the TP=2 x CP=2 launch; here its unpacked rows run chunked, precomputed,
+# with LoRA and with the loss options.)
+CP2 = ["gpt2_ipo_sft", "llama_dpo_packed", "gpt2_ipo_sft_packed", "llama_dpo_chunked", "llama_dpo_precomputed",
+       "lora", "options", "orpo_packed_chunked", "kto_packed_chunked"]
 
 
 @pytest.fixture(scope="module")
-def tp2(workdir):
-    return _launch(workdir, "tp2", {"tp2": ({"tp": 2}, TP2 + list(SP))})["tp2"]
+def two(workdir):
+    """Every 2-process layout (TP=2, PP=2 and its interleaved schedule, DP=2, CP=2) in one launch."""
+    return _launch(workdir, "two", {
+        "tp2": ({"tp": 2}, TP2 + list(SP)),
+        "pp2": ({"pp": 2}, PP2),
+        "pp2_vpp2": ({"pp": 2, "vpp": 2}, ["llama_dpo_4_layers"]),
+        "dp2": ({}, DP2),
+        "cp2": ({"cp": 2}, CP2),
+    })
+
+
+@pytest.fixture(scope="module")
+def tp2(two):
+    return two["tp2"]
 
 
 def test_tensor_parallel_2(baseline, tp2):
@@ -201,40 +221,26 @@ def test_sequence_parallelism_at_tp2_gives_the_step_without_it(baseline, tp2):
         assert_same_step(baseline, tp2, variant, without)
 
 
-PP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", "llama_dpo_4_layers",
-       *LOSS_VARIANTS, "options_packed_chunked"]
-
-
-def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, workdir):
-    launch = _launch(workdir, "pp2", {"pp2": ({"pp": 2}, PP2), "pp2_vpp2": ({"pp": 2, "vpp": 2}, ["llama_dpo_4_layers"])})
+def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, two):
     for variant in PP2:
-        assert_same_step(baseline, launch["pp2"], variant)
+        assert_same_step(baseline, two["pp2"], variant)
     # Two model chunks of one layer per rank: layers 0 and 2 on rank 0, 1 and 3 on rank 1 (tied embeddings).
-    assert_same_step(baseline, launch["pp2_vpp2"], "llama_dpo_4_layers")
-    for rank, result in enumerate(launch["pp2_vpp2"]):
+    assert_same_step(baseline, two["pp2_vpp2"], "llama_dpo_4_layers")
+    for rank, result in enumerate(two["pp2_vpp2"]):
         layers = {int(name.split(".")[2]) for name in result["llama_dpo_4_layers"]["weights"] if ".layers." in name}
         assert layers == {rank, rank + 2}
 
 
-DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS, "kto_precomputed"]
-# LD-DPO's shared lengths, WPO and ORPO's whole sequences take masks made before the split (unpacked and packed).
-# (The plain Llama-like step at CP=2 is in the TP=2 x CP=2 launch; here its unpacked rows run chunked, precomputed,
-# with LoRA and with the loss options.)
-CP2 = ["gpt2_ipo_sft", "llama_dpo_packed", "gpt2_ipo_sft_packed", "llama_dpo_chunked", "llama_dpo_precomputed",
-       "lora", "options", "orpo_packed_chunked", "kto_packed_chunked"]
-
-
-def test_data_parallel_2_and_context_parallel_2(baseline, workdir):
+def test_data_parallel_2_and_context_parallel_2(baseline, workdir, two):
     """CP=2: RoPE and learned positions, packed or not, chunked log-probs, the precomputed reference, LoRA, the
     per-sequence values of LD-DPO, WPO and the reference-free ORPO, and KTO's KL estimate (summed over CP)."""
-    launch = _launch(workdir, "dp2", {"dp2": ({}, DP2), "cp2": ({"cp": 2}, CP2)})
     for variant in DP2:
-        assert_same_step(baseline, launch["dp2"], variant)
+        assert_same_step(baseline, two["dp2"], variant)
     for variant in CP2:
-        assert_same_step(baseline, launch["cp2"], variant)
+        assert_same_step(baseline, two["cp2"], variant)
     # The precomputed reference table is the same at CP=2 as at CP=1.
     tables = [torch.load(workdir / logs / "llama_dpo_precomputed" / "reference_logprobs.pt", weights_only=True)
-              for logs in ("base_logs/base", "dp2_logs/cp2")]
+              for logs in ("base_logs/base", "two_logs/cp2")]
     for split in ("train", "validation"):
         torch.testing.assert_close(tables[1][split], tables[0][split], atol=1e-5, rtol=1e-6)
 

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         print(f"from {m.restore_from_path}: " + "; ".join(changes), flush=True)
     layout = init_distributed(
         m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed, cfg.trainer.distributed_timeout_minutes,
-        m.context_parallel_size, m.virtual_pipeline_model_parallel_size,
+        m.context_parallel_size, m.virtual_pipeline_model_parallel_size, m.expert_model_parallel_size,
     )
     try:
         lock = run_lock.hold(log_dir(cfg), layout.rank)  # before anything is written to the log dir

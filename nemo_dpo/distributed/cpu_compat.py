@@ -29,6 +29,22 @@ answers exactly those, and nothing is patched when CUDA is available:
    pinned memory and moved with ``.cuda()``. Pinned memory needs an accelerator:
    the factories of item 2 leave ``pin_memory`` out, and the move is skipped as
    in item 4.
+7. The all-to-all token dispatcher of mixture-of-experts layers
+   (``transformer/moe/token_dispatcher.py``) copies its token counts to the host
+   on a side CUDA stream (``torch.cuda.Stream``, ``current_stream``, ``stream``)
+   and waits on an event recorded there. On CPU the counts are on the host
+   already: that module's ``torch.cuda`` offers torch's CPU streams, whose
+   recorded event has nothing to wait for. The copy itself
+   (``moe_utils.maybe_move_tensor_to_cpu``) turns the all-to-all split sizes
+   into numpy arrays only for CUDA tensors, and ``all_to_all_single`` refuses
+   the tensors it leaves on CPU; the dispatcher gets a copy that converts CPU
+   tensors too.
+8. With TP > 1 as well as EP, that dispatcher gathers the experts' tokens over
+   the TP ranks, and scatters their results back, in shares of different sizes
+   (``tensor_parallel/mappings.py``: ``all_gather`` into a list of unequal
+   tensors, ``reduce_scatter`` of one). NCCL takes those; gloo requires equal
+   sizes. On CPU the shares are padded to the largest, gathered or
+   reduce-scattered whole, and cut back: the same numbers.
 
 Call :func:`apply` once, before building models (``distributed.init`` does).
 """
@@ -81,6 +97,70 @@ class _TorchOnCpu(types.ModuleType):
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+
+class _DoneEvent:
+    """What a CPU stream records: work on the host is finished when it is issued."""
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _CpuStream(torch.cpu.Stream):
+    def record_event(self):
+        return _DoneEvent()
+
+
+class _TorchWithCpuStreams(_TorchOnCpu):
+    """``torch`` for a megatron module that moves data between CUDA streams: ``cuda`` names CPU streams."""
+
+    def __init__(self):
+        super().__init__()
+        self.cuda = types.SimpleNamespace(Stream=_CpuStream, current_stream=torch.cpu.current_stream,
+                                          stream=torch.cpu.stream)
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` for tensors already on the host: the numpy form when asked."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _uneven_gather(original):
+    """``_gather_along_first_dim`` whose unequal shares (``output_split_sizes``) travel padded to the largest."""
+
+    @functools.wraps(original)
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or len(set(output_split_sizes)) == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        largest = max(output_split_sizes)
+        padded = input_.new_zeros((largest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        gathered = original(padded, group)  # [TP x largest, ...], rank by rank
+        shares = gathered.split(largest)
+        return torch.cat([share[:size] for share, size in zip(shares, output_split_sizes)])
+
+    return gather
+
+
+def _uneven_reduce_scatter(original):
+    """``_reduce_scatter_along_first_dim`` whose unequal shares (``input_split_sizes``) travel padded to the largest."""
+
+    @functools.wraps(original)
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or len(set(input_split_sizes)) == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        largest = max(input_split_sizes)
+        padded = input_.new_zeros((largest * len(input_split_sizes), *input_.shape[1:]))
+        for share, chunk in zip(padded.split(largest), input_.split(list(input_split_sizes))):
+            share[: chunk.shape[0]] = chunk
+        return original(padded, group)[: input_split_sizes[group.rank()]]
+
+    return reduce_scatter
 
 
 class CpuRNGStatesTracker:
@@ -192,8 +272,10 @@ def apply() -> bool:
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import utils as transformer_utils
+    from megatron.core.transformer.moe import token_dispatcher
 
     torch.cuda.current_device = _cpu_device
     torch.cuda.synchronize = lambda device=None: None
@@ -202,6 +284,10 @@ def apply() -> bool:
         schedules, clip_grads, optimizer, distrib_optimizer, transformer_utils, core_utils, rope_utils
     ):
         module.torch = torch_on_cpu
+    token_dispatcher.torch = _TorchWithCpuStreams()
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
+    mappings._gather_along_first_dim = _uneven_gather(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _uneven_reduce_scatter(mappings._reduce_scatter_along_first_dim)
     torch.nn.Parameter.type = _parameter_type(torch.nn.Parameter.type)
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
     LanguageModule.setup_embeddings_and_output_layer = _without_cuda_moves(

@@ -19,17 +19,20 @@ RANGES = {
 }
 
 
-def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, cp: int = 1, vpp: int = None) -> Layout:
+def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, cp: int = 1, vpp: int = None,
+                     ep: int = 1) -> Layout:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and megatron's parallel state.
 
     Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT as set by torchrun
     (or Slurm via srun + torchrun). A plain ``python`` run is a world of one.
-    ``cp``: context-parallel size; ``vpp``: model chunks per pipeline rank (None: one).
+    ``cp``: context-parallel size; ``vpp``: model chunks per pipeline rank (None: one);
+    ``ep``: expert-parallel size (megatron builds the expert groups, expert-parallel and
+    expert-data-parallel, from data-parallel ranks).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    check_layout(world_size, tp, pp, cp)
+    check_layout(world_size, tp, pp, cp, ep)
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -52,6 +55,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, cp:
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
         distributed_timeout_minutes=timeout_minutes,
     )
     layout = read_layout(rank, world_size, device)

@@ -1,18 +1,24 @@
-"""Where this process sits in the TP x CP x PP x DP grid: the one object every layer asks.
+"""Where this process sits in the TP x CP x PP x DP grid (and EP within DP): the one object every layer asks.
 
 megatron keeps the parallel layout in module globals (``parallel_state``). Rather
 than every module reaching into those globals, the layout is read once, when
 the process groups exist, into a :class:`Layout`; the trainer hands it down and
 library code that runs outside a trainer (conversion, tests) asks
 :func:`current`. This is the only module outside ``distributed/init.py`` that
-talks to ``parallel_state``, so a new dimension (expert parallelism, say) is
-added here, once, as context parallelism and the interleaved pipeline were.
+talks to ``parallel_state``, so a new dimension is added here, once, as context
+parallelism, the interleaved pipeline and expert parallelism were.
 
 Context parallelism (CP) splits every sequence over CP ranks that hold the same
 weights; for gradients they are data-parallel replicas (megatron's DDP reduces
 over DP x CP), for the per-sequence sums of the loss they are parts of one
 replica (summed over the CP group). The interleaved pipeline gives each
 pipeline rank ``vpp`` model chunks instead of one.
+
+Expert parallelism (EP) splits a mixture-of-experts layer's experts over EP
+ranks carved out of the data-parallel ranks: the ranks of an EP group hold
+different pairs and different experts, and exchange tokens inside each MoE
+layer. Everything outside the experts keeps the TP x CP x PP x DP layout, so EP
+adds no dimension to the world size: DP must be a multiple of EP.
 """
 
 import os
@@ -28,6 +34,7 @@ RANGES = {
     "model.pipeline_model_parallel_size": Integer(ge=1),
     "model.context_parallel_size": Integer(ge=1),
     "model.virtual_pipeline_model_parallel_size": Integer(ge=2, nullable=True),
+    "model.expert_model_parallel_size": Integer(ge=1),
     "trainer.num_nodes": Integer(ge=1, nullable=True),
     "trainer.devices": Integer(ge=1, nullable=True),
 }
@@ -49,6 +56,8 @@ class Layout:
     dp_rank: int
     vpp: int  # model chunks per pipeline rank (the interleaved schedule's virtual stages; 1 without)
     device: torch.device
+    ep: int = 1
+    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -73,8 +82,8 @@ class Layout:
 
     @property
     def sizes(self) -> tuple:
-        """(TP, PP, DP, CP): a checkpoint records these to tell whether per-rank state (RNG) can be restored."""
-        return (self.tp, self.pp, self.dp, self.cp)
+        """(TP, PP, DP, CP, EP): a checkpoint records these to tell whether per-rank state (RNG) can be restored."""
+        return (self.tp, self.pp, self.dp, self.cp, self.ep)
 
     @property
     def rng_grid(self) -> tuple:
@@ -104,18 +113,25 @@ class Layout:
         return parallel_state.get_context_parallel_global_ranks()[(self.cp_rank + offset) % self.cp]
 
 
-def check_layout(world_size: int, tp: int, pp: int, cp: int = 1) -> int:
+def check_layout(world_size: int, tp: int, pp: int, cp: int = 1, ep: int = 1) -> int:
     """Validate the parallel sizes against the world size; return the DP size."""
     sizes = (("model.tensor_model_parallel_size", tp), ("model.pipeline_model_parallel_size", pp),
              ("model.context_parallel_size", cp))
-    for key, value in sizes:
+    for key, value in sizes + (("model.expert_model_parallel_size", ep),):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
     if world_size % (tp * pp * cp) != 0:
         shown = sizes if cp > 1 else sizes[:2]
         factors = " x ".join(f"{key} ({value})" for key, value in shown)
         raise ValueError(f"world size {world_size} is not divisible by {factors} = {tp * pp * cp}")
-    return world_size // (tp * pp * cp)
+    dp = world_size // (tp * pp * cp)
+    if dp % ep != 0:
+        shown = f"TP {tp} x PP {pp}" + (f" x CP {cp}" if cp > 1 else "")
+        raise ValueError(
+            f"model.expert_model_parallel_size ({ep}) must divide the data-parallel size {dp} (world size "
+            f"{world_size} / ({shown})): expert-parallel groups are made of data-parallel ranks"
+        )
+    return dp
 
 
 def check_launch(world_size: int, num_nodes: int | None, devices: int | None) -> None:
@@ -154,6 +170,8 @@ def read_layout(rank: int, world_size: int, device: torch.device) -> Layout:
         dp_rank=parallel_state.get_data_parallel_rank(),
         vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         device=device,
+        ep=parallel_state.get_expert_model_parallel_world_size(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
     )
 
 

@@ -1,4 +1,5 @@
-"""Build megatron-core GPTModels for this rank's pipeline stage (its model chunks) from the ``model`` config."""
+"""Build megatron-core GPTModels for this rank's pipeline stage (its model chunks) from the ``model`` config
+(dense, or with mixture-of-experts layers: models/moe.py)."""
 
 import math
 from functools import partial
@@ -17,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_dpo.distributed import layout
 from nemo_dpo.models.activations import SwiGLU
 from nemo_dpo.models.attention import SDPAttention
+from nemo_dpo.models.moe import build_moe_spec, split_tokens_over_tp
 from nemo_dpo.models.norm import use_torch_norm
 from nemo_dpo.models.rope_scaling import attention_factor, check_rope_scaling, inverse_frequencies
 from nemo_dpo.ranges import Flag, Integer, Mapping, OneOf, Real
@@ -69,6 +71,11 @@ RANGES = {
     "model.qkv_bias": Flag(),
     "model.qk_layernorm": Flag(),
     "model.rope_scaling": Mapping(what="Hugging Face rope_parameters (models/rope_scaling.py)", nullable=True),
+    "model.num_moe_experts": Integer(ge=1, nullable=True),
+    "model.moe_router_topk": SIZE,
+    "model.moe_ffn_hidden_size": Integer(ge=1, nullable=True),
+    "model.moe_router_pre_softmax": Flag(),
+    "model.moe_aux_loss_coeff": Real(ge=0, nullable=True),
 }
 
 
@@ -126,12 +133,58 @@ def check_model_config(model_cfg) -> None:
         )
     check_long_context(model_cfg)
     padded_vocab_size(1, model_cfg.make_vocab_size_divisible_by, tp)  # checks divisibility by TP
+    check_experts(model_cfg)
     if model_cfg.encoder_seq_length > model_cfg.max_position_embeddings:
         raise ValueError(
             f"model.encoder_seq_length ({model_cfg.encoder_seq_length}) exceeds "
             f"model.max_position_embeddings ({model_cfg.max_position_embeddings})"
         )
     check_rope_scaling(model_cfg)
+
+
+def check_experts(model_cfg) -> None:
+    """Mixture-of-experts keys against each other and the layout (each key is in its range already)."""
+    experts, ep = model_cfg.num_moe_experts, model_cfg.expert_model_parallel_size
+    if experts is None:
+        if ep > 1:
+            raise ValueError(
+                f"model.expert_model_parallel_size={ep} needs a mixture-of-experts model (model.num_moe_experts)"
+            )
+        return
+    if model_cfg.moe_router_topk > experts:
+        raise ValueError(
+            f"model.moe_router_topk ({model_cfg.moe_router_topk}) exceeds model.num_moe_experts ({experts})"
+        )
+    if experts % ep != 0:
+        raise ValueError(
+            f"model.num_moe_experts ({experts}) is not divisible by model.expert_model_parallel_size ({ep})"
+        )
+    expert_ffn = model_cfg.moe_ffn_hidden_size or model_cfg.ffn_hidden_size
+    if expert_ffn % model_cfg.tensor_model_parallel_size != 0:
+        raise ValueError(
+            f"the experts' hidden size {expert_ffn} (model.moe_ffn_hidden_size, or model.ffn_hidden_size when null) "
+            f"is not divisible by model.tensor_model_parallel_size ({model_cfg.tensor_model_parallel_size})"
+        )
+    if model_cfg.bias:
+        raise ValueError("model.bias=true with model.num_moe_experts: megatron's experts and router take no biases here")
+
+
+def moe_settings(model_cfg) -> dict:
+    """TransformerConfig's mixture-of-experts fields; none for a dense model."""
+    if model_cfg.num_moe_experts is None:
+        return {}
+    return {
+        "num_moe_experts": model_cfg.num_moe_experts,
+        "moe_router_topk": model_cfg.moe_router_topk,
+        "moe_ffn_hidden_size": model_cfg.moe_ffn_hidden_size or model_cfg.ffn_hidden_size,
+        "moe_router_pre_softmax": model_cfg.moe_router_pre_softmax,
+        "moe_router_load_balancing_type": "aux_loss",
+        "moe_aux_loss_coeff": model_cfg.moe_aux_loss_coeff or 0.0,
+        "moe_router_dtype": "fp32",  # routing decisions in fp32 whatever the weights' precision
+        "moe_token_dispatcher_type": "alltoall",
+        "moe_grouped_gemm": HAVE_TE,
+        "expert_model_parallel_size": model_cfg.expert_model_parallel_size,
+    }
 
 
 def head_dim(model_cfg) -> int:
@@ -227,6 +280,7 @@ def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_
         attention_softmax_in_fp32=True,
         finalize_model_grads_func=finalize_model_grads_func,
         **recompute_settings(model_cfg),
+        **moe_settings(model_cfg),
     )
 
 
@@ -244,26 +298,38 @@ def recompute_settings(model_cfg) -> dict:
     }
 
 
-def _local_block_spec(model_cfg, config: TransformerConfig, vp_stage):
-    """The layers of the local spec with PyTorch's fused attention, SwiGLU as a module and norms that also
-    run under sequence parallelism (models/attention.py, activations.py, norm.py)."""
-    layer_spec = get_gpt_layer_local_spec(normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm)
-    layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    if config.use_te_activation_func:
-        layer_spec.submodules.mlp.submodules.activation_func = SwiGLU
-    use_torch_norm(layer_spec.submodules)
-    use_torch_norm(layer_spec.submodules.self_attention.submodules)
-    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=layer_spec.submodules.input_layernorm)
+def _layer_spec(model_cfg, config: TransformerConfig):
+    """One transformer layer's spec: transformer-engine's on GPU; else the local spec with PyTorch's fused
+    attention, SwiGLU as a module and norms that also run under sequence parallelism (models/attention.py,
+    activations.py, norm.py). With ``num_moe_experts`` its MLP is megatron's MoE layer (models/moe.py)."""
+    experts = model_cfg.num_moe_experts
+    if HAVE_TE:
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=experts is not None, qk_layernorm=model_cfg.qk_layernorm
+        )
+    else:
+        layer_spec = get_gpt_layer_local_spec(
+            num_experts=experts, normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm
+        )
+        layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        use_torch_norm(layer_spec.submodules)
+        use_torch_norm(layer_spec.submodules.self_attention.submodules)
+    activation = SwiGLU if config.use_te_activation_func else None
+    if experts is not None:
+        layer_spec.submodules.mlp = build_moe_spec(layer_spec.submodules.mlp, activation)
+    elif activation is not None:
+        layer_spec.submodules.mlp.submodules.activation_func = activation
+    return layer_spec
 
 
 def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: int = None) -> GPTModel:
     """The GPTModel for this pipeline stage, or for its model chunk ``vp_stage`` under the interleaved schedule
     (embedding on the first, output layer on the last)."""
-    if HAVE_TE:
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
-    else:
-        spec = _local_block_spec(model_cfg, config, vp_stage)
+    experts = model_cfg.num_moe_experts
+    spec = _layer_spec(model_cfg, config)
+    if not HAVE_TE:
+        layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=spec.submodules.input_layernorm)
     tp = model_cfg.tensor_model_parallel_size
     model = GPTModel(
         config=config,
@@ -282,6 +348,8 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: i
         rotary = model.rotary_pos_emb
         frequencies = inverse_frequencies(config.kv_channels, model_cfg.rotary_base, model_cfg.rope_scaling)
         rotary.inv_freq = frequencies.to(rotary.inv_freq.device)
+    if experts is not None and not config.sequence_parallel:  # under SP the MoE layers get their share already
+        split_tokens_over_tp(model)
     return model
 
 

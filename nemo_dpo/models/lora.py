@@ -15,7 +15,8 @@ B starts at zero, so the adapted model starts equal to the base; that is what
 makes the base model with adapters switched off the DPO reference, for free.
 Adapters are siblings of the layer they adapt (``linear_qkv`` gets
 ``linear_qkv_lora``) and act through a forward hook, so base parameter names and
-checkpoints are untouched.
+checkpoints are untouched. On a mixture-of-experts model adapters go on
+attention only: the MLP targets are refused (:func:`check_lora_config`).
 """
 
 from contextlib import contextmanager
@@ -105,6 +106,19 @@ class LoRAAdapter(torch.nn.Module):
             key = f"{prefix}lora_b"
             state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets)
         return state
+
+
+def check_lora_config(model_cfg) -> None:
+    """LoRA adapts megatron's dense linear layers: on a mixture-of-experts model, attention only."""
+    if model_cfg.peft.peft_scheme != "lora" or model_cfg.num_moe_experts is None:
+        return
+    mlp = [t for t in model_cfg.peft.lora_tuning.target_modules if TARGETS[t][0] == "mlp"]
+    if mlp:
+        raise ValueError(
+            f"model.peft.lora_tuning.target_modules: {mlp} adapt a dense MLP, and with model.num_moe_experts "
+            f"every MLP is a router and experts, which LoRA does not adapt here; attention_qkv and "
+            f"attention_dense are supported"
+        )
 
 
 def _targets(model, target_modules):

@@ -2,7 +2,11 @@
 
 Every local parameter has a *global* name (its name in the unsplit model) and a
 slice of the global tensor it holds. Layout-independent initialisation and
-checkpoint conversion are both built on this one mapping.
+checkpoint conversion are both built on this one mapping. A mixture-of-experts
+layer's experts are numbered globally too: expert-parallel rank r holds experts
+r * E/EP .. (r + 1) * E/EP - 1 as its local experts 0 .. E/EP - 1, and within
+an expert TP splits the matrices as it splits a dense MLP's (megatron's expert
+tensor parallelism, of TP's size).
 """
 
 import re
@@ -21,20 +25,36 @@ _TE_NORMS = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
+# Experts as the local spec names them (megatron's SequentialMLP), and as transformer-engine's grouped GEMM does.
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
 
 
-def global_name(local_name: str, layer_offset: int, tied_output: bool) -> str:
+def _expert_name(suffix: str, expert_offset: int) -> str:
+    """A layer's parameter name with its local expert number made global (other names unchanged)."""
+    local = _LOCAL_EXPERT.match(suffix)
+    if local:
+        return f"mlp.experts.local_experts.{int(local.group(1)) + expert_offset}.{local.group(2)}"
+    grouped = _GROUPED_EXPERT.match(suffix)
+    if grouped:
+        linear, kind, index = grouped.groups()
+        return f"mlp.experts.local_experts.{int(index) + expert_offset}.{linear}.{kind}"
+    return suffix
+
+
+def global_name(local_name: str, layer_offset: int, tied_output: bool, expert_offset: int = 0) -> str:
     """Name of a local parameter in the unsplit model.
 
     Pipeline stages number their layers from 0; the global index adds the stage's
-    offset. A tied output layer on the last stage is a copy of the word embedding.
+    offset, and an expert's number adds the expert-parallel rank's first expert.
+    A tied output layer on the last stage is a copy of the word embedding.
     """
     if tied_output and local_name == "output_layer.weight":
         return "embedding.word_embeddings.weight"
     match = _LAYER.match(local_name)
     if match:
         prefix, index, suffix = match.groups()
-        suffix = "." + _TE_NORMS.get(suffix[1:], suffix[1:])
+        suffix = "." + _expert_name(_TE_NORMS.get(suffix[1:], suffix[1:]), expert_offset)
         return f"{prefix}{int(index) + layer_offset}{suffix}"
     return local_name
 
@@ -65,8 +85,9 @@ def local_to_global_names(model, config) -> dict:
     interleaved schedule)."""
     offset = get_transformer_layer_offset(config, vp_stage=getattr(model, "vp_stage", None))
     tied = getattr(model, "share_embeddings_and_output_weights", False)
-    return {name: global_name(name, offset, tied) for name, _ in model.named_parameters()}
-
+    experts = (config.num_moe_experts or 0) // config.expert_model_parallel_size
+    expert_offset = layout.current().ep_rank * experts
+    return {name: global_name(name, offset, tied, expert_offset) for name, _ in model.named_parameters()}
 
 
 def load_global_state_dict(model, config, full_state: dict) -> None:

@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from nemo_dpo.distributed import layout
 from nemo_dpo.files import fsync_dir, read_json_object, write_atomic
-from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
+from nemo_dpo.models import architecture
 from nemo_dpo.models.gpt import unwrap
 from nemo_dpo.ranges import Flag, Integer
 from nemo_dpo.training import safe_load
@@ -445,17 +445,28 @@ def check_compatible(folder: Path, model_cfg) -> dict:
     saved = (metadata.get("config") or {}).get("model")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{folder}/{METADATA}: no model config (not a nemo-dpo checkpoint?)")
-    keys = list(ARCHITECTURE_KEYS)
+    settings = _architecture_of(folder, saved)
     if (saved.get("peft") or {}).get("peft_scheme", "none") != "none":
-        keys += ["peft", "restore_from_path", "seed"]  # adapters only: the base must be the same
-    for key in keys:
+        for key in ("peft", "restore_from_path", "seed"):  # adapters only: the base must be the same
+            settings[key] = saved.get(key)
+    for key, value in settings.items():
         want = model_cfg.get(key)
         want = OmegaConf.to_container(want) if OmegaConf.is_config(want) else want
-        if saved.get(key) != want:
-            raise CheckpointError(
-                f"{folder}: checkpoint has model.{key}={saved.get(key)!r}, this run has model.{key}={want!r}"
-            )
+        if value != want:
+            raise CheckpointError(f"{folder}: checkpoint has model.{key}={value!r}, this run has model.{key}={want!r}")
     return metadata
+
+
+def _architecture_of(folder, saved_model_cfg: dict) -> dict:
+    try:
+        return architecture.saved_architecture(saved_model_cfg)
+    except KeyError as err:
+        raise CheckpointError(f"{folder}/{METADATA}: the model config has no {err.args[0]}") from None
+
+
+def saved_architecture(folder) -> dict:
+    """The architecture keys of checkpoint ``folder`` (models/architecture.py), keys it predates included."""
+    return _architecture_of(folder, read_metadata(folder)["config"]["model"])
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from nemo_dpo.losses.sequences import WPO_LOGPS, sequence_sums, sequence_values,
 from nemo_dpo.losses.statistics import local_sums
 from nemo_dpo.models.gpt import emit_hidden_states, output_weight, unwrap
 from nemo_dpo.ranges import Integer
+from nemo_dpo.training import moe_aux_loss
 
 RANGES = {"model.log_prob_chunk_size": Integer(ge=1, special={0: "all at once"})}
 
@@ -98,6 +99,7 @@ class DPOStep:
         self.model, self.loss, self.layout = model, loss, layout
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size
+        self.aux_loss_weight = moe_aux_loss.coefficient(unwrap(model[0]).config)
         if chunk_size > 0:
             emit_hidden_states(unwrap(model[-1]))
 
@@ -133,6 +135,7 @@ class DPOStep:
 
     def _run(self, microbatches, loss_func, forward_only):
         tokens = microbatches[0].tokens
+        moe_aux_loss.clear()  # a pass reports only its own routers' loss
         # One pass over the microbatches per model chunk (the interleaved schedule asks each chunk's in turn).
         data = iter(microbatches) if len(self.model) == 1 else [iter(microbatches) for _ in self.model]
         return get_forward_backward_func()(
@@ -157,10 +160,14 @@ class DPOStep:
     def policy(self, microbatches, forward_only: bool = False) -> dict:
         """Policy forward (and backward unless forward_only); returns DP-averaged metrics on every rank.
 
-        Gradients are left in the DDP buffers for the optimizer.
+        Gradients are left in the DDP buffers for the optimizer. A training pass of
+        a mixture-of-experts model with a load-balancing loss reports it too.
         """
         stats = self._run(microbatches, self._policy_loss, forward_only=forward_only)
-        return reduce_metrics(self.loss.statistics, stats, self.layout)
+        metrics = reduce_metrics(self.loss.statistics, stats, self.layout)
+        if self.aux_loss_weight > 0 and not forward_only:
+            metrics[moe_aux_loss.METRIC] = moe_aux_loss.policy_aux_loss(self.aux_loss_weight, len(microbatches))
+        return metrics
 
 
 def packed_seq_params(mb: Microbatch) -> PackedSeqParams | None:

@@ -5,6 +5,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from nemo_dpo.models.moe import sum_router_grads_over_tp
 from nemo_dpo.ranges import Flag, Integer, ListOf, OneOf, Real
 
 # name -> decoupled weight decay. NeMo's fused_adam / distributed_fused_adam are AdamW.
@@ -35,6 +36,12 @@ def uses_distributed_optimizer(optim_cfg) -> bool:
     return optim_cfg.use_distributed_optimizer or optim_cfg.name == "distributed_fused_adam"
 
 
+def finalize_grads(model_chunks, *args, **kwargs) -> None:
+    """megatron's ``finalize_model_grads``, then the sum over TP of MoE routers' gradients (models/moe.py)."""
+    finalize_model_grads(model_chunks, *args, **kwargs)
+    sum_router_grads_over_tp(model_chunks)
+
+
 def wrap_ddp(model_chunks: list, config, optim_cfg) -> list:
     """Wrap each model chunk in megatron DDP (contiguous fp32 grad buffers) and wire gradient finalisation.
 
@@ -43,7 +50,9 @@ def wrap_ddp(model_chunks: list, config, optim_cfg) -> list:
     of the tokens), sums sequence-parallel norm gradients over TP, and ties
     embeddings across pipeline stages; without it megatron's schedule leaves every
     DP rank with its own gradient. Under the interleaved schedule only the first
-    chunk's buffers are bucketed (as in megatron-LM).
+    chunk's buffers are bucketed (as in megatron-LM). Expert parameters of MoE
+    layers have grad buffers of their own, reduced over the expert-data-parallel
+    ranks that hold the same experts.
     """
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -54,7 +63,7 @@ def wrap_ddp(model_chunks: list, config, optim_cfg) -> list:
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
         for index, chunk in enumerate(model_chunks)
     ]
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_grads
     no_sync = [chunk.no_sync for chunk in ddp_chunks]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     return ddp_chunks

@@ -15,6 +15,7 @@ from nemo_dpo.console import duration
 # Console fields of a metrics row, in order, with their formats.
 CONSOLE_FIELDS = (
     ("loss", ".4f"),
+    ("moe_aux_loss", ".4f"),  # mixture-of-experts runs with a load-balancing loss only
     ("accuracy", ".3f"),
     ("reward_margin", ".4f"),
     ("rewards_chosen_mean", ".4f"),

@@ -6,12 +6,14 @@ names GPTModel gives its parameters with the local layer spec;
 never needs to know the parallel layout.
 
 Each family (llama.py: Llama 1-3.x and Mistral; qwen2.py: Qwen2 and Qwen2.5;
-qwen3.py: Qwen3; gpt2.py: GPT-2) says how its config.json maps onto the
+qwen3.py: Qwen3; mixtral.py: Mixtral; qwen3_moe.py: Qwen3-MoE; gpt2.py: GPT-2)
+says how its config.json maps onto the
 ``model`` section and how each megatron tensor is made of its tensors; this
 module picks the family and applies its rules in both directions, checking
 names and shapes on the way. Export picks the first family that can represent
 the ``model`` section (q/k/v biases alone make it Qwen2, query/key norms
-Qwen3). Supporting another family is one more module in FAMILIES.
+Qwen3; with experts, Mixtral or, with query/key norms, Qwen3-MoE). Supporting
+another family is one more module in FAMILIES.
 """
 
 import torch
@@ -20,8 +22,10 @@ from nemo_dpo.models.architecture import ARCHITECTURE_KEYS
 from nemo_dpo.models.hf.family import Family, TensorRule, config_size
 from nemo_dpo.models.hf.gpt2 import GPT2
 from nemo_dpo.models.hf.llama import Llama
+from nemo_dpo.models.hf.mixtral import Mixtral
 from nemo_dpo.models.hf.qwen2 import Qwen2
 from nemo_dpo.models.hf.qwen3 import Qwen3
+from nemo_dpo.models.hf.qwen3_moe import Qwen3Moe
 # generation_config_files, read_hf_config, read_hf_weights and write_hf_dir are part of this package's API.
 from nemo_dpo.models.hf.model_folder import (  # noqa: F401
     CONFIG_FILE,
@@ -32,7 +36,7 @@ from nemo_dpo.models.hf.model_folder import (  # noqa: F401
 )
 
 # Export tries the families in this order; an error lists them in this order too.
-FAMILIES = (Llama(), Qwen2(), Qwen3(), GPT2())
+FAMILIES = (Llama(), Qwen2(), Qwen3(), Mixtral(), Qwen3Moe(), GPT2())
 SUPPORTED = tuple(model_type for family in FAMILIES for model_type in family.model_types)
 
 
@@ -52,6 +56,12 @@ def model_overrides_from_hf(hf_config: dict) -> dict:
     if outside:  # a checkpoint keeps only the architecture keys: these would be lost on the way through one
         raise RuntimeError(f"the {family.architecture} adapter sets {sorted(outside)}, which are not architecture keys")
     return settings
+
+
+def hf_aux_loss_coeff(hf_config: dict) -> float:
+    """The router load-balancing loss weight config.json trains with (0 for a dense model, or when
+    ``output_router_logits`` is false): the default of ``model.moe_aux_loss_coeff``."""
+    return _family(hf_config).aux_loss_coeff(hf_config)
 
 
 def hf_vocab_size(hf_config: dict) -> int:

@@ -23,6 +23,9 @@ from nemo_dpo.models.hf.model_folder import CONFIG_FILE
 
 _REQUIRED = object()
 
+# What a dense family needs of a ``model`` section to export it: an MLP, not experts.
+DENSE = {"num_moe_experts": (None,)}
+
 
 def config_value(hf_config: dict, key: str, kind: type, default=_REQUIRED):
     """``hf_config[key]`` checked for type; absent or null means HF's default for the family."""
@@ -131,3 +134,8 @@ class Family(ABC):
     @abstractmethod
     def weight_name(self, hf_name: str) -> str | None:
         """A checkpoint's tensor name as the rules spell it, or None for a buffer recomputed from the config."""
+
+    def aux_loss_coeff(self, hf_config: dict) -> float:
+        """The router load-balancing loss weight this config.json trains with (the default of
+        ``model.moe_aux_loss_coeff``); a dense family has none."""
+        return 0.0

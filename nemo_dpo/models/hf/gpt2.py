@@ -13,6 +13,7 @@ import re
 import torch
 
 from nemo_dpo.models.hf.family import (
+    DENSE,
     Family,
     TensorRule,
     config_size,
@@ -71,6 +72,7 @@ class GPT2(Family):
             "qk_layernorm": False,
             "share_embeddings_and_output_weights": config_value(hf_config, "tie_word_embeddings", bool, True),
             "max_position_embeddings": config_size(hf_config, "n_positions"),
+            "num_moe_experts": None,
         }
 
     def export_mismatches(self, model_cfg) -> list[str]:
@@ -85,6 +87,7 @@ class GPT2(Family):
                 "kv_channels": (None, model_cfg["hidden_size"] // model_cfg["num_attention_heads"]),
                 "qkv_bias": (False,),
                 "qk_layernorm": (False,),
+                **DENSE,
             },
         )
 

@@ -17,6 +17,7 @@ query/key norms; they reuse these rules, which follow the ``model`` settings.
 import torch
 
 from nemo_dpo.models.hf.family import (
+    DENSE,
     Family,
     TensorRule,
     config_size,
@@ -29,7 +30,7 @@ from nemo_dpo.models.hf.family import (
 )
 from nemo_dpo.models.hf.rope_parameters import rope_config, rope_settings
 
-# What every family of this network needs of a ``model`` section to export it.
+# What every family of this network needs of a ``model`` section to export it (the dense ones: DENSE too).
 DECODER = {"normalization": ("RMSNorm",), "activation": ("swiglu",), "position_embedding_type": ("rope",)}
 
 
@@ -79,10 +80,11 @@ class Llama(Family):
             **self.layer_settings(hf_config),
             "share_embeddings_and_output_weights": config_value(hf_config, "tie_word_embeddings", bool, False),
             "max_position_embeddings": max_positions,
+            "num_moe_experts": None,
         }
 
     def export_mismatches(self, model_cfg) -> list[str]:
-        return mismatches(model_cfg, {**DECODER, "qkv_bias": (False,), "qk_layernorm": (False,)})
+        return mismatches(model_cfg, {**DECODER, **DENSE, "qkv_bias": (False,), "qk_layernorm": (False,)})
 
     def decoder_config(self, model_cfg, vocab_size: int, eos_id: int, bos_id: int) -> dict:
         """The config.json keys the families of this network share."""
@@ -109,7 +111,7 @@ class Llama(Family):
         return {**self.decoder_config(model_cfg, vocab_size, eos_id, bos_id), "attention_bias": bias, "mlp_bias": bias}
 
     def rules(self, settings: dict, vocab: int) -> list[TensorRule]:
-        h, ffn = settings["hidden_size"], settings["ffn_hidden_size"]
+        h = settings["hidden_size"]
         heads, groups = settings["num_attention_heads"], settings["num_query_groups"]
         d = settings["kv_channels"] or h // heads
         bias, qkv_bias = settings["bias"], settings["bias"] or settings["qkv_bias"]
@@ -131,14 +133,7 @@ class Llama(Family):
                 qkv(g, p, "weight", ((heads * d, h), (groups * d, h), (groups * d, h))),
                 TensorRule(g + "self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",), ((h, heads * d),)),
                 TensorRule(g + "pre_mlp_layernorm.weight", (p + "post_attention_layernorm.weight",), ((h,),)),
-                TensorRule(
-                    g + "mlp.linear_fc1.weight",
-                    (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                    ((ffn, h), (ffn, h)),
-                    to_global=torch.cat,
-                    to_hf=lambda t: list(t.chunk(2)),
-                ),
-                TensorRule(g + "mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",), ((h, ffn),)),
+                *self.mlp_rules(settings, g, p),
             ]
             if qkv_bias:
                 rules.append(qkv(g, p, "bias", ((heads * d,), (groups * d,), (groups * d,))))
@@ -148,18 +143,34 @@ class Llama(Family):
                     TensorRule(g + "self_attention.k_layernorm.weight", (p + "self_attn.k_norm.weight",), ((d,),)),
                 ]
             if bias:
-                rules += [
-                    TensorRule(g + "self_attention.linear_proj.bias", (p + "self_attn.o_proj.bias",), ((h,),)),
-                    TensorRule(
-                        g + "mlp.linear_fc1.bias",
-                        (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"),
-                        ((ffn,), (ffn,)),
-                        to_global=torch.cat,
-                        to_hf=lambda t: list(t.chunk(2)),
-                    ),
-                    TensorRule(g + "mlp.linear_fc2.bias", (p + "mlp.down_proj.bias",), ((h,),)),
-                ]
+                rules.append(TensorRule(g + "self_attention.linear_proj.bias", (p + "self_attn.o_proj.bias",), ((h,),)))
         rules.append(TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), ((h,),)))
+        return rules
+
+    def mlp_rules(self, settings: dict, g: str, p: str) -> list[TensorRule]:
+        """Layer ``g``'s MLP (HF prefix ``p``): SwiGLU's gate and up make ``linear_fc1``, [gate; up]."""
+        h, ffn = settings["hidden_size"], settings["ffn_hidden_size"]
+        rules = [
+            TensorRule(
+                g + "mlp.linear_fc1.weight",
+                (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                ((ffn, h), (ffn, h)),
+                to_global=torch.cat,
+                to_hf=lambda t: list(t.chunk(2)),
+            ),
+            TensorRule(g + "mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",), ((h, ffn),)),
+        ]
+        if settings["bias"]:
+            rules += [
+                TensorRule(
+                    g + "mlp.linear_fc1.bias",
+                    (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"),
+                    ((ffn,), (ffn,)),
+                    to_global=torch.cat,
+                    to_hf=lambda t: list(t.chunk(2)),
+                ),
+                TensorRule(g + "mlp.linear_fc2.bias", (p + "mlp.down_proj.bias",), ((h,),)),
+            ]
         return rules
 
     def weight_name(self, hf_name: str) -> str | None:

@@ -9,7 +9,7 @@ to (``layer_types``, else those from ``max_window_layers`` on), and is refused
 there when shorter than ``max_position_embeddings``.
 """
 
-from nemo_dpo.models.hf.family import config_size, config_value, mismatches, not_supported
+from nemo_dpo.models.hf.family import DENSE, config_size, config_value, mismatches, not_supported
 from nemo_dpo.models.hf.llama import DECODER, Llama
 
 QWEN_SLIDING_WINDOW = 4096  # transformers' default when use_sliding_window is true and sliding_window is absent
@@ -41,7 +41,9 @@ class Qwen2(Llama):
             )
 
     def export_mismatches(self, model_cfg) -> list[str]:
-        return mismatches(model_cfg, {**DECODER, "bias": (False,), "qkv_bias": (True,), "qk_layernorm": (False,)})
+        return mismatches(
+            model_cfg, {**DECODER, **DENSE, "bias": (False,), "qkv_bias": (True,), "qk_layernorm": (False,)}
+        )
 
     def decoder_config(self, model_cfg, vocab_size: int, eos_id: int, bos_id: int) -> dict:
         return {**super().decoder_config(model_cfg, vocab_size, eos_id, bos_id), "use_sliding_window": False}

@@ -8,7 +8,7 @@ transformers). ``attention_bias`` would put biases on q, k, v and the output
 projection but not the MLP, which megatron cannot, and is refused.
 """
 
-from nemo_dpo.models.hf.family import config_value, mismatches, not_supported
+from nemo_dpo.models.hf.family import DENSE, config_value, mismatches, not_supported
 from nemo_dpo.models.hf.llama import DECODER
 from nemo_dpo.models.hf.qwen2 import Qwen2
 
@@ -26,7 +26,9 @@ class Qwen3(Qwen2):
         return {"bias": False, "qkv_bias": False, "qk_layernorm": True}
 
     def export_mismatches(self, model_cfg) -> list[str]:
-        return mismatches(model_cfg, {**DECODER, "bias": (False,), "qkv_bias": (False,), "qk_layernorm": (True,)})
+        return mismatches(
+            model_cfg, {**DECODER, **DENSE, "bias": (False,), "qkv_bias": (False,), "qk_layernorm": (True,)}
+        )
 
     def hf_config(self, model_cfg, vocab_size: int, eos_id: int, bos_id: int) -> dict:
         return {**self.decoder_config(model_cfg, vocab_size, eos_id, bos_id), "attention_bias": False}
