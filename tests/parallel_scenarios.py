@@ -81,6 +81,8 @@ VARIANTS["gpt2_ipo_sft_packed"] = VARIANTS["gpt2_ipo_sft"] + ["model.data.packin
 VARIANTS["llama_dpo_sp"] = ["model.sequence_parallel=true"]
 VARIANTS["llama_dpo_chunked_packed"] = VARIANTS["llama_dpo_chunked"] + VARIANTS["llama_dpo_packed"]
 VARIANTS["llama_dpo_sp_chunked_packed"] = VARIANTS["llama_dpo_sp"] + VARIANTS["llama_dpo_chunked_packed"]
+# RMSNorm and SwiGLU compiled (models/fusion.py), under sequence parallelism: rows of another length per rank.
+VARIANTS["llama_dpo_fused_sp"] = ["model.fused_elementwise=true", "model.sequence_parallel=true"]
 VARIANTS["gpt2_ipo_sft_sp"] = VARIANTS["gpt2_ipo_sft"] + ["model.sequence_parallel=true"]  # biases, LayerNorm
 # Four layers: two model chunks of one layer per pipeline rank under the interleaved schedule at PP=2.
 VARIANTS["llama_dpo_4_layers"] = ["model.num_layers=4"]

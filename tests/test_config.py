@@ -240,6 +240,7 @@ OUT_OF_RANGE = {
     "model.moe_ffn_hidden_size": "0",
     "model.moe_router_pre_softmax": "maybe",
     "model.moe_aux_loss_coeff": "-0.1",
+    "model.fused_elementwise": "sometimes",
     "model.log_prob_chunk_size": "-1",
     "model.tokenizer.model": "''",
     "model.tokenizer.vocab_size": "10",

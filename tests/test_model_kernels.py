@@ -58,3 +58,61 @@ def test_packed_sequences_attend_only_within_themselves():
     assert out.shape == (12, 32)
     for start, end in zip(bounds[:-1], bounds[1:]):
         torch.testing.assert_close(out[start:end], naive_causal_attention(q[start:end], k[start:end], v[start:end]))
+
+
+def test_fused_rmsnorm_and_swiglu_compute_what_the_eager_ones_do_at_any_length():
+    """The compiled kernels (models/fusion.py) against PyTorch's eager modules, forward and backward, at two
+    sequence lengths (the second reuses or recompiles the kernel), with the norm's parameters unchanged."""
+    from nemo_dpo.models.fusion import FusedRMSNorm, FusedSwiGLU
+
+    torch.manual_seed(0)
+    eager_norm, fused_norm = torch.nn.RMSNorm(24, eps=1e-5), FusedRMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        eager_norm.weight.uniform_(0.5, 1.5)
+    fused_norm.load_state_dict(eager_norm.state_dict())
+    assert list(fused_norm.state_dict()) == ["weight"]
+    for length in (7, 13):
+        x = torch.randn(length, 2, 24, requires_grad=True)
+        upstream = torch.randn(length, 2, 24)
+        want = eager_norm(x)
+        want_x, want_w = torch.autograd.grad(want, (x, eager_norm.weight), upstream)
+        got = fused_norm(x)
+        got_x, got_w = torch.autograd.grad(got, (x, fused_norm.weight), upstream)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
+
+        h = torch.randn(length, 2, 2 * 10, requires_grad=True)
+        upstream = torch.randn(length, 2, 10)
+        want = SwiGLU(config())(h)
+        got = FusedSwiGLU(config())(h)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(torch.autograd.grad(got, h, upstream)[0], torch.autograd.grad(want, h, upstream)[0],
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_fused_elementwise_auto_fuses_from_hidden_size_512():
+    from types import SimpleNamespace
+
+    from nemo_dpo.models.fusion import wanted
+
+    assert [wanted(SimpleNamespace(fused_elementwise="auto", hidden_size=h)) for h in (64, 511, 512, 4096)] == [
+        False, False, True, True]
+    assert wanted(SimpleNamespace(fused_elementwise=True, hidden_size=64))
+    assert not wanted(SimpleNamespace(fused_elementwise=False, hidden_size=4096))
+
+
+def test_the_local_layer_spec_takes_the_fused_modules_as_the_setting_says():
+    from types import SimpleNamespace
+
+    from nemo_dpo.config import load_config
+    from nemo_dpo.models.fusion import FusedSwiGLU
+    from nemo_dpo.models.gpt import _layer_spec
+    from nemo_dpo.models.norm import FusedTorchNorm, TorchNorm
+
+    swiglu = SimpleNamespace(use_te_activation_func=True)
+    for setting, norm, activation in (("true", FusedTorchNorm, FusedSwiGLU), ("false", TorchNorm, SwiGLU),
+                                      ("auto", TorchNorm, SwiGLU)):  # auto: the default model is hidden 128
+        spec = _layer_spec(load_config("gpt_dpo", [f"model.fused_elementwise={setting}"]).model, swiglu).submodules
+        assert spec.input_layernorm is norm and spec.pre_mlp_layernorm is norm, setting
+        assert spec.mlp.submodules.activation_func is activation, setting

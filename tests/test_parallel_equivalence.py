@@ -184,7 +184,7 @@ CP2 = ["gpt2_ipo_sft", "llama_dpo_packed", "gpt2_ipo_sft_packed", "llama_dpo_chu
 def two(workdir):
     """Every 2-process layout (TP=2, PP=2 and its interleaved schedule, DP=2, CP=2) in one launch."""
     return _launch(workdir, "two", {
-        "tp2": ({"tp": 2}, TP2 + list(SP)),
+        "tp2": ({"tp": 2}, TP2 + list(SP) + ["llama_dpo_fused_sp"]),
         "pp2": ({"pp": 2}, PP2),
         "pp2_vpp2": ({"pp": 2, "vpp": 2}, ["llama_dpo_4_layers"]),
         "dp2": ({}, DP2),
@@ -219,6 +219,12 @@ def test_sequence_parallelism_at_tp2_gives_the_step_without_it(baseline, tp2):
     """Norms (and row-parallel biases) see a slice of the sequence per TP rank; their gradients are summed over TP."""
     for variant, without in SP.items():
         assert_same_step(baseline, tp2, variant, without)
+
+
+def test_fused_norms_and_swiglu_give_the_eager_step(baseline, tp2):
+    """model.fused_elementwise=true (compiled RMSNorm and SwiGLU) at TP=2 with sequence parallelism: the step of
+    the eager single process."""
+    assert_same_step(baseline, tp2, "llama_dpo_fused_sp", "llama_dpo")
 
 
 def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, two):

@@ -19,7 +19,8 @@ from nemo_dpo.distributed import layout
 from nemo_dpo.models.activations import SwiGLU
 from nemo_dpo.models.attention import SDPAttention
 from nemo_dpo.models.moe import build_moe_spec, split_tokens_over_tp
-from nemo_dpo.models.norm import use_torch_norm
+from nemo_dpo.models import fusion
+from nemo_dpo.models.norm import FusedTorchNorm, TorchNorm, use_torch_norm
 from nemo_dpo.models.rope_scaling import attention_factor, check_rope_scaling, inverse_frequencies
 from nemo_dpo.ranges import Flag, Integer, Mapping, OneOf, Real
 
@@ -301,7 +302,8 @@ def recompute_settings(model_cfg) -> dict:
 def _layer_spec(model_cfg, config: TransformerConfig):
     """One transformer layer's spec: transformer-engine's on GPU; else the local spec with PyTorch's fused
     attention, SwiGLU as a module and norms that also run under sequence parallelism (models/attention.py,
-    activations.py, norm.py). With ``num_moe_experts`` its MLP is megatron's MoE layer (models/moe.py)."""
+    activations.py, norm.py), the norms and SwiGLU compiled where ``model.fused_elementwise`` says
+    (models/fusion.py). With ``num_moe_experts`` its MLP is megatron's MoE layer (models/moe.py)."""
     experts = model_cfg.num_moe_experts
     if HAVE_TE:
         layer_spec = get_gpt_layer_with_transformer_engine_spec(
@@ -312,9 +314,11 @@ def _layer_spec(model_cfg, config: TransformerConfig):
             num_experts=experts, normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm
         )
         layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
-        use_torch_norm(layer_spec.submodules)
-        use_torch_norm(layer_spec.submodules.self_attention.submodules)
-    activation = SwiGLU if config.use_te_activation_func else None
+        fused = fusion.wanted(model_cfg)
+        norm = FusedTorchNorm if fused else TorchNorm
+        use_torch_norm(layer_spec.submodules, norm)
+        use_torch_norm(layer_spec.submodules.self_attention.submodules, norm)
+    activation = (fusion.FusedSwiGLU if fused else SwiGLU) if config.use_te_activation_func else None
     if experts is not None:
         layer_spec.submodules.mlp = build_moe_spec(layer_spec.submodules.mlp, activation)
     elif activation is not None:

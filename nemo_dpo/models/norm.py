@@ -16,22 +16,31 @@ import dataclasses
 import torch
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-NORMS = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+from nemo_dpo.models.fusion import FusedRMSNorm
 
 
 class TorchNorm:
     """Drop-in for megatron's ``WrappedTorchNorm`` (same constructor) that also runs under sequence parallelism."""
 
+    norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
                 zero_centered_gamma: bool = False, normalization: str = None):
-        norm = NORMS[config.normalization](normalized_shape=hidden_size, eps=eps)
+        norm = cls.norms[config.normalization](normalized_shape=hidden_size, eps=eps)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
 
 
-def use_torch_norm(submodules) -> None:
-    """Replace megatron's ``WrappedTorchNorm`` by :class:`TorchNorm` wherever a spec's submodules name it."""
+class FusedTorchNorm(TorchNorm):
+    """:class:`TorchNorm` with RMSNorm computed by compiled kernels (models/fusion.py; LayerNorm is one already)."""
+
+    norms = {**TorchNorm.norms, "RMSNorm": FusedRMSNorm}
+
+
+def use_torch_norm(submodules, norm=TorchNorm) -> None:
+    """Replace megatron's ``WrappedTorchNorm`` by ``norm`` (:class:`TorchNorm` or :class:`FusedTorchNorm`) wherever
+    a spec's submodules name it."""
     for field in dataclasses.fields(submodules):
         if getattr(submodules, field.name) is WrappedTorchNorm:
-            setattr(submodules, field.name, TorchNorm)
+            setattr(submodules, field.name, norm)

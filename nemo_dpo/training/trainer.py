@@ -33,7 +33,8 @@ from nemo_dpo.data.tokenizer import source_files
 from nemo_dpo.distributed.failures import Heartbeat
 from nemo_dpo.distributed.layout import Layout
 from nemo_dpo.losses import build_loss
-from nemo_dpo.models.gpt import build_model_chunks, transformer_config
+from nemo_dpo.models import fusion
+from nemo_dpo.models.gpt import HAVE_TE, build_model_chunks, transformer_config
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora
 from nemo_dpo.ranges import Either, Flag, Integer, OneOf, Real
@@ -109,6 +110,11 @@ class DPOTrainer:
         self.config = transformer_config(m, cfg.trainer.precision)
         self.loss = build_loss(m.dpo)
         self.model = wrap_ddp(self.build_model(), self.config, m.optim)  # the model chunks
+        fused = fusion.fused_parts(m)
+        if fused and not HAVE_TE:
+            self.log0(f"model: {' and '.join(fused)} compiled into fused kernels (model.fused_elementwise="
+                      f"{m.fused_elementwise}, hidden size {m.hidden_size}); the first step includes compiling them "
+                      f"(cached on disk for later runs)")
         runs_as_reference = None
         if self.loss.needs_reference:
             runs_as_reference = reference_model(self.model, lora=m.peft.peft_scheme == "lora")  # the initial weights
