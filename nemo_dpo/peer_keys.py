@@ -143,6 +143,7 @@ TRL_KEYS = {
     **{name: f"model.dpo.{name}" for name in (
         "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "use_weighting", "discopop_tau",
         "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "simpo_gamma", "cpo_alpha",
+        "desirable_weight", "undesirable_weight",  # KTOConfig's
     )},
 }
 

@@ -9,6 +9,7 @@ from megatron.core import parallel_state
 import nemo_dpo
 
 from nemo_dpo.config import load_config
+from nemo_dpo.data.batching import global_batches
 from nemo_dpo.distributed import layout
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.losses.logprobs import vocab_parallel_log_probs, vocab_parallel_log_sum_sq_probs
@@ -86,10 +87,8 @@ VARIANTS["gpt2_ipo_sft_sp"] = VARIANTS["gpt2_ipo_sft"] + ["model.sequence_parall
 # Four layers: two model chunks of one layer per pipeline rank under the interleaved schedule at PP=2.
 VARIANTS["llama_dpo_4_layers"] = ["model.num_layers=4"]
 # The reference computed once before the step (over a small training file: the validation split).
-VARIANTS["llama_dpo_precomputed"] = [
-    "model.dpo.reference_logprobs=precomputed",
-    f"model.data.data_prefix.train={os.path.join(os.path.dirname(nemo_dpo.__file__), 'data', 'default', 'validation.jsonl')}",
-]
+SMALL_TRAIN = f"model.data.data_prefix.train={os.path.join(os.path.dirname(nemo_dpo.__file__), 'data', 'default', 'validation.jsonl')}"
+VARIANTS["llama_dpo_precomputed"] = ["model.dpo.reference_logprobs=precomputed", SMALL_TRAIN]
 VARIANTS["gpt2_ipo_sft_packed_chunked"] = VARIANTS["gpt2_ipo_sft_packed"] + ["model.log_prob_chunk_size=7"]
 
 # The loss family: every paired loss inside a weighted mixture (each term's gradient is in the step), the options
@@ -107,11 +106,17 @@ LOSS_VARIANTS = {
     "cpo": ["model.dpo.preference_loss=cpo", "model.dpo.label_smoothing=0.1"],
     "orpo": ["model.dpo.preference_loss=orpo"],
     "trdpo": ["model.dpo.sync_ref_model=true", "model.dpo.ref_model_sync_steps=1", "model.dpo.ref_model_mixup_alpha=0.5"],
+    # KTO on the default pairs unpaired (each a desirable and an undesirable example), its KL estimate reduced over
+    # microbatches and DP ranks; one_step moves the policy first, so that the estimate is not 0.
+    "kto": ["model.dpo.preference_loss=kto", "model.dpo.desirable_weight=2.0", "model.dpo.undesirable_weight=0.5",
+            SMALL_TRAIN],
 }
 VARIANTS.update(LOSS_VARIANTS)
 # The per-sequence values from packed rows and from log-probs in chunks (compared with the plain variants above).
 VARIANTS["options_packed_chunked"] = VARIANTS["options"] + ["model.data.packing=true", "model.log_prob_chunk_size=20"]
 VARIANTS["orpo_packed_chunked"] = VARIANTS["orpo"] + ["model.data.packing=true", "model.log_prob_chunk_size=20"]
+VARIANTS["kto_packed_chunked"] = VARIANTS["kto"] + ["model.data.packing=true", "model.log_prob_chunk_size=20"]
+VARIANTS["kto_precomputed"] = VARIANTS["kto"] + ["model.dpo.reference_logprobs=precomputed"]
 
 
 def _tp_attrs(param):
@@ -124,7 +129,11 @@ def _tp_attrs(param):
 
 def one_step(trainer: DPOTrainer) -> dict:
     """One optimizer step on the first global batch, and what follows it (the loss's state, TR-DPO's reference);
-    loss, grads (before the step), new weights and the reference's weights after the step."""
+    loss, grads (before the step), new weights and the reference's weights after the step.
+
+    KTO's step is the second of the epoch: at the first the policy is the reference and the KL estimate is 0, so a
+    first step moves it away. Its data holds the desirable examples, then the undesirable ones: the shuffled
+    batches hold both."""
     # (global name, parameter) over this rank's model chunks
     params = []
     for chunk in trainer.model:
@@ -139,7 +148,13 @@ def one_step(trainer: DPOTrainer) -> dict:
         return {n: by_param[p].clone() for n, p in params}
 
     reference_before = reference_weights() if moving else {}
-    metrics = trainer.forward_backward(list(range(trainer.cfg.model.global_batch_size)))
+    m = trainer.cfg.model
+    batch = list(range(m.global_batch_size))
+    if trainer.loss.estimates_kl:
+        first, batch = global_batches(len(trainer.train_pairs), m.global_batch_size, m.seed, 0)[:2]
+        trainer.forward_backward(first)
+        trainer.after_update(trainer.optimizer_step())
+    metrics = trainer.forward_backward(batch)
     use_grads = not trainer.cfg.model.optim.use_distributed_optimizer  # sharded grads otherwise
     grads = {n: p.main_grad.detach().clone() for n, p in params if p.requires_grad} if use_grads else {}
     frozen = {n: p.detach().clone() for n, p in params if not p.requires_grad}

@@ -259,7 +259,7 @@ def test_every_schema_in_the_readme_has_an_example_record_that_reads_as_named():
     """Each bullet of the README's schema list shows one record, which is read as the schema the bullet names."""
     data = README.split("Every format holds records in any of these schemas", 1)[1].split("\n### ", 1)[0]
     bullets = re.findall(r"\n- \*\*(.*?)\n(?=\n- \*\*|\nConversational, sharegpt)", data, re.S)
-    assert len(bullets) == 6
+    assert len(bullets) == 7
     for bullet in bullets:
         names = set(re.findall(r"`([\w/]+(?: \([\w ,.]+\))?)`", bullet))
         block = re.search(r"```json\n(.*?)```", bullet, re.S).group(1)

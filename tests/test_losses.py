@@ -149,7 +149,7 @@ def test_packed_rows_sum_by_segment():
 @pytest.mark.parametrize(
     "kwargs, key",
     [
-        ({"preference_loss": "kto"}, "model.dpo.preference_loss"),
+        ({"preference_loss": "bco"}, "model.dpo.preference_loss"),
         ({"ref_policy_kl_penalty": 0.0}, "model.dpo.ref_policy_kl_penalty"),
         ({"label_smoothing": 0.5}, "model.dpo.label_smoothing"),
     ],

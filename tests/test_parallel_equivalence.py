@@ -5,7 +5,8 @@ optimizer step must give the same loss and every logged statistic (rel 1e-5), th
 same gradients and the same updated weights (abs 1e-5) at every layout, for
 several architectures and every loss (each of TRL's paired losses inside a
 weighted mixture, the options, the reference-free losses, TR-DPO's moved
-reference, BCO's state after the step); and the global batch split into 1, 2 or
+reference, BCO's state after the step, KTO's KL estimate over microbatches and
+DP ranks, online, precomputed and packed); and the global batch split into 1, 2 or
 4 microbatches must give the same gradients. Sequence parallelism at TP=2 and
 the interleaved schedule at PP=2 (two model chunks per rank) change nothing
 either. Layouts of one world size share a launch: megatron's groups are rebuilt
@@ -143,7 +144,11 @@ def test_loss_family_steps_at_one_process(baseline):
     for name, moved in trdpo["reference"].items():
         torch.testing.assert_close(moved, 0.5 * trdpo["weights"][name] + 0.5 * trdpo["reference_before"][name])
     assert any(not torch.equal(trdpo["reference_before"][n], trdpo["weights"][n]) for n in trdpo["weights"])
-    for packed, plain in (("options_packed_chunked", "options"), ("orpo_packed_chunked", "orpo")):
+    kto = baseline["kto"]["metrics"]
+    assert kto["kl"] > 0.1 and 0 < kto["desirable_fraction"] < 1  # a KL estimate, and both sides in the batch
+    assert {"rewards_chosen_mean", "rewards_rejected_mean", "logps_chosen_mean", "logps_rejected_mean"} <= set(kto)
+    for packed, plain in (("options_packed_chunked", "options"), ("orpo_packed_chunked", "orpo"),
+                          ("kto_packed_chunked", "kto"), ("kto_precomputed", "kto")):
         got, want = baseline[packed], baseline[plain]
         assert_same_metrics(got["metrics"], want["metrics"], packed)
         for name, grad in want["grads"].items():
@@ -167,12 +172,12 @@ TP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "llama_dpo_chunked
 SP = {"llama_dpo_sp": "llama_dpo", "gpt2_ipo_sft_sp": "gpt2_ipo_sft", "llama_dpo_sp_chunked_packed": "llama_dpo_chunked_packed"}
 PP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", "llama_dpo_4_layers",
        *LOSS_VARIANTS, "options_packed_chunked"]
-DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS]
+DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS, "kto_precomputed"]
 # LD-DPO's shared lengths, WPO and ORPO's whole sequences take masks made before the split (unpacked and packed).
 # (The plain Llama-like step at CP=2 is in the TP=2 x CP=2 launch; here its unpacked rows run chunked, precomputed,
 # with LoRA and with the loss options.)
 CP2 = ["gpt2_ipo_sft", "llama_dpo_packed", "gpt2_ipo_sft_packed", "llama_dpo_chunked", "llama_dpo_precomputed",
-       "lora", "options", "orpo_packed_chunked"]
+       "lora", "options", "orpo_packed_chunked", "kto_packed_chunked"]
 
 
 @pytest.fixture(scope="module")
@@ -233,8 +238,8 @@ def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, two):
 
 
 def test_data_parallel_2_and_context_parallel_2(baseline, workdir, two):
-    """CP=2: RoPE and learned positions, packed or not, chunked log-probs, the precomputed reference, LoRA, and the
-    per-sequence values of LD-DPO, WPO and the reference-free ORPO."""
+    """CP=2: RoPE and learned positions, packed or not, chunked log-probs, the precomputed reference, LoRA, the
+    per-sequence values of LD-DPO, WPO and the reference-free ORPO, and KTO's KL estimate (summed over CP)."""
     for variant in DP2:
         assert_same_step(baseline, two["dp2"], variant)
     for variant in CP2:

@@ -4,12 +4,14 @@
 
 The workload (``write_workload``) is a tiny Hugging Face Llama with random
 weights, a word-level tokenizer (``w<id>`` is token ``id``; no BOS, so TRL's CPO
-and ORPO trainers add none) and preference pairs. Both frameworks load the same
-folder and take the same pairs in the same order, one batch of ``PAIRS`` pairs
-per step, with the same AdamW (no weight decay, no clipping, constant learning
-rate) in fp32, for each loss of ``LOSSES``: TRL's DPOTrainer with its
-``loss_type``, or its CPO (SimPO) and ORPO trainers. Each records, per step, the
-loss and the mean chosen and rejected rewards its loss computed before the update.
+and ORPO trainers add none), preference pairs and unpaired examples (KTO's). Both
+frameworks load the same folder and take the same pairs in the same order, one
+batch of ``PAIRS`` pairs (KTO: ``EXAMPLES`` examples) per step, with the same AdamW
+(no weight decay, no clipping, constant learning rate) in fp32, for each loss of
+``LOSSES``: TRL's DPOTrainer with its ``loss_type``, its CPO (SimPO) and ORPO
+trainers, or its KTOTrainer. Each records, per step, the loss and the mean chosen
+and rejected rewards its loss computed before the update (KTO: desirable and
+undesirable, and the KL estimate).
 
 BCO's running mean is not in TRL 1.16: its DPOTrainer's bco_pair gets the
 reference's summed log-probs moved by delta / beta (the same loss,
@@ -26,6 +28,7 @@ import torch
 
 SPECIAL = ["<pad>", "</s>"]  # ids 0 and 1; words are w2 ... w<VOCAB-1>
 VOCAB, PAIRS, STEPS, SEQ = 256, 4, 4, 64
+EXAMPLES = 8  # KTO's batch: one chunk of TRL's KL completions (per_device_train_batch_size, our micro_batch_size)
 LR, EPS, BETA = 1e-3, 1e-4, 0.1  # Adam's eps above gradient noise, so that rounding cannot flip an update's sign
 # name -> (nemo-dpo overrides, TRL trainer, TRL arguments)
 LOSSES = {
@@ -38,7 +41,12 @@ LOSSES = {
     "simpo": (["model.dpo.preference_loss=simpo", "model.dpo.ref_policy_kl_penalty=2.0", "model.dpo.simpo_gamma=0.5"],
               "cpo", {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.5, "beta": 2.0}),
     "orpo": (["model.dpo.preference_loss=orpo"], "orpo", {}),
+    "kto": (["model.dpo.preference_loss=kto", "model.dpo.desirable_weight=1.33", "model.dpo.undesirable_weight=0.8"],
+            "kto", {"desirable_weight": 1.33, "undesirable_weight": 0.8}),
+    # KTO on the pairs: both frameworks unpair them (all chosen, then all rejected), so a batch may hold one side
+    "kto_paired": (["model.dpo.preference_loss=kto"], "kto", {}),
 }
+KEYS = ("loss", "rewards_chosen_mean", "rewards_rejected_mean", "kl")  # what a step records (kl: KTO only)
 
 
 def write_workload(folder: str, seed: int = 1234) -> None:
@@ -62,6 +70,23 @@ def write_workload(folder: str, seed: int = 1234) -> None:
             prompt = words(rng.randint(2, 8))  # responses start with a space; both frameworks append EOS
             record = {"prompt": prompt, "chosen": " " + words(rng.randint(1, 12)), "rejected": " " + words(rng.randint(1, 12))}
             f.write(json.dumps(record) + "\n")
+    with open(os.path.join(folder, "unpaired.jsonl"), "w") as f:
+        for step in range(STEPS):
+            labels = [True, False] + [rng.random() < 0.5 for _ in range(EXAMPLES - 2)]  # both sides in every batch
+            rng.shuffle(labels)
+            for label in labels:
+                record = {"prompt": words(rng.randint(2, 8)), "completion": " " + words(rng.randint(1, 12)),
+                          "label": label}
+                f.write(json.dumps(record) + "\n")
+
+
+def data_file(folder: str, name: str) -> str:
+    """The workload's data for a loss: unpaired examples for KTO, pairs for the others (and kto_paired)."""
+    return os.path.join(folder, "unpaired.jsonl" if name == "kto" else "pairs.jsonl")
+
+
+def batch_size(name: str) -> int:
+    return EXAMPLES if name.startswith("kto") else PAIRS
 
 
 def run_nemo_dpo(folder: str) -> dict:
@@ -71,15 +96,15 @@ def run_nemo_dpo(folder: str) -> dict:
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(29500 + os.getpid() % 1000))
-    data = os.path.join(folder, "pairs.jsonl")
     results = {}
     layout = init_distributed(1, 1, seed=1234)
     try:
         for name, (overrides, _, _) in LOSSES.items():
+            data, size = data_file(folder, name), batch_size(name)
             cfg = load_config("gpt_dpo", [
                 f"model.restore_from_path={folder}", f"model.data.data_prefix.train={data}",
                 f"model.data.data_prefix.validation={data}", f"model.encoder_seq_length={SEQ}",
-                f"model.micro_batch_size={PAIRS}", f"model.global_batch_size={PAIRS}", "trainer.precision=fp32",
+                f"model.micro_batch_size={size}", f"model.global_batch_size={size}", "trainer.precision=fp32",
                 f"trainer.dpo.max_steps={STEPS}", "trainer.gradient_clip_val=0", f"model.optim.lr={LR}",
                 "model.optim.weight_decay=0", "model.optim.betas=[0.9,0.999]", f"model.optim.eps={EPS}",
                 "model.optim.sched.warmup_steps=0", f"model.optim.sched.min_lr={LR}",
@@ -90,8 +115,8 @@ def run_nemo_dpo(folder: str) -> dict:
             trainer = DPOTrainer(cfg, layout)
             rows = []
             for step in range(STEPS):
-                metrics = trainer.train_step(list(range(step * PAIRS, (step + 1) * PAIRS)))
-                rows.append({key: metrics[key] for key in ("loss", "rewards_chosen_mean", "rewards_rejected_mean")})
+                metrics = trainer.train_step(list(range(step * size, (step + 1) * size)))
+                rows.append({key: metrics[key] for key in KEYS if key in metrics})
             results[name] = rows
     finally:
         destroy_distributed()
@@ -104,17 +129,17 @@ def run_trl(folder: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     kinds = {"dpo": (DPOTrainer, DPOConfig, "_metrics"), "cpo": (CPOTrainer, CPOConfig, "_stored_metrics"),
-             "orpo": (ORPOTrainer, ORPOConfig, "_stored_metrics")}
-    with open(os.path.join(folder, "pairs.jsonl")) as f:
-        dataset = Dataset.from_list([json.loads(line) for line in f])
+             "orpo": (ORPOTrainer, ORPOConfig, "_stored_metrics"), "kto": (KTOTrainer, KTOConfig, "_metrics")}
     results = {}
     for name, (_, kind, options) in LOSSES.items():
         base, config, store = kinds[kind]
+        with open(data_file(folder, name)) as f:
+            dataset = Dataset.from_list([json.loads(line) for line in f])
         rows, shift = [], {"delta": 0.0, "steps": 0}  # BCO's running mean (bco_pair only)
 
         class Recorded(base):
@@ -124,23 +149,32 @@ def run_trl(folder: str) -> dict:
                 return SequentialSampler(self.train_dataset)
 
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
                 logged = getattr(self, store)["train"]
-                chosen, rejected = logged["rewards/chosen"][-1], logged["rewards/rejected"][-1]
+                before = {key: len(values) for key, values in logged.items()}
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                # What this step logged (KTO leaves out the rewards of a side its batch lacks)
+                new = {key: values[-1] for key, values in logged.items() if len(values) > before.get(key, 0)}
+                row = {"loss": loss.item()}
+                for ours, theirs in (("rewards_chosen_mean", "rewards/chosen"),
+                                     ("rewards_rejected_mean", "rewards/rejected"), ("kl", "kl")):
+                    if theirs in new:
+                        row[ours] = new[theirs]
                 if name == "bco_pair":  # TRL's rewards are beta u - delta here; the step's rewards are beta u
-                    chosen, rejected = chosen + shift["delta"], rejected + shift["delta"]
+                    row["rewards_chosen_mean"] += shift["delta"]
+                    row["rewards_rejected_mean"] += shift["delta"]
                     shift["steps"] += 1
-                    shift["delta"] += ((chosen + rejected) / 2 - shift["delta"]) / shift["steps"]
-                rows.append({"loss": loss.item(), "rewards_chosen_mean": chosen, "rewards_rejected_mean": rejected})
+                    batch_mean = (row["rewards_chosen_mean"] + row["rewards_rejected_mean"]) / 2
+                    shift["delta"] += (batch_mean - shift["delta"]) / shift["steps"]
+                rows.append(row)
                 return loss
 
-        args = config(output_dir=os.path.join(folder, f"trl_{name}"), per_device_train_batch_size=PAIRS,
+        args = config(output_dir=os.path.join(folder, f"trl_{name}"), per_device_train_batch_size=batch_size(name),
                       gradient_accumulation_steps=1, max_length=SEQ, max_steps=STEPS, learning_rate=LR,
                       lr_scheduler_type="constant", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
                       adam_epsilon=EPS, max_grad_norm=0.0, bf16=False, use_cpu=True, report_to="none",
                       save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
                       seed=1234, **({"beta": BETA} | options))
-        if kind == "dpo":
+        if kind in ("dpo", "kto"):
             args.gradient_checkpointing = False
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         trainer = Recorded(model=model, args=args, train_dataset=dataset,

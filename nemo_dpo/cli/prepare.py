@@ -15,6 +15,9 @@ lengths as a run counts them (the prompt with the tokenizer's BOS, if its rule
 adds one; chosen, rejected with their EOS; the longer side, the pair's both
 sequences: min/mean/median/p95/max), what ``model.data.overflow`` does at
 ``model.encoder_seq_length``, and the pairs left against ``model.global_batch_size``.
+With ``model.dpo.preference_loss=kto`` the items are KTO's examples (data/unpaired.py:
+a pair is two), each with its KL completion in place of the rejected response; unpaired
+records with another loss are a problem a run would stop on.
 
 Exit status: 0 when a run would start on this data; 1 when it would not (a bad
 record under on_bad_record=error, fewer usable pairs than global_batch_size);
@@ -31,11 +34,14 @@ import numpy as np
 from nemo_dpo.config import CONF_DIR, ConfigError, load_config, prepare
 from nemo_dpo.data.chat_template import record_options
 from nemo_dpo.data.data_folders import folder_files
-from nemo_dpo.data.pipeline import configured_tokenizer, data_files
+from nemo_dpo.data.pipeline import configured_tokenizer, data_files, unpaired_problem
 from nemo_dpo.data.preference_dataset import encode_pair, fit_pair, read_preference_pairs
 from nemo_dpo.data.readers import data_format
+from nemo_dpo.data.schemas import is_unpaired
+from nemo_dpo.data.unpaired import encode_examples, unpaired_examples
 
 LENGTHS = ("prompt", "chosen", "rejected", "longest_side", "pair_total")
+KTO_LENGTHS = ("prompt", "completion", "kl_completion", "longest_side", "example_total")  # the same columns, for KTO
 
 
 def _summary(values: list) -> dict:
@@ -44,22 +50,28 @@ def _summary(values: list) -> dict:
             "p95": float(np.percentile(a, 95)), "max": int(a.max())}
 
 
-def token_lengths(pairs: list) -> dict:
-    """Length statistics of tokenized pairs (responses include their EOS)."""
-    columns = {name: [] for name in LENGTHS}
+def token_lengths(pairs: list, names: tuple = LENGTHS) -> dict:
+    """Length statistics of tokenized pairs (responses include their EOS), under ``names`` (KTO's for its items);
+    none for no pairs."""
+    if not pairs:
+        return {}
+    columns = [[] for _ in names]
     for p in pairs:
-        columns["prompt"].append(len(p.prompt))
-        columns["chosen"].append(len(p.chosen))
-        columns["rejected"].append(len(p.rejected))
-        columns["longest_side"].append(len(p.prompt) + max(len(p.chosen), len(p.rejected)))
-        columns["pair_total"].append(p.num_tokens)
-    return {name: _summary(values) for name, values in columns.items()}
+        row = (len(p.prompt), len(p.chosen), len(p.rejected), len(p.prompt) + max(len(p.chosen), len(p.rejected)),
+               p.num_tokens)
+        for column, value in zip(columns, row):
+            column.append(value)
+    return {name: _summary(values) for name, values in zip(names, columns)}
 
 
 def check_file(path: str, model_cfg, options, tokenizer) -> dict:
     """Everything the report says about one file, as numbers (JSON-serializable)."""
     data = read_preference_pairs(path, "skip", options)
-    pairs = [encode_pair(record, tokenizer) for record in data.records]
+    kto = model_cfg.dpo.preference_loss == "kto"
+    if kto:
+        pairs = encode_examples(unpaired_examples(data.records), tokenizer, model_cfg.micro_batch_size)
+    else:
+        pairs = [encode_pair(record, tokenizer) for record in data.records if not is_unpaired(record)]
     keep = len(tokenizer.start_ids)
     fitted = [fit_pair(pair, model_cfg.encoder_seq_length, model_cfg.data.overflow, keep) for pair in pairs]
     kept = sum(pair is not None for pair, _ in fitted)
@@ -71,7 +83,9 @@ def check_file(path: str, model_cfg, options, tokenizer) -> dict:
         "usable": len(data.records),
         "bad": len(data.skipped),
         "bad_reasons": data.skipped,
-        "tokens": token_lengths(pairs),
+        "items": "examples" if kto else "pairs",
+        "unpaired_problem": unpaired_problem(path, data.records, model_cfg.dpo.preference_loss),
+        "tokens": token_lengths(pairs, KTO_LENGTHS if kto else LENGTHS),
         "truncated": sum(truncated for _, truncated in fitted),
         "dropped": len(pairs) - kept,
         "pairs": kept,
@@ -84,8 +98,10 @@ def _problems(report: dict, model_cfg) -> list:
     if report["bad"] and model_cfg.data.on_bad_record == "error":
         problems.append(f"{report['bad']} bad record(s): with model.data.on_bad_record=error a run stops at the first "
                         f"(model.data.on_bad_record=skip would leave them out)")
+    if report["unpaired_problem"]:
+        problems.append(report["unpaired_problem"])
     if report["pairs"] < model_cfg.global_batch_size:
-        problems.append(f"{report['pairs']} usable pairs, fewer than model.global_batch_size "
+        problems.append(f"{report['pairs']} usable {report['items']}, fewer than model.global_batch_size "
                         f"({model_cfg.global_batch_size}): a run would stop")
     return problems
 
@@ -100,13 +116,12 @@ def render(report: dict, model_cfg, show: int) -> str:
     if report["bad"] > show:
         lines.append(f"  ... and {report['bad'] - show} more")
     lines.append(f"tokens{'':10s}{'min':>8s}{'mean':>10s}{'median':>10s}{'p95':>10s}{'max':>8s}")
-    for name in LENGTHS:
-        s = report["tokens"][name]
+    for name, s in report["tokens"].items():
         lines.append(f"  {name:14s}{s['min']:8d}{s['mean']:10.1f}{s['median']:10.1f}{s['p95']:10.1f}{s['max']:8d}")
     lines.append(f"at model.encoder_seq_length={model_cfg.encoder_seq_length} with model.data.overflow="
                  f"{model_cfg.data.overflow}: {report['truncated']} prompt-truncated, {report['dropped']} dropped")
     gbs = model_cfg.global_batch_size
-    lines.append(f"pairs: {report['pairs']} remain = {report['global_batches']} global batches of "
+    lines.append(f"{report['items']}: {report['pairs']} remain = {report['global_batches']} global batches of "
                  f"model.global_batch_size={gbs} ({report['pairs'] - report['global_batches'] * gbs} unused per epoch)")
     lines += [f"PROBLEM: {problem}" for problem in _problems(report, model_cfg)]
     return "\n".join(lines)

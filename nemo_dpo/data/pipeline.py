@@ -11,6 +11,9 @@
    sends the model's bytes, so every rank has the identical vocabulary with or
    without a shared filesystem.
 4. Pairs: tokenized and fitted to ``encoder_seq_length`` (``model.data.overflow``).
+   For KTO (``model.dpo.preference_loss=kto``) the items are unpaired examples,
+   each with its KL completion (unpaired.py); pairs give two examples each, and
+   unpaired records with any other loss are refused.
 """
 
 import os
@@ -25,7 +28,8 @@ from nemo_dpo.data.data_folders import folder_files
 from nemo_dpo.data.default_task import DEFAULT_DATA_DIR
 from nemo_dpo.data.preference_dataset import BAD_RECORD_POLICIES, OVERFLOW_POLICIES, read_preference_pairs, tokenize_pairs
 from nemo_dpo.data.readers import data_format, needs_pyarrow, pyarrow_missing
-from nemo_dpo.data.schemas import RecordOptions
+from nemo_dpo.data.schemas import RecordOptions, is_unpaired
+from nemo_dpo.data.unpaired import tokenize_examples, unpaired_examples
 from nemo_dpo.data.tokenizer import (
     MIN_TRAINED_VOCAB,
     SentencePieceTokenizer,
@@ -98,6 +102,10 @@ def check_data_config(model_cfg) -> None:
     tokenizer = model_cfg.tokenizer.model
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ValueError(f"model.tokenizer.model: {tokenizer} does not exist (a tokenizer.model file or a folder)")
+    if model_cfg.dpo.preference_loss == "kto" and model_cfg.micro_batch_size < 2:
+        raise ValueError(f"model.micro_batch_size must be >= 2 for kto, got {model_cfg.micro_batch_size}: an "
+                         f"example's KL completion is another completion of its chunk of micro_batch_size examples "
+                         f"(TRL's per_device_train_batch_size)")
     source = template_source(data.chat_template, tokenizer)  # the chat template compiles
     if source is not None:
         ChatTemplate(*source, special_tokens={})
@@ -134,13 +142,28 @@ def shared_tokenizer(tok_cfg, train_files: list, options: RecordOptions, rank: i
     return SentencePieceTokenizer(path)
 
 
-def read_splits(files: dict, policy: str, options: RecordOptions, log) -> tuple:
-    """(``{split: text records}``, messages of the bad records left out): each split's files, in order, as one."""
+def unpaired_problem(path: str, records: list, preference_loss) -> str | None:
+    """Why ``path``'s records cannot train with ``preference_loss``: unpaired records (prompt/completion/label) are
+    only for KTO, which learns from them (None when they can)."""
+    unpaired = sum(map(is_unpaired, records))
+    if unpaired and preference_loss != "kto":
+        return (f"{path}: {unpaired} unpaired record(s) (prompt/completion/label, TRL's unpaired preference format): "
+                f"model.dpo.preference_loss={preference_loss} learns from pairs; unpaired examples need "
+                f"model.dpo.preference_loss=kto")
+    return None
+
+
+def read_splits(files: dict, policy: str, options: RecordOptions, log, preference_loss="dpo") -> tuple:
+    """(``{split: text records}``, messages of the bad records left out): each split's files, in order, as one.
+    Unpaired records are refused unless ``preference_loss`` is kto."""
     records, skipped = {}, []
     for split, paths in files.items():
         records[split] = []
         for path in paths:
             data = read_preference_pairs(path, policy, options)
+            problem = unpaired_problem(path, data.records, preference_loss)
+            if problem:
+                raise ValueError(problem)
             records[split] += data.records
             schemas = ", ".join(f"{count} {name}" for name, count in data.schemas.items())
             log(f"{split}: {data.file_format} file {path}: {schemas}")
@@ -169,7 +192,7 @@ class RunData:
     tokenizer: object  # data.tokenizer's SentencePieceTokenizer or HFTokenizer
     files: dict  # split -> its data files, in reading order
     options: RecordOptions  # how records became text (a chat template file is an input too)
-    pairs: dict  # split -> list of TokenizedPair
+    pairs: dict  # split -> list of TokenizedPair (for KTO: examples with their KL completions, unpaired.py)
 
     def input_files(self) -> list:
         """Every file the pairs' tokens depend on besides the tokenizer (for cache keys)."""
@@ -183,20 +206,29 @@ def load_run_data(model_cfg, log_dir: str, rank: int, log) -> RunData:
         log(f"test: {', '.join(_given(model_cfg.data, 'test'))} (model.data.data_prefix.test, NeMo-Aligner's test split) "
             f"is not read: nemo-dpo trains on train and validates on validation")
     options = record_options(model_cfg)
-    records, skipped = read_splits(files, model_cfg.data.on_bad_record, options, log)
+    loss = model_cfg.dpo.preference_loss
+    records, skipped = read_splits(files, model_cfg.data.on_bad_record, options, log, loss)
     if rank == 0:
         write_skipped_list(log_dir, skipped, log)
     tokenizer = shared_tokenizer(model_cfg.tokenizer, files["train"], options, rank, log)
     pairs = {}
     seq_len, overflow, gbs = model_cfg.encoder_seq_length, model_cfg.data.overflow, model_cfg.global_batch_size
+    items = "examples" if loss == "kto" else "pairs"
     for split, paths in files.items():
         names = ", ".join(paths)
-        progress = PassProgress(f"{split}: tokenizing {names}", len(records[split]), "records", log)
-        pairs[split], stats = tokenize_pairs(records[split], tokenizer, seq_len, overflow, progress)
+        texts = unpaired_examples(records[split]) if loss == "kto" else records[split]
+        progress = PassProgress(f"{split}: tokenizing {names}", len(texts), "records", log)
+        if loss == "kto":
+            pairs[split], stats = tokenize_examples(texts, tokenizer, seq_len, overflow, model_cfg.micro_batch_size,
+                                                    progress)
+        else:
+            pairs[split], stats = tokenize_pairs(texts, tokenizer, seq_len, overflow, progress)
         progress.finish()
-        log(f"{split}: {stats['pairs']} pairs from {names} (longest {stats['max_len']} tokens, "
+        balance = f"{stats['desirable']} desirable, {stats['pairs'] - stats['desirable']} undesirable; " \
+            if loss == "kto" else ""
+        log(f"{split}: {stats['pairs']} {items} from {names} ({balance}longest {stats['max_len']} tokens, "
             f"{stats['truncated']} prompt-truncated and {stats['dropped']} dropped by "
             f"model.data.overflow={overflow}, encoder_seq_length={seq_len})")
         if len(pairs[split]) < gbs:
-            raise ValueError(f"{names}: {len(pairs[split])} usable pairs, fewer than model.global_batch_size ({gbs})")
+            raise ValueError(f"{names}: {len(pairs[split])} usable {items}, fewer than model.global_batch_size ({gbs})")
     return RunData(tokenizer, files, options, pairs)

@@ -141,13 +141,19 @@ def tokenize_pairs(
 
     ``progress`` (a ``console.PassProgress``) is advanced once per record.
     """
+    return fit_pairs((encode_pair(record, tokenizer) for record in records), tokenizer, max_seq_length, overflow,
+                     progress)
+
+
+def fit_pairs(encoded, tokenizer, max_seq_length: int, overflow: str, progress=None) -> tuple[list[TokenizedPair], dict]:
+    """``fit_pair`` on every pair of ``encoded`` (an iterable); the pairs kept and what overflow did to them."""
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"model.data.overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     pairs = []
     truncated = dropped = 0
     keep = len(tokenizer.start_ids)
-    for record in records:
-        pair, was_truncated = fit_pair(encode_pair(record, tokenizer), max_seq_length, overflow, keep)
+    for encoded_pair in encoded:
+        pair, was_truncated = fit_pair(encoded_pair, max_seq_length, overflow, keep)
         if progress is not None:
             progress.advance()
         if pair is None:

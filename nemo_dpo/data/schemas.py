@@ -1,4 +1,5 @@
-"""Every accepted record schema, turned into one text record {prompt, chosen, rejected, chosen_reward, rejected_reward}.
+"""Every accepted record schema, turned into one text record: a pair {prompt, chosen, rejected, chosen_reward,
+rejected_reward}, or an unpaired example {prompt, completion, label} (KTO's data).
 
 Accepted (each side a string, or a list of {"role", "content"} messages):
     {"prompt", "chosen", "rejected"}                     explicit prompt (TRL's; conversational when the sides are lists)
@@ -9,6 +10,9 @@ Accepted (each side a string, or a list of {"role", "content"} messages):
     {"instruction", "input", "chosen", "rejected"}       Alpaca-style preference records (LLaMA-Factory's alpaca):
                                                          strings; "input", "system", "history" optional
     {"chosen", "rejected"}                               implicit prompt (Anthropic HH-RLHF): the shared start is the prompt
+    {"prompt", "completion", "label"}                    TRL's unpaired preference format: one completion, label true
+                                                         (desirable) or false (undesirable); conversational when the
+                                                         completion is a list of assistant messages
 
 Message lists become text through the chat template (chat_template.py): one
 format downstream, so tokenization, batching and the loss mask need not know
@@ -30,7 +34,9 @@ RANKED = ("context", "completions")
 SHAREGPT = ("conversations", "chosen", "rejected")
 ALPACA = ("instruction", "chosen", "rejected")
 IMPLICIT = ("chosen", "rejected")
-SCHEMA_HELP = f"expected keys {EXPLICIT}, {ALIGNER}, {RANKED}, {SHAREGPT}, {ALPACA} (+ 'input') or {IMPLICIT}"
+UNPAIRED = ("prompt", "completion", "label")
+SCHEMA_HELP = (f"expected keys {EXPLICIT}, {ALIGNER}, {RANKED}, {SHAREGPT}, {ALPACA} (+ 'input'), {IMPLICIT} or, "
+               f"unpaired, {UNPAIRED}")
 # sharegpt's speakers ("from", LLaMA-Factory's tags) -> chat-template roles. A function_call turn is the assistant
 # calling a tool (its value, the call's JSON, is the message), an observation is the tool's answer.
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "observation": "tool", "function_call": "assistant",
@@ -102,15 +108,20 @@ def _prompt_messages(value, key: str, where: str) -> list:
     return _messages(value, key, where, assistant_only=False)
 
 
-def _rendered(prompt: list, chosen: list, rejected: list, keys: tuple, where: str, options: RecordOptions,
-              tools: list | None = None) -> tuple:
-    template = options.chat_template
-    if template is None:
+def _template(where: str, options: RecordOptions):
+    """The chat template conversational records need (MissingSetting, naming the settings, when there is none)."""
+    if options.chat_template is None:
         raise MissingSetting(
             f"{where}: a conversational record (message lists) needs a chat template: set model.data.chat_template "
             f"(Jinja text or a .jinja file), or set model.tokenizer.model to a Hugging Face tokenizer folder whose "
             f"tokenizer_config.json (or chat_template.jinja) has one (sharegpt and Alpaca records are conversations too)"
         )
+    return options.chat_template
+
+
+def _rendered(prompt: list, chosen: list, rejected: list, keys: tuple, where: str, options: RecordOptions,
+              tools: list | None = None) -> tuple:
+    template = _template(where, options)
     prompt_text, chosen_text = template.split(prompt, chosen, where, keys[1], tools)
     _, rejected_text = template.split(prompt, rejected, where, keys[2], tools)
     return prompt_text, chosen_text, rejected_text
@@ -284,10 +295,39 @@ def _implicit(obj: dict, where: str, options: RecordOptions) -> tuple:
         IMPLICIT
 
 
+def is_unpaired(record: dict) -> bool:
+    """Whether a text record is an unpaired example (KTO's data) rather than a pair."""
+    return "completion" in record
+
+
+def _unpaired(obj: dict, where: str, options: RecordOptions) -> tuple[dict, str]:
+    """TRL's unpaired preference record: a prompt, one completion and whether it is desirable."""
+    _require(obj, UNPAIRED, where)
+    label = obj["label"]
+    if not isinstance(label, bool):
+        raise ValueError(f"{where}: key 'label' must be true (desirable) or false (undesirable), got {label!r:.100}")
+    prompt, completion = obj["prompt"], obj["completion"]
+    if isinstance(prompt, list) and isinstance(completion, str):
+        raise ValueError(f"{where}: key 'completion' is a string but the prompt is a list of messages; give the "
+                         f"completion as a list of assistant messages")
+    if isinstance(completion, list):
+        messages = _prompt_messages(prompt, "prompt", where), _side(completion, "completion", where)
+        prompt, completion = _template(where, options).split(*messages, where, "completion")
+        schema = "prompt/completion/label (messages)"
+    else:
+        prompt, completion = _string(obj, "prompt", where), _string(obj, "completion", where)
+        schema = "prompt/completion/label"
+    if not completion.strip():
+        raise ValueError(f"{where}: key 'completion' is empty")
+    return {"prompt": prompt, "completion": completion, "label": label}, schema
+
+
 def normalize(obj, where: str, options: RecordOptions) -> tuple[dict, str]:
     """``(record, schema)``: the text record and the name of the schema it came in (for reports)."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "completion" in obj or "label" in obj:
+        return _unpaired(obj, where, options)
     if any(key in obj for key in RANKED):
         parts = _ranked(obj, where, options)
     elif "conversations" in obj:

@@ -26,7 +26,7 @@ import time
 import sentencepiece as spm
 
 from nemo_dpo.data.preference_dataset import read_preference_pairs
-from nemo_dpo.data.schemas import RecordOptions
+from nemo_dpo.data.schemas import RecordOptions, is_unpaired
 from nemo_dpo.files import read_json_object
 
 # Bump when the training options below change, so old cached models are not reused.
@@ -160,7 +160,8 @@ def load_or_train_tokenizer(
             with open(corpus, "w", encoding="utf-8") as f:
                 for path in train_files:
                     for record in read_preference_pairs(path, "skip", options).records:  # the trainer reports bad ones
-                        for key in ("prompt", "chosen", "rejected"):
+                        keys = ("prompt", "completion") if is_unpaired(record) else ("prompt", "chosen", "rejected")
+                        for key in keys:
                             # One sentence a line: fold newlines, which SentencePiece normalizes to spaces anyway.
                             f.write(" ".join(record[key].split()) + "\n")
             os.replace(train_tokenizer([corpus], vocab_size, os.path.join(tmp, "spm.model")), cached)

@@ -98,6 +98,12 @@ class Layout:
         return parallel_state.get_tensor_model_parallel_group() if self.tp > 1 else None
 
     @property
+    def dp_group(self):
+        """The data-parallel process group without the CP ranks (they hold parts of the same sequences), or None when
+        DP is 1."""
+        return parallel_state.get_data_parallel_group(with_context_parallel=False) if self.dp > 1 else None
+
+    @property
     def cp_group(self):
         """The context-parallel process group, or None when CP is 1 (every sequence is whole here)."""
         return parallel_state.get_context_parallel_group() if self.cp > 1 else None

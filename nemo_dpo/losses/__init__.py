@@ -7,15 +7,16 @@ declares what it needs (``policy_values``, ``reference_values``,
 ``needs_reference``) and what it logs (``statistics``, see statistics.py), so
 the training step works with any of them. Adding a loss: its function or class
 (preference.py for the paired losses with a reference, reference_free.py for the
-others), its name in :data:`LOSSES`, its options as ``model.dpo`` keys in
+reference-free ones, kto.py for KTO's unpaired examples), its name in :data:`LOSSES`, its options as ``model.dpo`` keys in
 conf/gpt_dpo.yaml with their checks in ``PreferenceLossConfig``.
 """
 
+from nemo_dpo.losses.kto import LOSSES as KTO_LOSSES
 from nemo_dpo.losses.preference import PREFERENCE_LOSSES, PreferenceLoss, PreferenceLossConfig
 from nemo_dpo.losses.reference_free import LOSSES as REFERENCE_FREE_LOSSES
 
 # model.dpo.preference_loss -> the loss class; a list of names is a mixture of paired losses (PreferenceLoss)
-LOSSES = {**{name: PreferenceLoss for name in PREFERENCE_LOSSES}, **REFERENCE_FREE_LOSSES}
+LOSSES = {**{name: PreferenceLoss for name in PREFERENCE_LOSSES}, **REFERENCE_FREE_LOSSES, **KTO_LOSSES}
 
 
 def build_loss(dpo_cfg):

@@ -11,6 +11,9 @@ logs, so the step, the reference and the trainer work with any of them:
   ``needs_reference`` is whether it has reference values at all (a reference-free
   loss never gets reference weights, a reference pass or a cache).
 - ``statistics``: the entries of its stats logged as metrics (statistics.py).
+- ``estimates_kl``: KTO's: before each global batch's pass the trainer estimates
+  the policy's KL divergence from the reference on the batch's KL completions
+  (training/kl_estimate.py) and gives it to the loss's ``set_kl``.
 - ``end_step(metrics)``: called after each optimizer update with the step's
   averaged metrics, for a loss with training state (BCO's running reward mean);
   ``state_dict()`` / ``load_state_dict()`` carry that state through checkpoints
@@ -78,6 +81,7 @@ class Loss:
     policy_values = (LOGPS,)
     reference_values = (LOGPS,)
     statistics = CORE_STATISTICS
+    estimates_kl = False
 
     @property
     def needs_reference(self) -> bool:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_dpo.losses.base import CORE_STATISTICS, Loss, finish, pooled_nll, split
+from nemo_dpo.losses.kto import LOSSES as KTO_LOSSES
 from nemo_dpo.losses.reference_free import LOSSES as REFERENCE_FREE_LOSSES
 # sequence_sums and per_sequence are the losses' helpers for callers that hold per-token values
 from nemo_dpo.losses.sequences import LOGPS, SHARED_LOGPS, WPO_LOGPS, per_sequence, sequence_sums  # noqa: F401
@@ -195,7 +196,7 @@ TERMS = {
     "apo_down": apo_down, "discopop": discopop, "sigmoid_norm": sigmoid_norm, "sft": sft,
 }
 PREFERENCE_LOSSES = tuple(TERMS)
-NAMES = PREFERENCE_LOSSES + tuple(REFERENCE_FREE_LOSSES)
+NAMES = PREFERENCE_LOSSES + tuple(REFERENCE_FREE_LOSSES) + tuple(KTO_LOSSES)
 # Which losses each option applies to (TRL's rules: f-DPO and DPOP change the chosen-minus-rejected margin; WPO
 # weights pairs, which aot's sorting separates).
 F_DIVERGENCE_LOSSES = ("dpo", "sigmoid", "ipo", "hinge", "robust", "exo_pair", "discopop", "sigmoid_norm", "sft")
@@ -223,6 +224,8 @@ RANGES = {
     "model.dpo.sync_ref_model": Flag(),
     "model.dpo.ref_model_mixup_alpha": Real(ge=0, le=1),
     "model.dpo.ref_model_sync_steps": Integer(ge=1),
+    "model.dpo.desirable_weight": Real(ge=0),
+    "model.dpo.undesirable_weight": Real(ge=0),
 }
 
 
@@ -250,6 +253,8 @@ class PreferenceLossConfig:
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
     @property
     def names(self) -> tuple:
@@ -261,8 +266,8 @@ class PreferenceLossConfig:
             key = f"model.dpo.{field.name}"
             check(key, getattr(self, field.name), RANGES[key])
         names = self.names
-        free = [name for name in names if name in REFERENCE_FREE_LOSSES]
-        if len(set(names)) < len(names) or (free and len(names) > 1):
+        alone = [name for name in names if name in REFERENCE_FREE_LOSSES or name in KTO_LOSSES]
+        if len(set(names)) < len(names) or (alone and len(names) > 1):
             raise ValueError(f"model.dpo.preference_loss: a list is a mixture of distinct paired losses with a "
                              f"reference {list(PREFERENCE_LOSSES)}, got {list(names)}")
         if "exo_pair" in names and self.label_smoothing == 0:
@@ -270,6 +275,8 @@ class PreferenceLossConfig:
                              "uses 1e-3), got 0.0")
         if "orpo" in names and self.label_smoothing != 0:
             raise ValueError(f"model.dpo.label_smoothing must be 0 for orpo (it has none), got {self.label_smoothing}")
+        if "kto" in names:
+            self._check_kto()
         weights = self.preference_loss_weights
         if weights is not None and len(weights) != len(names):
             raise ValueError(f"model.dpo.preference_loss_weights must be null or {len(names)} numbers >= 0, one per "
@@ -280,6 +287,15 @@ class PreferenceLossConfig:
                             [n for n in PREFERENCE_LOSSES if n not in SORTING_LOSSES])
         self._check_applies("ld_alpha", self.ld_alpha is not None, PREFERENCE_LOSSES)
         self._check_applies("sync_ref_model", self.sync_ref_model, PREFERENCE_LOSSES)
+        for key in ("desirable_weight", "undesirable_weight"):
+            self._check_applies(key, getattr(self, key) != 1.0, tuple(KTO_LOSSES))
+
+    def _check_kto(self) -> None:
+        """KTO's settings: TRL's loss on the completions' summed log-probs, with nothing of the paired losses'."""
+        for key, unset in (("label_smoothing", 0.0), ("sft_loss_weight", 0.0), ("preference_average_log_probs", False)):
+            if getattr(self, key) != unset:
+                raise ValueError(f"model.dpo.{key} must be {unset} for kto (TRL's KTO has no such option), got "
+                                 f"{getattr(self, key)!r}")
 
     def _check_applies(self, key: str, is_set: bool, losses) -> None:
         others = [name for name in self.names if name not in losses]

@@ -39,7 +39,7 @@ from nemo_dpo.losses.logprobs import (
     vocab_parallel_log_sum_sq_probs,
 )
 from nemo_dpo.losses.sequences import WPO_LOGPS, sequence_sums, sequence_values, value_masks
-from nemo_dpo.losses.statistics import local_means
+from nemo_dpo.losses.statistics import local_sums
 from nemo_dpo.models.gpt import emit_hidden_states, output_weight, unwrap
 from nemo_dpo.ranges import Integer
 from nemo_dpo.training import moe_aux_loss
@@ -184,13 +184,14 @@ def reduce_metrics(statistics: tuple, microbatch_stats: list, layout) -> dict:
     """The loss's declared statistics averaged over the batch and the DP ranks; every rank gets them.
 
     Only the last pipeline stage has statistics. Each DP replica contributes its
-    local mean once (from TP rank 0), and one all-reduce over the world both
-    averages over DP and brings the result to rank 0, which logs.
+    local sums and counts once (from TP rank 0), and one all-reduce over the world
+    both adds them over DP and brings the result to rank 0, which logs. A statistic
+    that selects no pair of the batch (a side KTO's batch lacks) is left out.
     """
-    values = torch.zeros(len(statistics), dtype=torch.float64)
+    sums = torch.zeros(2, len(statistics), dtype=torch.float64)
     if layout.contributes_metrics:
-        values = local_means(statistics, microbatch_stats).cpu()
-    values = values.to(layout.device)
-    dist.all_reduce(values)
-    values /= layout.dp
-    return dict(zip((stat.metric for stat in statistics), values.tolist()))
+        sums = local_sums(statistics, microbatch_stats).cpu()
+    sums = sums.to(layout.device)
+    dist.all_reduce(sums)
+    totals, counts = sums.tolist()
+    return {stat.metric: total / count for stat, total, count in zip(statistics, totals, counts) if count > 0}

@@ -7,7 +7,8 @@ initial weights; none for a reference-free loss) -> optimizer and schedule ->
 resume from the newest complete checkpoint if there is one. Each step: take the
 next global batch of pairs, keep this DP rank's share, split it into
 microbatches (this CP rank's share of each sequence), compute the reference
-values the loss asks for (reference weights swapped in), run the policy
+values the loss asks for (reference weights swapped in), for KTO estimate the
+batch's KL reference point (a forward-only policy pass), run the policy
 forward/backward, step the optimizer, then let the loss update its state (BCO's
 running mean) and, with TR-DPO, move the reference. Validation runs every
 ``val_check_interval`` steps (or that fraction of an epoch) and at the end;
@@ -39,6 +40,7 @@ from nemo_dpo.models.lora import add_lora
 from nemo_dpo.ranges import Either, Flag, Integer, OneOf, Real
 from nemo_dpo.training import checkpoint, initial_policy, reference_cache
 from nemo_dpo.training.dpo_step import DPOStep, whole_sequence_masks
+from nemo_dpo.training.kl_estimate import KLEstimate
 from nemo_dpo.training.log_dir import log_dir
 from nemo_dpo.training.metrics_log import MetricsLog
 from nemo_dpo.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -141,6 +143,7 @@ class DPOTrainer:
                                          layout.dp, layout.device, layout.cp_rank, layout.cp, pad_multiple,
                                          whole_sequence_masks(values))
         self.reference = self.build_reference(runs_as_reference)  # from the initial weights, so before resuming
+        self.kl_estimate = KLEstimate(self.loss, self.step_fn.log_probs, layout) if self.loss.estimates_kl else None
 
         self.checkpoint_dir = Path(self.log_dir) / "checkpoints"
         async_save = cfg.checkpoint.async_save
@@ -285,10 +288,13 @@ class DPOTrainer:
 
     def forward_backward(self, indices: list) -> dict:
         """Reference sums, then policy forward/backward on the training pairs ``indices``; gradients stay in
-        DDP's buffers. The metrics include the seconds spent in each (``time_reference``, ``time_policy``)."""
+        DDP's buffers. The metrics include the seconds spent in each (``time_reference``, ``time_policy``; KTO's
+        KL estimate, a policy pass, counts as policy time)."""
         microbatches = self.microbatcher([self.train_pairs[i] for i in indices])
         time_reference = self.reference.attach(microbatches, "train", indices)
         start = clock()
+        if self.kl_estimate is not None:
+            self.kl_estimate.attach(microbatches)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -374,11 +380,15 @@ class DPOTrainer:
         for indices in batches:
             microbatches = self.microbatcher([self.val_pairs[i] for i in indices])
             self.reference.attach(microbatches, "validation", indices)
+            if self.kl_estimate is not None:
+                self.kl_estimate.attach(microbatches)
             with torch.no_grad():
                 rows.append(self.step_fn.policy(microbatches, forward_only=True))
         for chunk in self.model:
             chunk.train()
-        metrics = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+        # The mean over the batches that have a metric (KTO's batches may lack one side's examples).
+        keys = dict.fromkeys(key for row in rows for key in row)
+        metrics = {key: sum(r[key] for r in rows if key in r) / sum(key in r for r in rows) for key in keys}
         tokens = sum(self.val_pairs[i].num_tokens for indices in batches for i in indices)
         metrics["tokens_per_sec"] = tokens / (time.perf_counter() - start)
         return metrics
@@ -407,7 +417,8 @@ class DPOTrainer:
         self.log0(
             f"training {steps}: TP={self.layout.tp} PP={self.layout.pp} CP={self.layout.cp} "
             f"DP={self.layout.dp}, "
-            f"global batch {m.global_batch_size} pairs = {m.micro_batch_size} x "
+            f"global batch {m.global_batch_size} {'examples' if m.dpo.preference_loss == 'kto' else 'pairs'} = "
+            f"{m.micro_batch_size} x "
             f"{m.global_batch_size // (m.micro_batch_size * self.layout.dp)} microbatches x DP {self.layout.dp}; "
             f"logs in {self.log_dir}",
         )
