@@ -31,6 +31,7 @@ SMALL = [
     # rounding-noise level from turning into full-size updates of random sign.
     "model.optim.eps=1e-4",
     "model.optim.sched.warmup_steps=0",
+    "model.data.packing=false",  # rows padded; the variants below say where they pack (true) or let the data decide
 ]
 
 # Architectures and losses, so that every layout is checked on more than one combination.
@@ -110,6 +111,11 @@ VARIANTS.update(LOSS_VARIANTS)
 # The per-sequence values from packed rows and from log-probs in chunks (compared with the plain variants above).
 VARIANTS["options_packed_chunked"] = VARIANTS["options"] + ["model.data.packing=true", "model.log_prob_chunk_size=20"]
 VARIANTS["orpo_packed_chunked"] = VARIANTS["orpo"] + ["model.data.packing=true", "model.log_prob_chunk_size=20"]
+# model.data.packing=auto (the default outside these tests), which packs the default data's mixed lengths: with the
+# precomputed reference, LoRA and the per-sequence values of LD-DPO and WPO too.
+AUTO_VARIANTS = {f"{name}_auto": VARIANTS[name] + ["model.data.packing=auto"]
+                 for name in ("llama_dpo", "llama_dpo_precomputed", "lora", "options")}
+VARIANTS.update(AUTO_VARIANTS)
 
 
 def _tp_attrs(param):
@@ -156,6 +162,7 @@ def one_step(trainer: DPOTrainer) -> dict:
         "attrs": {n: _tp_attrs(p) for n, p in params},
         "frozen_before_step": frozen,
         "main_param_dtypes": {p.dtype for g in trainer.optimizer.param_groups for p in g["params"]},
+        "packed": trainer.microbatcher.packing,
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
     }

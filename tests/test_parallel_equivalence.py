@@ -20,7 +20,7 @@ import torch
 
 from distributed_harness import run_world
 from nemo_dpo.models.sharding import tp_slice
-from parallel_scenarios import LOSS_VARIANTS, VARIANTS, layout_steps
+from parallel_scenarios import AUTO_VARIANTS, LOSS_VARIANTS, VARIANTS, layout_steps
 
 pytestmark = pytest.mark.slow  # real multi-process runs
 
@@ -197,7 +197,7 @@ def test_sequence_parallelism_at_tp2_gives_the_step_without_it(baseline, tp2):
 
 
 PP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", "llama_dpo_4_layers",
-       *LOSS_VARIANTS, "options_packed_chunked"]
+       *LOSS_VARIANTS, "options_packed_chunked", "llama_dpo_auto"]
 
 
 def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, workdir):
@@ -211,12 +211,12 @@ def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, workdir):
         assert layers == {rank, rank + 2}
 
 
-DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS]
+DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS, "llama_dpo_auto"]
 # LD-DPO's shared lengths, WPO and ORPO's whole sequences take masks made before the split (unpacked and packed).
 # (The plain Llama-like step at CP=2 is in the TP=2 x CP=2 launch; here its unpacked rows run chunked, precomputed,
 # with LoRA and with the loss options.)
 CP2 = ["gpt2_ipo_sft", "llama_dpo_packed", "gpt2_ipo_sft_packed", "llama_dpo_chunked", "llama_dpo_precomputed",
-       "lora", "options", "orpo_packed_chunked"]
+       "lora", "options", "orpo_packed_chunked", *AUTO_VARIANTS]
 
 
 def test_data_parallel_2_and_context_parallel_2(baseline, workdir):
@@ -232,6 +232,14 @@ def test_data_parallel_2_and_context_parallel_2(baseline, workdir):
               for logs in ("base_logs/base", "dp2_logs/cp2")]
     for split in ("train", "validation"):
         torch.testing.assert_close(tables[1][split], tables[0][split], atol=1e-5, rtol=1e-6)
+
+
+def test_auto_packing_packs_the_default_data_and_steps_as_packing_does(baseline):
+    """model.data.packing=auto chooses packing for the mixed lengths of the default data (its layouts are compared in
+    the launches above), and then steps as model.data.packing=true does."""
+    for variant in AUTO_VARIANTS:
+        assert baseline[variant]["packed"] and not baseline[variant.removesuffix("_auto")]["packed"], variant
+    assert_same_metrics(baseline["llama_dpo_auto"]["metrics"], baseline["llama_dpo_packed"]["metrics"], "auto")
 
 
 def test_tensor_parallel_2_by_context_parallel_2(baseline, workdir):
