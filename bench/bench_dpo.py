@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]"
     python bench/bench_dpo.py                                   # llama-33m, seq 512, 4 pairs/step
-    python bench/bench_dpo.py --data spread --ours model.data.packing=true
+    python bench/bench_dpo.py --data spread                     # lengths 32..512: packed (model.data.packing=auto)
     python bench/bench_dpo.py --shape tiny --steps 1 --frameworks nemo_dpo   # smoke run
 
 One run builds the workload once and feeds it to both frameworks, each in a fresh
@@ -32,7 +32,7 @@ the time split (reference forward, policy forward+backward, optimizer), peak mem
 
 The console gets a table with the ratios nemo-dpo / TRL (above 1 is better for tokens/s and
 MFU, below 1 for times and memory); ``--out`` gets everything as JSON. ``--ours key=value ...`` adds nemo-dpo
-config overrides (packing, chunked log-probs, recomputation).
+config overrides (``model.data.packing=false`` to pad, chunked log-probs, recomputation).
 """
 
 import argparse

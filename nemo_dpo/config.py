@@ -22,7 +22,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nemo_dpo import losses, peer_keys
-from nemo_dpo.data import batching, pipeline
+from nemo_dpo.data import batching, packing, pipeline
 from nemo_dpo.distributed import init, layout
 from nemo_dpo.losses import preference
 from nemo_dpo.models import fusion, gpt, lora
@@ -32,8 +32,8 @@ from nemo_dpo.training import checkpoint, dpo_step, initial_policy, log_dir, met
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # The modules that read config keys, each with the RANGES of its keys; every key of conf/gpt_dpo.yaml is in one.
-RANGE_OWNERS = (layout, init, gpt, fusion, lora, batching, pipeline, preference, dpo_step, reference, optimizer, trainer,
-                checkpoint, metrics_log, log_dir, initial_policy)
+RANGE_OWNERS = (layout, init, gpt, fusion, lora, batching, packing, pipeline, preference, dpo_step, reference, optimizer,
+                trainer, checkpoint, metrics_log, log_dir, initial_policy)
 RANGES = {key: allowed for owner in RANGE_OWNERS for key, allowed in owner.RANGES.items()}
 
 
@@ -57,8 +57,8 @@ def _check_types(merged, base, prefix=""):
             continue
         elif path in NAME_OR_LIST_KEYS and isinstance(value, ListConfig):
             continue
-        elif path in RANGES and RANGES[path].admits(value):  # "auto" or a boolean, say
-            continue
+        elif path in RANGES and RANGES[path].admits(value):
+            continue  # a value of another type than the default's that the key allows (true for packing's auto)
         elif isinstance(default, bool) != isinstance(value, bool):
             raise ConfigError(f"{path}: expected a boolean, got {value!r}")
         elif isinstance(default, float) and isinstance(value, (int, float)):

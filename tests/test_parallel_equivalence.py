@@ -21,7 +21,7 @@ import torch
 
 from distributed_harness import run_world
 from nemo_dpo.models.sharding import tp_slice
-from parallel_scenarios import LOSS_VARIANTS, VARIANTS, layout_steps
+from parallel_scenarios import AUTO_VARIANTS, LOSS_VARIANTS, VARIANTS, layout_steps
 
 pytestmark = pytest.mark.slow  # real multi-process runs
 
@@ -171,13 +171,14 @@ def test_bf16_with_fp32_master_weights_tracks_fp32(baseline):
 TP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "llama_dpo_chunked", *LOSS_VARIANTS]
 SP = {"llama_dpo_sp": "llama_dpo", "gpt2_ipo_sft_sp": "gpt2_ipo_sft", "llama_dpo_sp_chunked_packed": "llama_dpo_chunked_packed"}
 PP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", "llama_dpo_4_layers",
-       *LOSS_VARIANTS, "options_packed_chunked"]
-DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS, "kto_precomputed"]
+       *LOSS_VARIANTS, "options_packed_chunked", "llama_dpo_auto"]
+DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS, "kto_precomputed",
+       "llama_dpo_auto"]
 # LD-DPO's shared lengths, WPO and ORPO's whole sequences take masks made before the split (unpacked and packed).
 # (The plain Llama-like step at CP=2 is in the TP=2 x CP=2 launch; here its unpacked rows run chunked, precomputed,
 # with LoRA and with the loss options.)
 CP2 = ["gpt2_ipo_sft", "llama_dpo_packed", "gpt2_ipo_sft_packed", "llama_dpo_chunked", "llama_dpo_precomputed",
-       "lora", "options", "orpo_packed_chunked", "kto_packed_chunked"]
+       "lora", "options", "orpo_packed_chunked", "kto_packed_chunked", *AUTO_VARIANTS]
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +250,14 @@ def test_data_parallel_2_and_context_parallel_2(baseline, workdir, two):
               for logs in ("base_logs/base", "two_logs/cp2")]
     for split in ("train", "validation"):
         torch.testing.assert_close(tables[1][split], tables[0][split], atol=1e-5, rtol=1e-6)
+
+
+def test_auto_packing_packs_the_default_data_and_steps_as_packing_does(baseline):
+    """model.data.packing=auto (with packing_min_saving=0) chooses packing for the mixed lengths of the default data
+    (its layouts are compared in the launches above), and then steps as model.data.packing=true does."""
+    for variant in AUTO_VARIANTS:
+        assert baseline[variant]["packed"] and not baseline[variant.removesuffix("_auto")]["packed"], variant
+    assert_same_metrics(baseline["llama_dpo_auto"]["metrics"], baseline["llama_dpo_packed"]["metrics"], "auto")
 
 
 def test_tensor_parallel_2_by_context_parallel_2(baseline, workdir):

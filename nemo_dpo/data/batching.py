@@ -14,12 +14,11 @@ import torch
 
 from nemo_dpo.data.context_split import context_parallel_share
 from nemo_dpo.data.preference_dataset import TokenizedPair
-from nemo_dpo.ranges import Flag, Integer
+from nemo_dpo.ranges import Integer
 
 RANGES = {
     "model.micro_batch_size": Integer(ge=1),
     "model.global_batch_size": Integer(ge=1),
-    "model.data.packing": Flag(),
 }
 
 
@@ -133,7 +132,8 @@ def dp_shard(batch: list[int], dp_rank: int, dp_size: int) -> list[int]:
     return batch[dp_rank * shard : (dp_rank + 1) * shard]
 
 
-def _round_up(length: int, multiple: int) -> int:
+def round_up(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``."""
     return -(-length // multiple) * multiple
 
 
@@ -157,7 +157,7 @@ def collate_microbatches(
     rows = [(p.prompt, side) for p in pairs for side in (p.chosen, p.rejected)]
     longest = max(len(prompt) + len(response) for prompt, response in rows)
     if pad_to is None:
-        seq_len = _round_up(longest, pad_multiple)
+        seq_len = round_up(longest, pad_multiple)
     elif longest > pad_to:
         raise ValueError(f"a sequence of {longest} tokens does not fit pad_to={pad_to}")
     else:
@@ -221,11 +221,11 @@ def collate_packed_microbatches(pairs: list, micro_batch_size: int, pad_id: int,
         )
     groups = [pairs[i : i + micro_batch_size] for i in range(0, len(pairs), micro_batch_size)]
     longest = max(
-        sum(_round_up(len(pair.prompt) + len(side), sequence_multiple) for pair in group
+        sum(round_up(len(pair.prompt) + len(side), sequence_multiple) for pair in group
             for side in (pair.chosen, pair.rejected))
         for group in groups
     )
-    length = _round_up(longest, pad_multiple)
+    length = round_up(longest, pad_multiple)
     return [_packed_row(group, pad_id, length, sequence_multiple) for group in groups]
 
 
@@ -239,7 +239,7 @@ def _packed_row(group: list, pad_id: int, length: int, sequence_multiple: int) -
     for index, pair in enumerate(group):
         for side, response in enumerate((pair.chosen, pair.rejected)):
             start = bounds[-1]
-            end = start + _round_up(_place(tokens, labels, loss_mask, 0, start, pair.prompt, response) - start,
+            end = start + round_up(_place(tokens, labels, loss_mask, 0, start, pair.prompt, response) - start,
                                     sequence_multiple)
             position_ids[0, start:end] = torch.arange(end - start)
             segment_ids[0, start:end] = 2 * index + side

@@ -88,7 +88,28 @@ def build_optimizer(ddp_chunks: list, optim_cfg, grad_clip: float, bf16: bool = 
         clip_grad=grad_clip,
         use_distributed_optimizer=uses_distributed_optimizer(optim_cfg),
     )
-    return get_megatron_optimizer(config, ddp_chunks)
+    optimizer = get_megatron_optimizer(config, ddp_chunks)
+    use_fused_torch_adam(optimizer)
+    return optimizer
+
+
+def use_fused_torch_adam(optimizer) -> None:
+    """Step megatron's torch Adam(W) fallback with torch's fused kernel.
+
+    Without transformer-engine or apex (always on CPU), megatron builds
+    ``torch.optim.AdamW`` (``Adam`` without decoupled weight decay) with no
+    ``fused``/``foreach`` flag, which on CPU is torch's loop over parameters in
+    Python, each update six elementwise kernels and as many passes over the
+    parameter, its gradient and moments. The fused kernel makes one pass per
+    tensor: about 6x faster at the bench's 34M parameters, and the same update to
+    fp32 rounding (tests/test_fused_adam.py). The flag lives in the param groups,
+    which keep this run's settings when a checkpoint loads (training/checkpoint.py).
+    """
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer  # None on a rank without trainable parameters
+        if isinstance(inner, torch.optim.Adam):  # AdamW is one; TE's and apex's fused Adams are not
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
 
 
 def build_scheduler(optimizer, optim_cfg, total_steps: int) -> OptimizerParamScheduler:

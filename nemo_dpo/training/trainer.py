@@ -28,6 +28,7 @@ from megatron.core.transformer.module import Float16Module
 from omegaconf import OmegaConf
 
 from nemo_dpo.data.batching import Microbatcher, global_batches
+from nemo_dpo.data.packing import PackingChoice, choose_packing
 from nemo_dpo.data.pipeline import load_run_data
 from nemo_dpo.data.tokenizer import source_files
 from nemo_dpo.distributed.failures import Heartbeat
@@ -139,9 +140,11 @@ class DPOTrainer:
         # Sequence parallelism splits each CP share over the TP ranks: rows must divide by CP x TP.
         pad_multiple = math.lcm(8, layout.cp * layout.tp) if m.sequence_parallel else 8
         values = tuple(dict.fromkeys(self.loss.policy_values + self.loss.reference_values))
-        self.microbatcher = Microbatcher(m.micro_batch_size, m.data.packing, self.tokenizer.pad_id, layout.dp_rank,
-                                         layout.dp, layout.device, layout.cp_rank, layout.cp, pad_multiple,
-                                         whole_sequence_masks(values))
+        self.microbatcher = Microbatcher(m.micro_batch_size, m.data.packing is True, self.tokenizer.pad_id,
+                                         layout.dp_rank, layout.dp, layout.device, layout.cp_rank, layout.cp,
+                                         pad_multiple, whole_sequence_masks(values))
+        if m.data.packing == "auto":
+            self.microbatcher.packing = self.choose_packing().packed
         self.reference = self.build_reference(runs_as_reference)  # from the initial weights, so before resuming
         self.kl_estimate = KLEstimate(self.loss, self.step_fn.log_probs, layout) if self.loss.estimates_kl else None
 
@@ -168,6 +171,15 @@ class DPOTrainer:
         """A console line from rank 0 only."""
         if self.layout.rank == 0:
             print(message, flush=True)
+
+    def choose_packing(self) -> PackingChoice:
+        """``model.data.packing=auto``: packing if it computes enough fewer tokens over an epoch than padding
+        (``model.data.packing_min_saving``), said once."""
+        m, batcher = self.cfg.model, self.microbatcher
+        choice = choose_packing(self.train_pairs, m.global_batch_size, m.seed, batcher.micro_batch_size, batcher.dp,
+                                batcher.pad_multiple, batcher.sequence_multiple, m.data.packing_min_saving)
+        self.log0(choice.message())
+        return choice
 
     def build_model(self) -> list:
         """This stage's GPT (its model chunks) with the initial weights (and LoRA adapters), on the compute device."""
