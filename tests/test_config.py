@@ -241,6 +241,7 @@ OUT_OF_RANGE = {
     "model.moe_router_pre_softmax": "maybe",
     "model.moe_aux_loss_coeff": "-0.1",
     "model.fused_elementwise": "sometimes",
+    "model.data.packing_min_saving": "1.5",
     "model.log_prob_chunk_size": "-1",
     "model.tokenizer.model": "''",
     "model.tokenizer.vocab_size": "10",
