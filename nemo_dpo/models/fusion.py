@@ -58,9 +58,11 @@ _compiled = {}
 
 
 def _compiled_fn(fn):
-    """``fn`` compiled on first use (compiling at import would cost every process that never calls it)."""
+    """``fn`` compiled on first use (compiling at import would cost every process that never calls it), for any
+    number of tokens: rows change length from step to step (padded to the step's longest, or packed), and a kernel
+    compiled for one length would be compiled again for the next."""
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn)
+        _compiled[fn] = torch.compile(fn, dynamic=True)
     return _compiled[fn]
 
 
