@@ -31,7 +31,7 @@ def test_a_bos_adding_tokenizer_folder_trains_with_one_bos_per_sequence(tmp_path
            f"model.tokenizer.model={folder}", f"model.data.data_prefix.train={train}",
            f"model.data.data_prefix.validation={validation}", f"exp_manager.explicit_log_dir={run_dir}",
            "model.encoder_seq_length=64", "model.max_position_embeddings=64", "model.num_layers=2",
-           "model.global_batch_size=8", "model.micro_batch_size=2", "trainer.dpo.max_steps=2",
+           "model.global_batch_size=8", "model.micro_batch_size=2", "trainer.dpo.max_steps=2", "model.data.packing=false",
            "trainer.dpo.val_check_interval=0", "trainer.dpo.limit_val_batches=1"]
     ran = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
