@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from distributed_harness import fresh_master_port
 from nemo_dpo.config import load_config
 from nemo_dpo.distributed import layout
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
@@ -76,12 +77,12 @@ def steps_with_checkpoint(tp: int, pp: int, log_dir: str, cache_dir: str, save_a
         destroy_distributed()
 
 
-def runs_one_after_another(runs: dict, cache_dir: str, ports: list) -> dict:
+def runs_one_after_another(runs: dict, cache_dir: str) -> dict:
     """``{name: steps_with_checkpoint(...)}`` for ``runs`` = ``{name: (tp, pp, cp, log_dir, extra, start_from)}``,
-    in order, each rendezvousing on a port of its own as a separate launch would."""
+    in order, each rendezvousing on a fresh port as a separate launch would."""
     results = {}
-    for port, (name, (tp, pp, cp, log_dir, extra, start_from)) in zip(ports, runs.items()):
-        os.environ["MASTER_PORT"] = str(port)
+    for name, (tp, pp, cp, log_dir, extra, start_from) in runs.items():
+        fresh_master_port()
         results[name] = steps_with_checkpoint(tp, pp, log_dir, cache_dir, 1, extra, cp, start_from)
     return results
 

@@ -13,6 +13,7 @@ import os
 import torch
 from megatron.core import parallel_state
 
+from distributed_harness import fresh_master_port
 from nemo_dpo.cli.convert import hf_to_mcore, mcore_to_hf
 from nemo_dpo.cli.train import main as train_main
 from nemo_dpo.config import load_config, prepare
@@ -33,13 +34,12 @@ def _forward_batch(tokens: torch.Tensor) -> Microbatch:
     )
 
 
-def log_probs(layouts: list, sources: dict, tokens: torch.Tensor, ports: list = ()) -> dict:
+def log_probs(layouts: list, sources: dict, tokens: torch.Tensor) -> dict:
     """``{layout: {name: log-probs of tokens[:, 1:]}}`` under the policy each source restores.
 
     A layout is ``(tp, pp)`` or ``(tp, pp, ep)`` (expert parallelism, for mixture-of-experts sources).
 
-    ``ports``: a rendezvous port per layout, as separate launches would have: re-initialising on the
-    launch's port, a rank can meet the previous layout's store and wait forever.
+    Each layout rendezvouses on a fresh port (distributed_harness.fresh_master_port).
 
     A source is what ``model.restore_from_path`` takes (a Hugging Face folder or
     a checkpoint); the model is built, loaded and run as training does (the
@@ -48,10 +48,9 @@ def log_probs(layouts: list, sources: dict, tokens: torch.Tensor, ports: list = 
     """
     world = int(os.environ["WORLD_SIZE"])
     results = {}
-    for i, sizes in enumerate(layouts):
+    for sizes in layouts:
         tp, pp, ep = (*sizes, 1)[:3]
-        if ports:
-            os.environ["MASTER_PORT"] = str(ports[i])
+        fresh_master_port()
         layout = init_distributed(tp, pp, seed=1234, ep=ep)
         results[sizes] = {}
         try:
@@ -91,14 +90,13 @@ def convert_and_score(hf_dirs: dict, mcore_root: str, export_root: str, tokens: 
 
 
 def train(runs: dict) -> dict:
-    """``{name: (exit status, console output)}`` of the DPO program run with each ``(port, arguments)``.
+    """``{name: (exit status, console output)}`` of the DPO program run with each ``arguments``.
 
-    Each run rendezvouses on a port of its own, as separate launches would:
-    a finished run's store may still hold its port.
+    Each run rendezvouses on a fresh port, as a separate launch would.
     """
     results = {}
-    for name, (port, argv) in runs.items():
-        os.environ["MASTER_PORT"] = str(port)
+    for name, argv in runs.items():
+        fresh_master_port()
         console = io.StringIO()
         with contextlib.redirect_stdout(console):
             status = train_main(argv)

@@ -13,6 +13,7 @@ import os
 import torch
 
 from dense_scenarios import convert_and_score, export_and_score, log_probs, train
+from distributed_harness import fresh_master_port
 from nemo_dpo.config import load_config, prepare
 from nemo_dpo.distributed.init import destroy_distributed, init_distributed
 from nemo_dpo.models.gpt import unwrap
@@ -30,15 +31,15 @@ RUN = [
 ]
 
 
-def _steps(source: str, ep: int, log_dir: str, steps: int, save: bool, port: int, overrides=()) -> dict:
+def _steps(source: str, ep: int, log_dir: str, steps: int, save: bool, overrides=()) -> dict:
     """Resume from ``log_dir`` if it holds a checkpoint, then ``steps`` optimizer steps (and a checkpoint).
 
     Returns the step it started at, the weights then, and for each step its
     metrics, gradients and new weights, and the token ids of the policy pass's
     microbatches (for an independent computation of the load-balancing loss).
-    Each run rendezvouses on a ``port`` of its own, as a separate launch would.
+    Each run rendezvouses on a fresh port, as a separate launch would.
     """
-    os.environ["MASTER_PORT"] = str(port)
+    fresh_master_port()
     layout = init_distributed(1, 1, seed=1234, ep=ep)
     try:
         cfg = load_config("gpt_dpo", [
@@ -77,26 +78,26 @@ def _weights(module, names) -> dict:
     return {names[n]: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def expert_parallel_training(source: str, log_root: str, ports: list) -> dict:
+def expert_parallel_training(source: str, log_root: str) -> dict:
     """One step at EP=2 (saved), two at EP=1, then the EP=2 checkpoint resumed at EP=2 for the second step;
     one step at EP=2 and at EP=1 without the load-balancing loss."""
     no_aux = ["model.moe_aux_loss_coeff=0"]
     return {
-        "ep2": _steps(source, 2, os.path.join(log_root, "ep2"), steps=1, save=True, port=ports[0]),
-        "ep1": _steps(source, 1, os.path.join(log_root, "ep1"), steps=2, save=False, port=ports[1]),
-        "ep2_resumed": _steps(source, 2, os.path.join(log_root, "ep2"), steps=1, save=False, port=ports[2]),
-        "ep2_no_aux": _steps(source, 2, os.path.join(log_root, "ep2_no_aux"), 1, False, ports[3], no_aux),
-        "ep1_no_aux": _steps(source, 1, os.path.join(log_root, "ep1_no_aux"), 1, False, ports[4], no_aux),
+        "ep2": _steps(source, 2, os.path.join(log_root, "ep2"), steps=1, save=True),
+        "ep1": _steps(source, 1, os.path.join(log_root, "ep1"), steps=2, save=False),
+        "ep2_resumed": _steps(source, 2, os.path.join(log_root, "ep2"), steps=1, save=False),
+        "ep2_no_aux": _steps(source, 2, os.path.join(log_root, "ep2_no_aux"), 1, False, no_aux),
+        "ep1_no_aux": _steps(source, 1, os.path.join(log_root, "ep1_no_aux"), 1, False, no_aux),
     }
 
 
 def layouts_and_training(layouts: list, sources: dict, tokens: torch.Tensor, trained: str, log_root: str,
-                         ports: list, dpo_runs: dict) -> dict:
+                         dpo_runs: dict) -> dict:
     """The log-probs of every source at each layout (dense_scenarios.log_probs), the EP training check, then
-    the DPO program's ``dpo_runs`` (dense_scenarios.train); ``ports``: one per process group, the layouts' first."""
+    the DPO program's ``dpo_runs`` (dense_scenarios.train)."""
     return {
-        "log_probs": log_probs(layouts, sources, tokens, ports[: len(layouts)]),
-        "training": expert_parallel_training(trained, log_root, ports[len(layouts):]),
+        "log_probs": log_probs(layouts, sources, tokens),
+        "training": expert_parallel_training(trained, log_root),
         "dpo": train(dpo_runs),
     }
 

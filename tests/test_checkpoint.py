@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from checkpoint_scenarios import plain_tensors, runs_one_after_another
-from distributed_harness import free_port, run_world
+from distributed_harness import run_world
 from logging_checks import assert_tensorboard_matches_metrics
 from nemo_dpo.training import checkpoint
 from parallel_scenarios import SMALL
@@ -323,8 +323,8 @@ def resharded(tmp_path_factory):
         loads[tp * pp * dp * cp][case] = (tp, pp, cp, str(base / case), extra, str(base / origin / "checkpoints"))
     cache = str(base / "cache")
     two = {**origins, **loads[2]}
-    ranks = run_world(2, str(base / "two"), runs_one_after_another, two, cache, [free_port() for _ in two])
-    ranks += run_world(1, str(base / "one"), runs_one_after_another, loads[1], cache, [free_port() for _ in loads[1]])
+    ranks = run_world(2, str(base / "two"), runs_one_after_another, two, cache)
+    ranks += run_world(1, str(base / "one"), runs_one_after_another, loads[1], cache)
     return {name: [rank[name] for rank in ranks if name in rank] for name in {**two, **loads[1]}}  # per rank
 
 

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dense_fixtures import DPO_RUNS, SCALED, SEQUENCE, VOCAB, save_cases
-from distributed_harness import free_port, run_world
+from distributed_harness import run_world
 from dense_scenarios import convert_and_score, export_and_score, log_probs, train
 from hf_fixtures import hf_log_probs
 from nemo_dpo.models.hf.safetensors_io import read_safetensors
@@ -58,8 +58,8 @@ def converted(work):
 def trained(work):
     """One DPO run per family at TP=2 from its folder, exported, with the checkpoints' TP=1 log-probs."""
     root, hf = work
-    runs = {name: (free_port(), ["--config-name", "gpt_dpo_hf", f"model.restore_from_path={hf[name][1]}", *RUN,
-                               f"exp_manager.explicit_log_dir={root / 'dpo' / name}"]) for name in DPO_RUNS}
+    runs = {name: ["--config-name", "gpt_dpo_hf", f"model.restore_from_path={hf[name][1]}", *RUN,
+                   f"exp_manager.explicit_log_dir={root / 'dpo' / name}"] for name in DPO_RUNS}
     consoles = run_world(2, str(root / "dpo_out"), train, runs)[0]
     checkpoints = {name: str(root / "dpo" / name / "checkpoints" / "step_3") for name in DPO_RUNS}
     (scores,) = run_world(1, str(root / "dpo_score"), export_and_score, checkpoints, str(root / "dpo_exported"), TOKENS)
@@ -84,7 +84,7 @@ def test_log_probs_match_transformers_at_tp1_tp2_and_pp2(work, converted):
     root, hf = work
     dirs = {name: folder for name, (_, folder) in hf.items()}
     # a rendezvous port per layout: re-initialising on the launch's port, a rank can meet the last layout's store
-    ranks = run_world(2, str(root / "tp2_pp2"), log_probs, [(2, 1), (1, 2)], dirs, TOKENS, [free_port(), free_port()])
+    ranks = run_world(2, str(root / "tp2_pp2"), log_probs, [(2, 1), (1, 2)], dirs, TOKENS)
     runs = {"TP=1": converted, "TP=2": ranks[0][(2, 1)], "PP=2": ranks[1][(1, 2)]}
     assert not ranks[1][(2, 1)] and not ranks[0][(1, 2)]  # only the last stage's first TP rank reports
     table = {}

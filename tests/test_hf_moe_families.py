@@ -23,7 +23,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distributed_harness import free_port, run_world
+from distributed_harness import run_world
 from hf_fixtures import hf_log_probs
 from moe_fixtures import EXPERTS, MIXTRAL_AUX, SEQUENCE, SETTINGS, VOCAB, router_weights, save_cases
 from dense_scenarios import log_probs
@@ -61,11 +61,10 @@ def parallel(work):
     """Per rank of a 2-process launch: the log-probs at EP=2, TP=2 and PP=2, and the EP training runs."""
     root, hf = work
     dirs = {name: folder for name, (_, folder) in hf.items()}
-    ports = [free_port() for _ in range(len(LAYOUTS) + 5)]  # a rendezvous per process group, as launches have
-    runs = {name: (free_port(), ["--config-name", "gpt_dpo_hf", f"model.restore_from_path={hf[name][1]}", *DPO_RUN,
-                               f"exp_manager.explicit_log_dir={root / 'dpo' / name}"]) for name in DPO_FAMILIES}
+    runs = {name: ["--config-name", "gpt_dpo_hf", f"model.restore_from_path={hf[name][1]}", *DPO_RUN,
+                   f"exp_manager.explicit_log_dir={root / 'dpo' / name}"] for name in DPO_FAMILIES}
     return run_world(2, str(root / "two"), layouts_and_training, list(LAYOUTS.values()), dirs, TOKENS,
-                     hf[TRAINED][1], str(root / "runs"), ports, runs)
+                     hf[TRAINED][1], str(root / "runs"), runs)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +72,7 @@ def four(work):
     """Per rank of a 4-process launch: Mixtral's log-probs at EP=2 with TP=2 (DP=2), and with PP=2 (DP=2)."""
     root, hf = work
     layouts = list(WITH_EP.values())
-    return run_world(4, str(root / "four"), log_probs, layouts, {TRAINED: hf[TRAINED][1]}, TOKENS,
-                     [free_port() for _ in layouts])
+    return run_world(4, str(root / "four"), log_probs, layouts, {TRAINED: hf[TRAINED][1]}, TOKENS)
 
 
 @pytest.fixture(scope="module")
