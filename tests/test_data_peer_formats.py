@@ -5,13 +5,10 @@ final assistant answer."""
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import datasets
 import pytest
-from chat_fixtures import conversation, default_task_records, save_chatml_tokenizer, write_jsonl
+from chat_fixtures import conversation, default_task_records, save_chatml_tokenizer
 from peer_fixtures import SYSTEM, peer_files, sharegpt, turn
 from transformers import AutoTokenizer
 
@@ -213,27 +210,17 @@ def test_every_schema_in_the_readme_has_an_example_record_that_reads_as_named():
 
 
 @pytest.mark.slow
-def test_one_run_trains_on_all_of_them(tmp_path, tok_dir):
-    """torchrun, 2 processes: the train split lists the sharegpt file, the Alpaca file, the save_to_disk folder and
-    the shards folder (its train shards only: 64 pairs in all); 2 steps."""
-    files = peer_files(tmp_path / "data")
-    validation = write_jsonl(tmp_path / "val.jsonl", [conversation(r) for r in default_task_records("validation", 8)])
-    train = ", ".join(files[k] for k in ("sharegpt", "alpaca", "saved", "shards"))
-    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
-    ran = subprocess.run(
-        [*torchrun.split(), "--nproc_per_node", "2", os.path.join(ROOT, "examples", "train_dpo.py"),
-         f"model.tokenizer.model={tok_dir}", f"model.data.data_prefix={{train: [{train}], validation: [{validation}]}}",
-         "model.encoder_seq_length=256", "model.max_position_embeddings=256", "model.num_layers=2",
-         "model.global_batch_size=8", "model.micro_batch_size=2", "trainer.dpo.max_steps=2",
-         "trainer.dpo.val_check_interval=0", f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
-         "exp_manager.create_tensorboard_logger=false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    out = ran.stdout
+def test_one_run_trains_on_all_of_them(data_training_runs):
+    """2 processes (one of tests/data_training_runs.py's runs): the train split lists the sharegpt file, the Alpaca
+    file, the save_to_disk folder and the shards folder (its train shards only: 64 pairs in all); 2 steps."""
+    run = data_training_runs["peer_formats"]
+    files = run.files
+    assert run.status == 0, run.console[-3000:]
+    out = run.console
     assert f"train: jsonl file {files['alpaca']}: 16 instruction/input/chosen/rejected (Alpaca)" in out
     assert f"train: json file {files['sharegpt']}: 16 conversations/chosen/rejected (sharegpt)" in out
     assert f"train: {files['saved']} is datasets save_to_disk: 2 file(s)" in out
     assert f"train: {files['shards']} is data files, split train: 2 file(s)" in out
     assert re.search(r"train: 64 pairs from .* \(longest \d+ tokens, 0 prompt-truncated and 0 dropped", out), out
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(run.folder / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2] and rows[-1]["split"] == "val"
