@@ -23,3 +23,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "system" in item.keywords:
             item.add_marker(later)
+
+
+@pytest.fixture(scope="session")
+def data_training_runs(tmp_path_factory):
+    """The data tests' training runs, ``{job name: Run}``: one 2-process launch, for the first test that asks
+    (tests/data_training_runs.py)."""
+    from data_training_runs import run_all  # here, not above: sessions without those tests skip its imports (torch)
+
+    return run_all(tmp_path_factory.mktemp("data_training_runs"))

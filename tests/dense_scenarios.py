@@ -4,6 +4,8 @@ The programs' own functions run here, several to a launch (the DPO program's
 ``main``, the converter's ``hf_to_mcore`` and ``mcore_to_hf``), so that seven
 models in three layouts, their conversions and three DPO runs take four
 launches.
+
+``train`` also runs the data tests' jobs, five to a launch (tests/data_training_runs.py).
 """
 
 import contextlib

@@ -5,15 +5,11 @@ final assistant answer."""
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import datasets
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from chat_fixtures import CHATML, GREETING, conversation, default_task_records, save_chatml_tokenizer, write_jsonl
+from chat_fixtures import conversation, default_task_records, save_chatml_tokenizer
+from peer_fixtures import SYSTEM, peer_files, sharegpt, turn
 from transformers import AutoTokenizer
 
 from nemo_dpo.cli.prepare import main as prepare_main
@@ -35,26 +31,6 @@ WITH_TOOLS = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 OPTIONS = RecordOptions(ChatTemplate(WITH_TOOLS, "t", {"eos_token": "<|im_end|>"}), "\n\nAssistant:")
-SYSTEM = "Answer in one word."
-
-
-def turn(speaker, text):
-    return {"from": speaker, "value": text}
-
-
-def sharegpt(record: dict, system: str | None = None) -> dict:
-    """A default-task pair in LLaMA-Factory's dpo_en_demo.json layout: greeting, reply, question; the answers one turn each."""
-    row = {"conversations": [turn("human", GREETING[0]["content"]), turn("gpt", GREETING[1]["content"]),
-                             turn("human", record["prompt"])],
-           "chosen": turn("gpt", record["chosen"]), "rejected": turn("gpt", record["rejected"])}
-    return {"system": system, **row} if system else row
-
-
-def alpaca(record: dict) -> dict:
-    """A default-task pair as an Alpaca-style preference record: the question split into instruction and input."""
-    instruction, _, rest = record["prompt"].partition(":")
-    return {"instruction": instruction + ":", "input": rest.strip(), "chosen": record["chosen"],
-            "rejected": record["rejected"]}
 
 
 def messages_of(rendered_prompt_messages, chosen, rejected, tools=None):
@@ -168,44 +144,6 @@ def test_split_names_are_read_as_load_dataset_reads_them():
     assert split_of("trainer_notes.jsonl") is None and split_of("constraint.parquet") is None
 
 
-def save_to_disk(folder, rows, shards=2) -> str:
-    datasets.Dataset.from_list(rows).save_to_disk(str(folder), num_shards=shards)
-    return str(folder)
-
-
-def shards(folder, rows_by_name: dict) -> str:
-    """A folder as a Hub dataset repo holds one: Parquet and JSON Lines shards named by split, a README."""
-    for name, rows in rows_by_name.items():
-        path = os.path.join(folder, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if name.endswith(".parquet"):
-            pq.write_table(pa.Table.from_pylist(rows), path)
-        else:
-            write_jsonl(path, rows)
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write("---\nconfigs: [train, test]\n---\n")
-    return str(folder)
-
-
-def peer_files(root) -> dict:
-    """A sharegpt JSON array, an Alpaca JSON Lines file, a save_to_disk folder and a shards folder: 16 pairs each."""
-    records = default_task_records("train", 96)
-    os.makedirs(root, exist_ok=True)
-    demo = os.path.join(root, "dpo_en_demo.json")
-    with open(demo, "w") as f:
-        json.dump([sharegpt(r, SYSTEM if i % 3 == 0 else None) for i, r in enumerate(records[:16])], f, indent=2)
-    return {
-        "sharegpt": demo,
-        "alpaca": write_jsonl(os.path.join(root, "alpaca_prefs.jsonl"), [alpaca(r) for r in records[16:32]]),
-        "saved": save_to_disk(os.path.join(root, "saved"), [conversation(r) for r in records[32:48]]),
-        "shards": shards(os.path.join(root, "shards"), {
-            "data/train-00000-of-00002.parquet": [conversation(r) for r in records[48:56]],
-            "data/train-00001-of-00002.jsonl": [sharegpt(r) for r in records[56:64]],
-            "data/test-00000-of-00001.jsonl": [conversation(r) for r in records[64:96]],
-        }),
-    }
-
-
 def test_folders_stand_for_their_files(tmp_path):
     files = peer_files(tmp_path)
     saved, repo = files["saved"], files["shards"]
@@ -272,27 +210,17 @@ def test_every_schema_in_the_readme_has_an_example_record_that_reads_as_named():
 
 
 @pytest.mark.slow
-def test_one_run_trains_on_all_of_them(tmp_path, tok_dir):
-    """torchrun, 2 processes: the train split lists the sharegpt file, the Alpaca file, the save_to_disk folder and
-    the shards folder (its train shards only: 64 pairs in all); 2 steps."""
-    files = peer_files(tmp_path / "data")
-    validation = write_jsonl(tmp_path / "val.jsonl", [conversation(r) for r in default_task_records("validation", 8)])
-    train = ", ".join(files[k] for k in ("sharegpt", "alpaca", "saved", "shards"))
-    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
-    ran = subprocess.run(
-        [*torchrun.split(), "--nproc_per_node", "2", os.path.join(ROOT, "examples", "train_dpo.py"),
-         f"model.tokenizer.model={tok_dir}", f"model.data.data_prefix={{train: [{train}], validation: [{validation}]}}",
-         "model.encoder_seq_length=256", "model.max_position_embeddings=256", "model.num_layers=2",
-         "model.global_batch_size=8", "model.micro_batch_size=2", "trainer.dpo.max_steps=2",
-         "trainer.dpo.val_check_interval=0", f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
-         "exp_manager.create_tensorboard_logger=false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    out = ran.stdout
+def test_one_run_trains_on_all_of_them(data_training_runs):
+    """2 processes (one of tests/data_training_runs.py's runs): the train split lists the sharegpt file, the Alpaca
+    file, the save_to_disk folder and the shards folder (its train shards only: 64 pairs in all); 2 steps."""
+    run = data_training_runs["peer_formats"]
+    files = run.files
+    assert run.status == 0, run.console[-3000:]
+    out = run.console
     assert f"train: jsonl file {files['alpaca']}: 16 instruction/input/chosen/rejected (Alpaca)" in out
     assert f"train: json file {files['sharegpt']}: 16 conversations/chosen/rejected (sharegpt)" in out
     assert f"train: {files['saved']} is datasets save_to_disk: 2 file(s)" in out
     assert f"train: {files['shards']} is data files, split train: 2 file(s)" in out
     assert re.search(r"train: 64 pairs from .* \(longest \d+ tokens, 0 prompt-truncated and 0 dropped", out), out
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(run.folder / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2] and rows[-1]["split"] == "val"

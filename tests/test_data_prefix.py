@@ -1,21 +1,14 @@
 """model.data.data_prefix: one file or a list of files per split (NeMo-Aligner's form), read in order as one dataset."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 from chat_fixtures import default_task_records, save_chatml_tokenizer, write_jsonl
-from parallel_scenarios import SMALL
 
 from nemo_dpo.config import ConfigError, load_config, validate
 from nemo_dpo.data import pipeline
 from nemo_dpo.data.chat_template import record_options
 from nemo_dpo.data.pipeline import data_files, load_run_data, read_splits
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def lists(train: list, validation: list) -> str:
@@ -118,25 +111,16 @@ def test_one_file_runs_as_before_and_two_files_count_both(files, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_trains_on_the_pairs_of_every_listed_file(tmp_path):
-    """torchrun, 2 processes: two training files and a validation list of one, the tokenizer trained on both."""
-    rows = default_task_records("train", 64)
-    a = write_jsonl(tmp_path / "a.jsonl", rows[:40])
-    b = write_jsonl(tmp_path / "b.jsonl", rows[40:])
-    c = write_jsonl(tmp_path / "c.jsonl", default_task_records("validation", 16))
-    log_dir = tmp_path / "run"
-    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
-    ran = subprocess.run(
-        [*torchrun.split(), "--nproc_per_node", "2", os.path.join(ROOT, "examples", "train_dpo.py"), *SMALL,
-         lists([a, b], [c]), "trainer.dpo.max_steps=2", "trainer.dpo.limit_val_batches=1",
-         f"model.tokenizer.cache_dir={tmp_path / 'tok'}", f"exp_manager.explicit_log_dir={log_dir}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    out = ran.stdout
+def test_a_run_trains_on_the_pairs_of_every_listed_file(data_training_runs):
+    """2 processes (one of tests/data_training_runs.py's runs): two training files and a validation list of one, the
+    tokenizer trained on both."""
+    run = data_training_runs["listed_files"]
+    a, b, c = run.files["a"], run.files["b"], run.files["c"]
+    assert run.status == 0, run.console[-3000:]
+    out = run.console
     assert f"train: jsonl file {a}: 40 prompt/chosen/rejected" in out
     assert f"train: jsonl file {b}: 24 prompt/chosen/rejected" in out
     assert f"tokenizer: training a SentencePiece model (vocab_size 512) on {a}, {b}," in out
     assert f"train: 64 pairs from {a}, {b} (longest" in out and f"validation: 16 pairs from {c} (longest" in out
-    progress = json.loads((log_dir / "checkpoints" / "step_2" / "nemo_dpo.json").read_text())["progress"]
+    progress = json.loads((run.folder / "run" / "checkpoints" / "step_2" / "nemo_dpo.json").read_text())["progress"]
     assert progress["step"] == 2 and progress["train_pairs"] == 64  # the epoch the run drew its batches from
