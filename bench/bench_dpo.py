@@ -46,6 +46,7 @@ import time
 
 import torch
 
+from memory_inventory import Inventory
 from peak_memory import run_sampling_rss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,10 +174,30 @@ def workload_overrides(spec: dict, pairs: int) -> list:
     ]
 
 
-def run_nemo_dpo(spec: dict) -> dict:
+def nemo_dpo_tensor_roles(trainer) -> dict:
+    """The tensors a nemo-dpo run keeps between steps, by role (memory_inventory.Inventory.count_tensors)."""
+    chunks = trainer.model
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    buffers = [b for chunk in chunks for b in chunk.buffers + chunk.expert_parallel_buffers]
+    reference = getattr(trainer.reference, "runs_as_reference", None)
+    optimizers = [o.optimizer for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])]
+    masters = [t for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+               for group in getattr(o, "fp32_from_float16_groups", []) for t in group]
+    return {
+        "weights": params,
+        "fp32 master weights": masters,
+        "gradients": [b.grad_data for b in buffers] + [p.grad for p in params if p.grad is not None],
+        "reference weights": [*getattr(reference, "weights", []), *(getattr(reference, "stash", None) or [])],
+        "optimizer state": [t for o in optimizers for state in o.state.values() for t in state.values()],
+    }
+
+
+def run_nemo_dpo(spec: dict, inventory: Inventory) -> dict:
     from nemo_dpo.config import load_config, prepare
     from nemo_dpo.distributed.init import destroy_distributed, init_distributed
     from nemo_dpo.training.trainer import DPOTrainer
+
+    inventory.moment("imports")
 
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
@@ -188,10 +209,12 @@ def run_nemo_dpo(spec: dict) -> dict:
     layout = init_distributed(1, 1, cfg.model.seed)
     try:
         trainer = DPOTrainer(cfg, layout)
+        inventory.moment("set up")
         pairs = spec["pairs"]
         rows = []
         for step in range(total):
             metrics = trainer.train_step(list(range(step * pairs, (step + 1) * pairs)))
+            inventory.moment(f"after step {step + 1}")
             rows.append({
                 "step": metrics["time_step"],
                 "reference": metrics["time_reference"],
@@ -199,16 +222,31 @@ def run_nemo_dpo(spec: dict) -> dict:
                 "optimizer": metrics["time_optimizer"],
                 "loss": metrics["loss"],
             })
+        inventory.count_tensors(nemo_dpo_tensor_roles(trainer))
     finally:
         destroy_distributed()
     return {"steps": rows}
 
 
-def run_trl(spec: dict) -> dict:
+def trl_tensor_roles(trainer) -> dict:
+    """The tensors a TRL run keeps between steps, by role (memory_inventory.Inventory.count_tensors)."""
+    params = list(trainer.model.parameters())
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    return {
+        "weights": params,
+        "gradients": [p.grad for p in params if p.grad is not None],
+        "reference weights": list(trainer.ref_model.parameters()),
+        "optimizer state": [t for state in optimizer.state.values() for t in state.values()],
+    }
+
+
+def run_trl(spec: dict, inventory: Inventory) -> dict:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    inventory.moment("imports")
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     clock = lambda: (sync(), time.perf_counter())[1]  # noqa: E731
@@ -219,6 +257,8 @@ def run_trl(spec: dict) -> dict:
             marks.update(start=clock(), reference=0.0)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step + 1 == args.max_steps:  # the gradients exist only until the update
+                inventory.count_tensors(trl_tensor_roles(trainer))
             marks["optimizer"] = clock()
 
         def on_optimizer_step(self, args, state, control, **kwargs):
@@ -226,6 +266,7 @@ def run_trl(spec: dict) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             end = clock()
+            inventory.moment(f"after step {state.global_step}")
             optimizer = marks["optimizer_done"] - marks["optimizer"]
             rows.append({
                 "step": end - marks["start"],
@@ -272,6 +313,7 @@ def run_trl(spec: dict) -> dict:
         return out
 
     trainer.ref_model.forward = timed_reference
+    inventory.moment("set up")
     trainer.train()
     return {"steps": rows}
 
@@ -283,7 +325,10 @@ def worker(name: str, spec_path: str) -> int:
     torch.manual_seed(0)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = (run_nemo_dpo if name == "nemo_dpo" else run_trl)(spec)
+    inventory = Inventory()
+    inventory.moment("start")
+    result = (run_nemo_dpo if name == "nemo_dpo" else run_trl)(spec, inventory)
+    result["memory"] = inventory.report()
     if torch.cuda.is_available():
         result["device_peak_bytes"] = torch.cuda.max_memory_allocated()
     with open(spec["result"], "w") as f:
@@ -331,6 +376,7 @@ def summarize(result: dict, work: dict, shape: dict, args, peak_flops: float) ->
         "peak_rss_mib": result["peak_rss_bytes"] / 2**20,
         "mfu": model_flops(shape, lengths) / seconds / peak_flops,
         "steps": result["steps"],
+        "memory": {**result["memory"], "peak_rss_mib": result["peak_rss_bytes"] / 2**20},
     }
 
 
@@ -356,6 +402,26 @@ def table(summaries: dict) -> str:
         if ratio and summaries[names[1]][key]:
             line += f"{summaries[names[0]][key] / summaries[names[1]][key]:>21.2f}x"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def memory_table(summaries: dict) -> str:
+    """Where each framework's peak resident memory goes (MiB): the process at named moments, the tensors it keeps
+    between steps by role, and the peak's excess over the resident set after the last step (the step's
+    activations and what the allocator holds)."""
+    names = list(summaries)
+    memory = {n: summaries[n]["memory"] for n in names}
+    last = {n: list(memory[n]["rss_mib"])[-1] for n in names}
+    rows = [("resident: python + torch", lambda m, n: m["rss_mib"]["start"]),
+            ("resident: + framework imports", lambda m, n: m["rss_mib"]["imports"]),
+            ("resident: + model, trainer set up", lambda m, n: m["rss_mib"]["set up"]),
+            ("resident: after the last step", lambda m, n: m["rss_mib"][last[n]]),
+            ("peak resident", lambda m, n: m["peak_rss_mib"]),
+            ("  peak - after the last step", lambda m, n: m["peak_rss_mib"] - m["rss_mib"][last[n]])]
+    roles = list(dict.fromkeys(role for n in names for role in memory[n]["tensors_mib"]))
+    rows += [(f"tensors kept: {role}", lambda m, n, role=role: m["tensors_mib"].get(role, 0.0)) for role in roles]
+    lines = [f"{'memory (MiB)':34}" + "".join(f"{n:>12}" for n in names)]
+    lines += [f"{label:34}" + "".join(f"{value(memory[n], n):>12,.0f}" for n in names) for label, value in rows]
     return "\n".join(lines)
 
 
@@ -421,6 +487,7 @@ def main() -> int:
     if args.ours:
         print(f"nemo-dpo overrides: {' '.join(args.ours)}")
     print(table(summaries))
+    print(memory_table(summaries))
     report = {"shape": {"name": args.shape, **shape, "matmul_params": matmul_params(shape)},
               "workload": {"data": args.data, "seq": args.seq, "min_len": args.min_len, "pairs": args.pairs,
                            "steps": args.steps, "warmup": args.warmup, "lengths": work["lengths"]},

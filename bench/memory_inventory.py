@@ -1,0 +1,71 @@
+"""Where a training process's memory goes: resident set at named moments, and live tensors by role.
+
+The bench's peak resident set is one number; to act on it one has to know how much is
+the interpreter and libraries, how much the tensors a run keeps (weights, the
+reference's weights, gradients, optimizer state) and how much the step's activations
+and the allocator add on top. ``Inventory`` records the resident set at moments the
+worker names, and counts every live tensor (found through the garbage collector) by
+the storage it uses, attributing each storage to the first role that claims it, so a
+tensor viewed twice (a parameter and its gradient buffer's slice) is counted once.
+Storages no role claims are "other tensors" (caches, tokenized data, RoPE tables).
+"""
+
+import gc
+import warnings
+
+import psutil
+import torch
+
+MIB = 2**20
+
+
+def _storages(tensors) -> dict:
+    """``{storage pointer: bytes}`` of the tensors (each storage once, CPU and GPU alike)."""
+    found = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            try:
+                storage = t.untyped_storage()
+                found[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # torch.compile's fake tensors stand for no memory
+                continue
+    return found
+
+
+def live_tensors() -> list:
+    gc.collect()
+    tensors = []
+    with warnings.catch_warnings():  # isinstance on deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor):
+                    tensors.append(obj)
+            except ReferenceError:  # a weak proxy whose referent is gone
+                continue
+    return tensors
+
+
+class Inventory:
+    def __init__(self):
+        self.process = psutil.Process()
+        self.moments = {}
+        self.tensors = {}
+
+    def moment(self, name: str) -> None:
+        """The resident set now, under ``name``."""
+        self.moments[name] = self.process.memory_info().rss / MIB
+
+    def count_tensors(self, roles: dict) -> None:
+        """``roles``: ``{role: iterable of tensors}``, in order of precedence; the rest of the live tensors are
+        counted as "other tensors"."""
+        claimed = {}
+        for role, tensors in roles.items():
+            mine = {ptr: n for ptr, n in _storages(tensors).items() if ptr not in claimed}
+            claimed.update(mine)
+            self.tensors[role] = sum(mine.values()) / MIB
+        rest = {ptr: n for ptr, n in _storages(live_tensors()).items() if ptr not in claimed and ptr != 0}
+        self.tensors["other tensors"] = sum(rest.values()) / MIB
+
+    def report(self) -> dict:
+        return {"rss_mib": dict(self.moments), "tensors_mib": dict(self.tensors)}
