@@ -52,3 +52,17 @@ def test_tiny_packed_run_reports_a_consistent_summary(tmp_path):
     assert result["reference_s"] + result["policy_s"] + result["optimizer_s"] <= result["step_s"]
     assert 0 < result["mfu"] < 1 and result["peak_memory_mib"] > 0
     assert all(row["loss"] > 0 for row in result["steps"])
+
+    # The memory inventory: each kept role is the size of the model's parameters (Adam: two moments each), no
+    # gradient is held twice, and the moments are in the order they happen.
+    shape = bench_dpo.SHAPES["tiny"]
+    params = bench_dpo.matmul_params(shape) + shape["vocab"] * shape["hidden"] + (2 * shape["layers"] + 1) * shape["hidden"]
+    kept = result["memory"]["tensors_mib"]
+    assert kept["weights"] == pytest.approx(params * 4 / 2**20)
+    assert kept["gradients"] == kept["reference weights"] == kept["weights"]
+    assert kept["optimizer state"] == pytest.approx(2 * kept["weights"], rel=1e-3)  # exp_avg, exp_avg_sq (+ steps)
+    assert kept["fp32 master weights"] == 0  # fp32 training updates the weights themselves
+    rss = result["memory"]["rss_mib"]
+    assert list(rss) == ["start", "imports", "set up", "after step 1", "after step 2", "after step 3"]
+    assert rss["start"] < rss["imports"] <= result["memory"]["peak_rss_mib"]
+    assert "tensors kept: optimizer state" in proc.stdout
