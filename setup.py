@@ -39,6 +39,6 @@ setup(
         # Optional GPU accelerators, used when importable: transformer-engine, apex.
         "gpu": ["transformer-engine[pytorch]"],
         # bench/bench_dpo.py runs the same workload through TRL's DPOTrainer.
-        "bench": ["trl>=1.16", "transformers", "datasets"],
+        "bench": ["trl>=1.16", "transformers", "datasets", "matplotlib"],
     },
 )

@@ -46,12 +46,13 @@ import time
 
 import torch
 
-from memory_inventory import Inventory
+from memory_inventory import Inventory, SavedForBackward
 from peak_memory import run_sampling_rss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # Llama style: RMSNorm, SwiGLU, RoPE, untied output layer
     "llama-33m": {"layers": 8, "hidden": 512, "heads": 8, "kv_heads": 8, "ffn": 1376, "vocab": 8192},
+    "llama-125m": {"layers": 12, "hidden": 768, "heads": 12, "kv_heads": 12, "ffn": 1664, "vocab": 32000},
     "llama-1b": {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "ffn": 5632, "vocab": 32000},  # GPU check
     "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 176, "vocab": 512},
 }
@@ -212,8 +213,14 @@ def run_nemo_dpo(spec: dict, inventory: Inventory) -> dict:
         inventory.moment("set up")
         pairs = spec["pairs"]
         rows = []
+        saved = None
         for step in range(total):
-            metrics = trainer.train_step(list(range(step * pairs, (step + 1) * pairs)))
+            batch = list(range(step * pairs, (step + 1) * pairs))
+            if spec["saved_for_backward"] and step == total - 1:
+                with SavedForBackward((name, m) for chunk in trainer.model for name, m in chunk.named_modules()) as saved:
+                    metrics = trainer.train_step(batch)
+            else:
+                metrics = trainer.train_step(batch)
             inventory.moment(f"after step {step + 1}")
             rows.append({
                 "step": metrics["time_step"],
@@ -225,7 +232,7 @@ def run_nemo_dpo(spec: dict, inventory: Inventory) -> dict:
         inventory.count_tensors(nemo_dpo_tensor_roles(trainer))
     finally:
         destroy_distributed()
-    return {"steps": rows}
+    return {"steps": rows, "saved_for_backward_mib": saved.report() if saved else None}
 
 
 def trl_tensor_roles(trainer) -> dict:
@@ -250,15 +257,19 @@ def run_trl(spec: dict, inventory: Inventory) -> dict:
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     clock = lambda: (sync(), time.perf_counter())[1]  # noqa: E731
-    rows, marks = [], {}
+    rows, marks, recording = [], {}, {}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            if spec["saved_for_backward"] and state.global_step + 1 == args.max_steps:
+                recording["saved"] = SavedForBackward(trainer.model.named_modules()).__enter__()
             marks.update(start=clock(), reference=0.0)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if state.global_step + 1 == args.max_steps:  # the gradients exist only until the update
                 inventory.count_tensors(trl_tensor_roles(trainer))
+                if "saved" in recording:
+                    recording["saved"].__exit__(None, None, None)
             marks["optimizer"] = clock()
 
         def on_optimizer_step(self, args, state, control, **kwargs):
@@ -315,7 +326,7 @@ def run_trl(spec: dict, inventory: Inventory) -> dict:
     trainer.ref_model.forward = timed_reference
     inventory.moment("set up")
     trainer.train()
-    return {"steps": rows}
+    return {"steps": rows, "saved_for_backward_mib": recording["saved"].report() if recording else None}
 
 
 def worker(name: str, spec_path: str) -> int:
@@ -377,6 +388,7 @@ def summarize(result: dict, work: dict, shape: dict, args, peak_flops: float) ->
         "mfu": model_flops(shape, lengths) / seconds / peak_flops,
         "steps": result["steps"],
         "memory": {**result["memory"], "peak_rss_mib": result["peak_rss_bytes"] / 2**20},
+        "saved_for_backward_mib": result["saved_for_backward_mib"],
     }
 
 
@@ -425,6 +437,16 @@ def memory_table(summaries: dict) -> str:
     return "\n".join(lines)
 
 
+def saved_table(summaries: dict) -> str:
+    """What each framework's policy pass keeps for backward (MiB), by module role, largest first."""
+    lines = []
+    for name, summary in summaries.items():
+        saved = summary["saved_for_backward_mib"]
+        lines.append(f"saved for backward, {name}: {sum(saved.values()):,.0f} MiB")
+        lines += [f"  {role:40}{size:>10,.1f}" for role, size in saved.items()]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-33m")
@@ -440,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--saved-for-backward", action="store_true",
+                        help="record what the last step's backward keeps, by module (the recording slows that step)")
     parser.add_argument("--ours", nargs="*", default=[], help="nemo-dpo config overrides (key=value)")
     parser.add_argument("--out", default="bench_dpo.json")
     parser.add_argument("--worker", nargs=2, metavar=("FRAMEWORK", "SPEC"), help=argparse.SUPPRESS)
@@ -473,7 +497,7 @@ def main() -> int:
         work = write_workload(folder, shape, args)
         spec = {"model_dir": work["model_dir"], "data": work["data"], "seq": args.seq, "pairs": args.pairs,
                 "steps": args.steps, "warmup": args.warmup, "dtype": dtype, "threads": args.threads,
-                "ours": args.ours}
+                "ours": args.ours, "saved_for_backward": args.saved_for_backward}
         summaries = {name: summarize(run_worker(name, spec, folder), work, shape, args, peaks[dtype])
                      for name in frameworks}
 
@@ -488,6 +512,9 @@ def main() -> int:
         print(f"nemo-dpo overrides: {' '.join(args.ours)}")
     print(table(summaries))
     print(memory_table(summaries))
+    if args.saved_for_backward:
+        print(saved_table(summaries))
+        print("(the last timed step recorded these; its time includes the recording)")
     report = {"shape": {"name": args.shape, **shape, "matmul_params": matmul_params(shape)},
               "workload": {"data": args.data, "seq": args.seq, "min_len": args.min_len, "pairs": args.pairs,
                            "steps": args.steps, "warmup": args.warmup, "lengths": work["lengths"]},

@@ -69,3 +69,63 @@ class Inventory:
 
     def report(self) -> dict:
         return {"rss_mib": dict(self.moments), "tensors_mib": dict(self.tensors)}
+
+
+def _role_name(qualified: str) -> str:
+    """A module's name without the path to its layer: ``decoder.layers.3.mlp.linear_fc1`` -> ``mlp.linear_fc1``."""
+    parts = qualified.split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[numbered[-1] + 1 :]) if numbered else qualified
+
+
+class SavedForBackward:
+    """Bytes autograd keeps for backward, by the module that was running when each was saved.
+
+    A saved tensor keeps its whole storage alive (a view of a larger tensor keeps all
+    of it), so each storage is counted once, in full, under the first module that saved
+    it; modules are named by their role in a layer (all layers' ``mlp.linear_fc1``
+    together). Compiled regions save through the hooks too (checked for the fused SwiGLU).
+    """
+
+    def __init__(self, modules):
+        self.names = {id(module): _role_name(name) or "(model)" for name, module in modules}
+        self.bytes = {}
+        self.seen = set()
+        self.running = []
+
+    def _pack(self, tensor):
+        try:
+            storage = tensor.untyped_storage()
+            ptr, size = storage.data_ptr(), storage.nbytes()
+        except RuntimeError:
+            return tensor
+        if ptr not in self.seen:
+            self.seen.add(ptr)
+            where = self.running[-1] if self.running else "(outside the model)"
+            self.bytes[where] = self.bytes.get(where, 0) + size
+        return tensor
+
+    def _enter(self, module, args):
+        name = self.names.get(id(module))
+        if name is not None:
+            self.running.append(name)
+
+    def _leave(self, module, args, output):
+        if self.names.get(id(module)) is not None:
+            self.running.pop()
+
+    def __enter__(self):
+        self.handles = [torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
+                        torch.nn.modules.module.register_module_forward_hook(self._leave)]
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+        for handle in self.handles:
+            handle.remove()
+
+    def report(self) -> dict:
+        """``{module role: MiB}``, largest first."""
+        return {name: size / MIB for name, size in sorted(self.bytes.items(), key=lambda item: -item[1])}
