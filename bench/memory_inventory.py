@@ -79,12 +79,15 @@ def _role_name(qualified: str) -> str:
 
 
 class SavedForBackward:
-    """Bytes autograd keeps for backward, by the module that was running when each was saved.
+    """Bytes the forward passes keep for backward, by the module that was running when each was saved.
 
     A saved tensor keeps its whole storage alive (a view of a larger tensor keeps all
     of it), so each storage is counted once, in full, under the first module that saved
     it; modules are named by their role in a layer (all layers' ``mlp.linear_fc1``
     together). Compiled regions save through the hooks too (checked for the fused SwiGLU).
+    What a backward saves while it recomputes is transient and not counted; nor is what
+    activation checkpointing keeps itself (``torch.utils.checkpoint`` holds a layer's
+    inputs behind hooks of its own, as TRL's default ``gradient_checkpointing`` does).
     """
 
     def __init__(self, modules):
@@ -99,7 +102,7 @@ class SavedForBackward:
             ptr, size = storage.data_ptr(), storage.nbytes()
         except RuntimeError:
             return tensor
-        if ptr not in self.seen:
+        if ptr not in self.seen and torch._C._current_graph_task_id() == -1:  # -1: not inside a backward
             self.seen.add(ptr)
             where = self.running[-1] if self.running else "(outside the model)"
             self.bytes[where] = self.bytes.get(where, 0) + size
