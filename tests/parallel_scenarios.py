@@ -70,6 +70,8 @@ VARIANTS = {
     "llama_dpo_packed": ["model.data.packing=true"],
     "llama_dpo_recompute_full": ["model.activations_checkpoint_granularity=full"],
     "llama_dpo_recompute_selective": ["model.activations_checkpoint_granularity=selective"],
+    "llama_dpo_recompute_swiglu": ["model.recompute_modules=[swiglu]"],
+    "llama_dpo_recompute_mlp": ["model.recompute_modules=[mlp]"],
     "llama_dpo_bf16_chunked": ["trainer.precision=bf16", "model.log_prob_chunk_size=20"],  # not a divisor of the tokens: a short last chunk
     # The global batch of 8 pairs in 1, 2 and 4 microbatches (SMALL has 4 at DP=1).
     "llama_dpo_1mb": ["model.micro_batch_size=8"],
@@ -80,6 +82,8 @@ VARIANTS["gpt2_ipo_sft_chunked"] = VARIANTS["gpt2_ipo_sft"] + ["model.log_prob_c
 VARIANTS["gpt2_ipo_sft_packed"] = VARIANTS["gpt2_ipo_sft"] + ["model.data.packing=true"]  # learned positions
 # Sequence parallelism (at TP > 1): the same steps as without.
 VARIANTS["llama_dpo_sp"] = ["model.sequence_parallel=true"]
+# LoRA on fc2 reads the SwiGLU output that the recomputation releases (at TP=2 too).
+VARIANTS["lora_recompute_swiglu"] = VARIANTS["lora"] + VARIANTS["llama_dpo_recompute_swiglu"]
 VARIANTS["llama_dpo_chunked_packed"] = VARIANTS["llama_dpo_chunked"] + VARIANTS["llama_dpo_packed"]
 VARIANTS["llama_dpo_sp_chunked_packed"] = VARIANTS["llama_dpo_sp"] + VARIANTS["llama_dpo_chunked_packed"]
 # RMSNorm and SwiGLU compiled (models/fusion.py), under sequence parallelism: rows of another length per rank.

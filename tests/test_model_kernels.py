@@ -116,3 +116,40 @@ def test_the_local_layer_spec_takes_the_fused_modules_as_the_setting_says():
         spec = _layer_spec(load_config("gpt_dpo", [f"model.fused_elementwise={setting}"]).model, swiglu).submodules
         assert spec.input_layernorm is norm and spec.pre_mlp_layernorm is norm, setting
         assert spec.mlp.submodules.activation_func is activation, setting
+
+
+def test_the_recomputed_swiglu_output_is_freed_after_its_consumer_and_the_gradients_are_unchanged():
+    from nemo_dpo.distributed import cpu_compat
+    from nemo_dpo.models.activations import _OutputReleasingActivation
+
+    cpu_compat.apply()  # megatron's checkpointing saves the RNG states; on CPU, torch's own (as training does)
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 2 * 8, requires_grad=True), torch.randn(8, 3, requires_grad=True)
+    (F.silu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1] @ w).square().sum().backward()
+    want = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+
+    activation = _OutputReleasingActivation(SwiGLU(config()))
+    hidden = activation(x)
+    out = hidden @ w  # the consumer keeps ``hidden`` for w's gradient
+    activation.release(out)
+    assert hidden.untyped_storage().nbytes() == 0  # released until backward
+    out.square().sum().backward()
+    torch.testing.assert_close((x.grad, w.grad), want)
+    with torch.no_grad():  # no backward coming: nothing is checkpointed, nothing released
+        assert activation(x).untyped_storage().nbytes() == 6 * 8 * 4
+
+
+def test_recompute_modules_swiglu_puts_the_activation_recomputing_mlp_in_the_spec():
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.mlp import MLP
+
+    from nemo_dpo.config import load_config
+    from nemo_dpo.models.activations import ActivationRecomputingMLP
+    from nemo_dpo.models.gpt import _layer_spec
+
+    swiglu = SimpleNamespace(use_te_activation_func=True)
+    for overrides, mlp in ((["model.recompute_modules=[swiglu]"], ActivationRecomputingMLP), ([], MLP),
+                           (["model.recompute_modules=[swiglu]", "model.activations_checkpoint_granularity=full"], MLP)):
+        assert _layer_spec(load_config("gpt_dpo", overrides).model, swiglu).submodules.mlp.module is mlp, overrides

@@ -6,10 +6,20 @@ output, per layer. Its fused version needs ``torch.compile`` (a C++ toolchain on
 CPU). This one saves just the fc1 output and recomputes the rest in backward, in
 eager PyTorch. The local layer spec plugs it in as the MLP's activation submodule
 (megatron's ``use_te_activation_func`` hook, which passes it the whole fc1 output).
+
+The SwiGLU's output is still kept, by fc2 (its input, for the weight gradient).
+``ActivationRecomputingMLP`` drops that too (``model.recompute_modules: [.., swiglu]``):
+the activation runs without autograd, its output's memory is released once fc2 has
+used it, and it is recomputed from the fc1 output (kept anyway) when the gradient
+reaches fc2: an elementwise pass, against a [tokens, ffn] tensor per layer.
+megatron does the same for MoE experts' activations (``moe_act``) and for the norms
+(``layernorm``), with the same ``CheckpointWithoutOutput``.
 """
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import CheckpointWithoutOutput
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 
 
@@ -39,3 +49,39 @@ class SwiGLU(MegatronModule):
 
     def forward(self, x):
         return _SwiGLUFunction.apply(x)
+
+
+class _OutputReleasingActivation(torch.nn.Module):
+    """Runs the activation under megatron's ``CheckpointWithoutOutput`` when a backward will follow."""
+
+    def __init__(self, activation):
+        super().__init__()
+        self.activation = activation
+        self.pending = None
+
+    def forward(self, x):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return self.activation(x)
+        self.pending = CheckpointWithoutOutput(fp8=None)  # None: no fp8 (its default, False, reads as fp8 on)
+        return self.pending.checkpoint(self.activation, x)
+
+    def release(self, consumer_output: torch.Tensor) -> None:
+        """Free the output's memory; recompute it when ``consumer_output``'s gradient arrives."""
+        if self.pending is not None:
+            self.pending.discard_output_and_register_recompute(consumer_output)
+            self.pending = None
+
+
+class ActivationRecomputingMLP(MLP):
+    """megatron's MLP (same parameters and state dict) whose activation output is recomputed in backward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation_func = _OutputReleasingActivation(self.activation_func)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        # Released after fc2 and anything hooked onto it (a LoRA adapter reads the same activation), and
+        # recomputed when the gradient reaches the MLP's output, before any of them runs backward.
+        output, bias = super().forward(hidden_states, *args, **kwargs)
+        self.activation_func.release(output)
+        return output, bias

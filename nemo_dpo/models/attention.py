@@ -89,6 +89,10 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention is causal; pass packed_seq_params, not an attention mask or bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format != "thd":
             raise ValueError(f"SDPAttention packs in 'thd' format, got {packed_seq_params.qkv_format!r}")
+        # Attention keeps its inputs for backward. megatron hands over key and value as views into the
+        # linear_qkv output (query is a copy; RoPE makes key one too): keeping a view would keep the
+        # whole [s, b, (heads + 2 groups) x dim] tensor alive until backward. A copy keeps only its own part.
+        query, key, value = (x.contiguous() for x in (query, key, value))
         if self.ring is not None:
             return self._ring_attend(query, key, value, packed_seq_params)
         if packed_seq_params is None:

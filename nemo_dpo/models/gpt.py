@@ -16,13 +16,13 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_dpo.distributed import layout
-from nemo_dpo.models.activations import SwiGLU
+from nemo_dpo.models.activations import ActivationRecomputingMLP, SwiGLU
 from nemo_dpo.models.attention import SDPAttention
 from nemo_dpo.models.moe import build_moe_spec, split_tokens_over_tp
 from nemo_dpo.models import fusion
 from nemo_dpo.models.norm import FusedTorchNorm, TorchNorm, use_torch_norm
 from nemo_dpo.models.rope_scaling import attention_factor, check_rope_scaling, inverse_frequencies
-from nemo_dpo.ranges import Flag, Integer, Mapping, OneOf, Real
+from nemo_dpo.ranges import Flag, Integer, ListOf, Mapping, OneOf, Real
 
 try:  # transformer-engine is an optional GPU accelerator.
     import transformer_engine  # noqa: F401
@@ -39,6 +39,10 @@ ACTIVATIONS = {
     "swiglu": F.silu,
 }
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+# What model.recompute_modules may name: the dense SwiGLU's output (swiglu, models/activations.py), and megatron's
+# selective recomputation of core attention or the whole dense MLP. (megatron's "layernorm" is left out: without
+# transformer-engine its CheckpointWithoutOutput takes fp8 as on and fails.)
+RECOMPUTE_MODULES = ("swiglu", "core_attn", "mlp")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 SIZE = Integer(ge=1)
@@ -65,6 +69,7 @@ RANGES = {
     "model.activations_checkpoint_granularity": OneOf(choices=("selective", "full"), nullable=True),
     "model.activations_checkpoint_method": OneOf(choices=("uniform", "block")),
     "model.activations_checkpoint_num_layers": SIZE,
+    "model.recompute_modules": ListOf(each=OneOf(choices=RECOMPUTE_MODULES), distinct=True, nullable=True),
     "model.vocab_size": Integer(ge=1, nullable=True),
     "model.make_vocab_size_divisible_by": SIZE,
     "model.sequence_parallel": Flag(),
@@ -141,6 +146,18 @@ def check_model_config(model_cfg) -> None:
             f"model.max_position_embeddings ({model_cfg.max_position_embeddings})"
         )
     check_rope_scaling(model_cfg)
+    check_recompute(model_cfg)
+
+
+def check_recompute(model_cfg) -> None:
+    """``swiglu`` and ``mlp`` in ``model.recompute_modules`` need the dense MLP they recompute."""
+    modules = model_cfg.recompute_modules or []
+    if "swiglu" in modules and model_cfg.activation != "swiglu":
+        raise ValueError(f"model.recompute_modules names swiglu, but model.activation is {model_cfg.activation!r}")
+    dense_only = [m for m in modules if m in ("swiglu", "mlp")]
+    if dense_only and model_cfg.num_moe_experts is not None:
+        raise ValueError(f"model.recompute_modules: {dense_only} recompute the dense MLP, and "
+                         f"model.num_moe_experts={model_cfg.num_moe_experts} has experts in its place")
 
 
 def check_experts(model_cfg) -> None:
@@ -286,12 +303,18 @@ def transformer_config(model_cfg, precision: str = "fp32", finalize_model_grads_
 
 
 def recompute_settings(model_cfg) -> dict:
-    """NeMo's activations_checkpoint_* keys as megatron's recompute settings."""
+    """NeMo's activations_checkpoint_* keys and ``model.recompute_modules`` as megatron's recompute settings.
+
+    ``selective`` is NeMo's: core attention recomputed; ``recompute_modules`` adds to it (or stands alone
+    without a granularity). ``swiglu`` is not megatron's: the layer spec applies it (ActivationRecomputingMLP).
+    Under ``full`` whole layers are recomputed and ``recompute_modules`` has nothing left to do.
+    """
     granularity = model_cfg.activations_checkpoint_granularity
-    if granularity is None:
-        return {}
+    modules = [m for m in (model_cfg.recompute_modules or []) if m != "swiglu"]
     if granularity == "selective":
-        return {"recompute_granularity": "selective"}
+        modules = ["core_attn", *(m for m in modules if m != "core_attn")]
+    if granularity is None or granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": modules} if modules else {}
     return {
         "recompute_granularity": "full",
         "recompute_method": model_cfg.activations_checkpoint_method,
@@ -323,7 +346,16 @@ def _layer_spec(model_cfg, config: TransformerConfig):
         layer_spec.submodules.mlp = build_moe_spec(layer_spec.submodules.mlp, activation)
     elif activation is not None:
         layer_spec.submodules.mlp.submodules.activation_func = activation
+        if recomputes_swiglu(model_cfg):
+            layer_spec.submodules.mlp.module = ActivationRecomputingMLP
     return layer_spec
+
+
+def recomputes_swiglu(model_cfg) -> bool:
+    """Whether the dense MLP's SwiGLU output is recomputed in backward (``swiglu`` in ``model.recompute_modules``;
+    not under full recomputation, which recomputes the whole layer)."""
+    return (model_cfg.activation == "swiglu" and "swiglu" in (model_cfg.recompute_modules or [])
+            and model_cfg.activations_checkpoint_granularity != "full")
 
 
 def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: int = None) -> GPTModel:
