@@ -86,7 +86,7 @@ def plot(reports: list, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["llama-33m", "llama-125m"])
     parser.add_argument("--seqs", nargs="+", type=int, default=[512, 2048])
@@ -95,7 +95,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="bench_scaling.json")
     parser.add_argument("--plot", default="bench_scaling.png")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     with tempfile.TemporaryDirectory() as folder:
         reports = [run_cell(shape, seq, args, folder) for shape in args.shapes for seq in args.seqs]
     with open(args.out, "w") as f:

@@ -66,3 +66,16 @@ def test_tiny_packed_run_reports_a_consistent_summary(tmp_path):
     assert list(rss) == ["start", "imports", "set up", "after step 1", "after step 2", "after step 3"]
     assert rss["start"] < rss["imports"] <= result["memory"]["peak_rss_mib"]
     assert "tensors kept: optimizer state" in proc.stdout
+
+
+def test_the_scaling_table_divides_within_each_cell_and_the_pairs_shrink_with_the_cell():
+    import bench_scaling
+
+    assert [bench_scaling.pairs_per_step(shape, seq) for shape, seq in
+            (("llama-33m", 512), ("llama-33m", 2048), ("llama-125m", 512), ("llama-125m", 2048))] == [4, 1, 2, 1]
+    shape = {"name": "tiny", **bench_dpo.SHAPES["tiny"], "matmul_params": bench_dpo.matmul_params(bench_dpo.SHAPES["tiny"])}
+    result = lambda tokens, mib, mfu: {"tokens_per_s": tokens, "peak_memory_mib": mib, "mfu": mfu}  # noqa: E731
+    report = {"shape": shape, "workload": {"seq": 64, "pairs": 2},
+              "results": {"nemo_dpo": result(300.0, 1000.0, 0.5), "trl": result(200.0, 2000.0, 0.25)}}
+    row = bench_scaling.table([report]).splitlines()[-1]
+    assert "| 64 | 2 | 300 | 200 | 1.50x | 1,000 | 2,000 | 0.50x | 50.0% | 25.0% |" in row
