@@ -181,12 +181,11 @@ def nemo_dpo_tensor_roles(trainer) -> dict:
     params = [p for chunk in chunks for p in chunk.parameters()]
     buffers = [b for chunk in chunks for b in chunk.buffers + chunk.expert_parallel_buffers]
     reference = getattr(trainer.reference, "runs_as_reference", None)
-    optimizers = [o.optimizer for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])]
-    masters = [t for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
-               for group in getattr(o, "fp32_from_float16_groups", []) for t in group]
+    wrappers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])  # megatron's, around torch's
+    optimizers = [o.optimizer for o in wrappers]
     return {
         "weights": params,
-        "fp32 master weights": masters,
+        "fp32 master weights": [t for o in wrappers for group in getattr(o, "fp32_from_float16_groups", []) for t in group],
         "gradients": [b.grad_data for b in buffers] + [p.grad for p in params if p.grad is not None],
         "reference weights": [*getattr(reference, "weights", []), *(getattr(reference, "stash", None) or [])],
         "optimizer state": [t for o in optimizers for state in o.state.values() for t in state.values()],

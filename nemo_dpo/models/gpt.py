@@ -310,16 +310,16 @@ def recompute_settings(model_cfg) -> dict:
     Under ``full`` whole layers are recomputed and ``recompute_modules`` has nothing left to do.
     """
     granularity = model_cfg.activations_checkpoint_granularity
+    if granularity == "full":
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": model_cfg.activations_checkpoint_method,
+            "recompute_num_layers": model_cfg.activations_checkpoint_num_layers,
+        }
     modules = [m for m in (model_cfg.recompute_modules or []) if m != "swiglu"]
-    if granularity == "selective":
-        modules = ["core_attn", *(m for m in modules if m != "core_attn")]
-    if granularity is None or granularity == "selective":
-        return {"recompute_granularity": "selective", "recompute_modules": modules} if modules else {}
-    return {
-        "recompute_granularity": "full",
-        "recompute_method": model_cfg.activations_checkpoint_method,
-        "recompute_num_layers": model_cfg.activations_checkpoint_num_layers,
-    }
+    if granularity == "selective" and "core_attn" not in modules:
+        modules = ["core_attn", *modules]
+    return {"recompute_granularity": "selective", "recompute_modules": modules} if modules else {}
 
 
 def _layer_spec(model_cfg, config: TransformerConfig):
@@ -352,10 +352,10 @@ def _layer_spec(model_cfg, config: TransformerConfig):
 
 
 def recomputes_swiglu(model_cfg) -> bool:
-    """Whether the dense MLP's SwiGLU output is recomputed in backward (``swiglu`` in ``model.recompute_modules``;
-    not under full recomputation, which recomputes the whole layer)."""
-    return (model_cfg.activation == "swiglu" and "swiglu" in (model_cfg.recompute_modules or [])
-            and model_cfg.activations_checkpoint_granularity != "full")
+    """Whether the dense MLP's SwiGLU output is recomputed in backward (``swiglu`` in ``model.recompute_modules``,
+    which check_recompute allows only with a SwiGLU MLP; not under full recomputation, which recomputes the whole
+    layer)."""
+    return "swiglu" in (model_cfg.recompute_modules or []) and model_cfg.activations_checkpoint_granularity != "full"
 
 
 def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: int = None) -> GPTModel:
