@@ -67,7 +67,8 @@ VARIANTS = {
     ],
     "llama_dpo_chunked": ["model.log_prob_chunk_size=20"],
     "llama_dpo_bf16": ["trainer.precision=bf16"],
-    "llama_dpo_packed": ["model.data.packing=true"],
+    "llama_dpo_packed": ["model.data.packing=true"],  # each pair's prompt once (model.data.share_prompts=auto)
+    "llama_dpo_packed_unshared": ["model.data.packing=true", "model.data.share_prompts=false"],
     "llama_dpo_recompute_full": ["model.activations_checkpoint_granularity=full"],
     "llama_dpo_recompute_selective": ["model.activations_checkpoint_granularity=selective"],
     "llama_dpo_recompute_swiglu": ["model.recompute_modules=[swiglu]"],
@@ -185,6 +186,7 @@ def one_step(trainer: DPOTrainer) -> dict:
         "frozen_before_step": frozen,
         "main_param_dtypes": {p.dtype for g in trainer.optimizer.param_groups for p in g["params"]},
         "packed": trainer.microbatcher.packing,
+        "shared_prompts": trainer.microbatcher.packing and trainer.microbatcher.share_prompts,
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
     }

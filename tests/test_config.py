@@ -259,6 +259,7 @@ OUT_OF_RANGE = {
     "model.data.overflow": "wrap",
     "model.data.on_bad_record": "drop",
     "model.data.packing": "maybe",
+    "model.data.share_prompts": "sometimes",
     "model.peft.peft_scheme": "qlora",
     "model.peft.lora_tuning.adapter_dim": "0",
     "model.peft.lora_tuning.alpha": "-8",

@@ -8,7 +8,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_dpo.models.activations import SwiGLU
-from nemo_dpo.models.attention import SDPAttention
+from nemo_dpo.models.attention import SDPAttention, SharedPromptParams
 
 
 def config():
@@ -58,6 +58,28 @@ def test_packed_sequences_attend_only_within_themselves():
     assert out.shape == (12, 32)
     for start, end in zip(bounds[:-1], bounds[1:]):
         torch.testing.assert_close(out[start:end], naive_causal_attention(q[start:end], k[start:end], v[start:end]))
+
+
+def test_a_shared_prompt_row_attends_as_its_whole_sequences_do():
+    """Row: prompt (3), chosen (2), rejected (3), padding (1). The chosen sequence is row[0:5], the rejected one the
+    prompt then row[5:8]; each row token gets its first sequence's output, gradients reach the shared prompt from
+    both sequences."""
+    torch.manual_seed(0)
+    index = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8])
+    bounds = [0, 5, 11, 12]
+    row_index = torch.tensor([0, 1, 2, 3, 4, 8, 9, 10, 11])
+    whole_row = torch.tensor([0, 9], dtype=torch.int32)
+    params = SharedPromptParams(qkv_format="thd", cu_seqlens_q=whole_row, cu_seqlens_kv=whole_row, max_seqlen_q=9,
+                                max_seqlen_kv=9, sequence_index=index, sequence_bounds=bounds, row_index=row_index)
+    q, k, v = (torch.randn(9, heads, 8, requires_grad=True) for heads in (4, 2, 2))
+    out = attention()(q, k, v, None, packed_seq_params=params)
+    want = torch.cat([naive_causal_attention(*(x[index[a:b]] for x in (q, k, v))) for a, b in zip(bounds, bounds[1:])])
+    torch.testing.assert_close(out, want[row_index])
+    upstream = torch.randn(12, 32)
+    got = torch.autograd.grad(out, (q, k, v), (upstream.index_add(0, torch.tensor([0, 1, 2]), upstream[5:8]))[row_index])
+    expected = torch.autograd.grad(want, (q, k, v), upstream)
+    for g, e in zip(got, expected):  # the rejected sequence's prompt queries repeat the chosen's: one gradient
+        torch.testing.assert_close(g, e)
 
 
 def test_fused_rmsnorm_and_swiglu_compute_what_the_eager_ones_do_at_any_length():

@@ -105,7 +105,8 @@ def test_lora_starts_at_ln2_and_leaves_the_base_alone(baseline):
 
 
 def test_chunked_log_probs_and_recomputation_give_the_same_step(baseline):
-    """Log-probs in chunks, and activations recomputed in backward, change nothing: loss, gradients, weights."""
+    """Log-probs in chunks, activations recomputed in backward, and packed rows (with each pair's prompt once, and
+    without) change nothing: loss, gradients, weights."""
     for chunked, whole in (
         ("llama_dpo_chunked", "llama_dpo"),
         ("gpt2_ipo_sft_chunked", "gpt2_ipo_sft"),
@@ -115,8 +116,10 @@ def test_chunked_log_probs_and_recomputation_give_the_same_step(baseline):
         ("llama_dpo_recompute_mlp", "llama_dpo"),
         ("lora_recompute_swiglu", "lora"),
         ("llama_dpo_packed", "llama_dpo"),
+        ("llama_dpo_packed_unshared", "llama_dpo"),
         ("gpt2_ipo_sft_packed", "gpt2_ipo_sft"),
     ):
+        assert baseline[chunked]["shared_prompts"] == chunked.endswith("_packed"), chunked
         got, want = baseline[chunked], baseline[whole]
         for key in ("loss", "preference_loss", "sft_loss", "reward_margin", "grad_norm"):
             assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5, abs=1e-7), key
@@ -223,6 +226,7 @@ def test_sequence_parallelism_at_tp2_gives_the_step_without_it(baseline, tp2):
     """Norms (and row-parallel biases) see a slice of the sequence per TP rank; their gradients are summed over TP."""
     for variant, without in SP.items():
         assert_same_step(baseline, tp2, variant, without)
+    assert all(result["llama_dpo_sp_chunked_packed"]["shared_prompts"] for result in tp2)  # each prompt once
 
 
 def test_fused_norms_and_swiglu_give_the_eager_step(baseline, tp2):
@@ -234,6 +238,7 @@ def test_fused_norms_and_swiglu_give_the_eager_step(baseline, tp2):
 def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, two):
     for variant in PP2:
         assert_same_step(baseline, two["pp2"], variant)
+    assert all(result["llama_dpo_packed"]["shared_prompts"] for result in two["pp2"])  # each prompt once
     # Two model chunks of one layer per rank: layers 0 and 2 on rank 0, 1 and 3 on rank 1 (tied embeddings).
     assert_same_step(baseline, two["pp2_vpp2"], "llama_dpo_4_layers")
     for rank, result in enumerate(two["pp2_vpp2"]):
@@ -248,6 +253,9 @@ def test_data_parallel_2_and_context_parallel_2(baseline, workdir, two):
         assert_same_step(baseline, two["dp2"], variant)
     for variant in CP2:
         assert_same_step(baseline, two["cp2"], variant)
+    # A CP rank holds parts of sequences: packed rows there hold every sequence whole, prompts unshared.
+    assert all(result["llama_dpo_packed"]["packed"] and not result["llama_dpo_packed"]["shared_prompts"]
+               for result in two["cp2"])
     # The precomputed reference table is the same at CP=2 as at CP=1.
     tables = [torch.load(workdir / logs / "llama_dpo_precomputed" / "reference_logprobs.pt", weights_only=True)
               for logs in ("base_logs/base", "two_logs/cp2")]

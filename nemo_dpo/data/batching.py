@@ -32,6 +32,12 @@ class Microbatch:
     Under context parallelism the [rows, S] tensors hold this CP rank's share of
     every sequence (data/context_split.py); ``cu_seqlens`` and ``max_seqlen`` still
     describe the whole row, as megatron's packed-sequence parameters expect.
+
+    With shared prompts (data/shared_prompts.py) the model's row holds each pair's
+    prompt once: ``tokens`` and ``position_ids`` are that row, while ``labels``,
+    ``loss_mask``, ``segment_ids``, ``cu_seqlens`` and ``max_seqlen`` describe the
+    sequences whole, back to back, as a packed row without sharing would;
+    ``sequence_index`` and ``row_index`` map between the two.
     """
 
     tokens: torch.Tensor  # [rows, S] int64 input ids
@@ -47,6 +53,8 @@ class Microbatch:
     # {value: [rows, S]} masks of per-sequence values summed over other tokens than the response's, made from the
     # whole sequences before a context-parallel split (set by the Microbatcher's ``value_masks``; None: not made)
     value_masks: dict | None = None
+    sequence_index: torch.Tensor | None = None  # shared prompts: [sequence tokens] where each is in the model's row
+    row_index: torch.Tensor | None = None  # shared prompts: [row tokens] where each first appears in the sequences
 
     @property
     def num_sequences(self) -> int:
@@ -68,11 +76,15 @@ class Microbatcher:
     packed row every sequence is. ``pad_multiple``: what row lengths are rounded up to.
     ``value_masks``: Microbatch -> ``{value: mask}``, the masks the loss's per-sequence
     values need, made from each whole microbatch before it is cut (None: none).
+    ``share_prompts``: packed rows hold each pair's prompt once (data/shared_prompts.py).
     """
 
     def __init__(self, micro_batch_size: int, packing: bool, pad_id: int, dp_rank: int, dp: int, device,
-                 cp_rank: int = 0, cp: int = 1, pad_multiple: int = 8, value_masks=None):
+                 cp_rank: int = 0, cp: int = 1, pad_multiple: int = 8, value_masks=None, share_prompts: bool = False):
+        if share_prompts and cp > 1:
+            raise ValueError("shared prompts need whole sequences on each rank: not with context parallelism")
         self.micro_batch_size, self.packing, self.pad_id = micro_batch_size, packing, pad_id
+        self.share_prompts = share_prompts
         self.dp_rank, self.dp, self.device = dp_rank, dp, device
         self.value_masks = value_masks
         self.cp_rank, self.cp = cp_rank, cp
@@ -85,7 +97,10 @@ class Microbatcher:
 
     def __call__(self, global_pairs: list) -> list:
         pairs = self.local(global_pairs)
-        if self.packing:
+        if self.packing and self.share_prompts:
+            microbatches = collate_shared_prompt_microbatches(pairs, self.micro_batch_size, self.pad_id,
+                                                              self.pad_multiple)
+        elif self.packing:
             microbatches = collate_packed_microbatches(pairs, self.micro_batch_size, self.pad_id, self.pad_multiple,
                                                        self.sequence_multiple)
         else:
@@ -215,21 +230,27 @@ def collate_packed_microbatches(pairs: list, micro_batch_size: int, pad_id: int,
     context parallelism, which cuts every sequence into 2·CP chunks) with padding
     tokens at its end: no loss, and no real token attends to them (they come last).
     """
-    if micro_batch_size < 1 or not pairs or len(pairs) % micro_batch_size:
-        raise ValueError(
-            f"number of pairs ({len(pairs)}) must be a positive multiple of micro_batch_size ({micro_batch_size})"
-        )
-    groups = [pairs[i : i + micro_batch_size] for i in range(0, len(pairs), micro_batch_size)]
+    groups = microbatch_groups(pairs, micro_batch_size)
     longest = max(
         sum(round_up(len(pair.prompt) + len(side), sequence_multiple) for pair in group
             for side in (pair.chosen, pair.rejected))
         for group in groups
     )
     length = round_up(longest, pad_multiple)
-    return [_packed_row(group, pad_id, length, sequence_multiple) for group in groups]
+    return [packed_row(group, pad_id, length, sequence_multiple) for group in groups]
 
 
-def _packed_row(group: list, pad_id: int, length: int, sequence_multiple: int) -> Microbatch:
+def microbatch_groups(pairs: list, micro_batch_size: int) -> list:
+    """``pairs`` in consecutive groups of ``micro_batch_size`` (ValueError unless they divide evenly)."""
+    if micro_batch_size < 1 or not pairs or len(pairs) % micro_batch_size:
+        raise ValueError(
+            f"number of pairs ({len(pairs)}) must be a positive multiple of micro_batch_size ({micro_batch_size})"
+        )
+    return [pairs[i : i + micro_batch_size] for i in range(0, len(pairs), micro_batch_size)]
+
+
+def packed_row(group: list, pad_id: int, length: int, sequence_multiple: int) -> Microbatch:
+    """One microbatch of the pairs ``group`` packed into a row of ``length`` tokens (see the function above)."""
     tokens = torch.full((1, length), pad_id, dtype=torch.long)
     labels = torch.full((1, length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((1, length), dtype=torch.float)
@@ -259,3 +280,48 @@ def _packed_row(group: list, pad_id: int, length: int, sequence_multiple: int) -
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         max_seqlen=longest,
     )
+
+
+def collate_shared_prompt_microbatches(pairs: list, micro_batch_size: int, pad_id: int,
+                                       pad_multiple: int = 8) -> list:
+    """Packed microbatches whose row holds each pair's prompt once: prompt, chosen response, rejected response.
+
+    A pair's two sequences begin with the same prompt, so a packed row need not
+    compute it twice: the chosen response attends to the prompt as it follows it,
+    and the rejected response attends to the same prompt tokens and to itself,
+    at the positions it has in its own sequence (models/attention.py, and RoPE at
+    each token's ``position_ids``, models/gpt.py). Every layer then computes
+    ``P + C + R`` tokens for a pair instead of ``2P + C + R``; the output is the
+    same as that of the unshared packed row to rounding. Before the log-probs the
+    model's output is gathered back into the whole sequences (``sequence_index``),
+    so labels, masks and per-sequence values are those of the packed row without
+    sharing; ``row_index`` is the inverse, each row token's first place in the
+    sequences. Every microbatch's row has the length of the longest, rounded up
+    to ``pad_multiple``; the padding is one more segment, masked out of the loss.
+    """
+    groups = microbatch_groups(pairs, micro_batch_size)
+    computed = [sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in group) for group in groups]
+    length = round_up(max(computed), pad_multiple)
+    return [_shared_prompt_row(group, pad_id, length, real) for group, real in zip(groups, computed)]
+
+
+def _shared_prompt_row(group: list, pad_id: int, length: int, real: int) -> Microbatch:
+    whole = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in group)
+    sequences = packed_row(group, pad_id, whole + length - real, 1)  # labels, masks and segments of whole sequences
+    tokens = torch.full((1, length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((1, length), dtype=torch.long)
+    index, start = [], 0
+    for pair in group:
+        prompt, chosen, rejected = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+        end = start + prompt + chosen + rejected
+        tokens[0, start:end] = torch.tensor(pair.prompt + pair.chosen + pair.rejected, dtype=torch.long)
+        position_ids[0, start:end] = torch.cat([torch.arange(prompt + chosen), torch.arange(prompt, prompt + rejected)])
+        index += [*range(start, start + prompt + chosen), *range(start, start + prompt),
+                  *range(start + prompt + chosen, end)]
+        start = end
+    index += range(start, length)  # the padding, its own segment in both
+    sequence_index = torch.tensor(index, dtype=torch.long)
+    row_index = torch.full((length,), len(index), dtype=torch.long).scatter_reduce(
+        0, sequence_index, torch.arange(len(index)), reduce="amin")
+    return replace(sequences, tokens=tokens, position_ids=position_ids, sequence_index=sequence_index,
+                   row_index=row_index)

@@ -10,10 +10,18 @@ where each starts, attention never crossing a boundary. transformer-engine's
 ``TEDotProductAttention`` takes the same ``packed_seq_params`` on GPU. Under
 context parallelism the sequences are spread over the CP group and attention is
 ring attention (models/ring_attention.py), packed or not.
+
+A packed row with shared prompts (data/batching.py) holds each pair's prompt
+once, followed by both responses: :class:`SharedPromptParams` says where each
+whole sequence's tokens are in the row. Attention gathers every sequence's
+queries, keys and values from the row, attends within each sequence, and gives
+each row token the output of its first sequence (the prompt's, in the chosen
+sequence, is the same as in the rejected one).
 """
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +32,18 @@ from megatron.core.utils import divide
 
 from nemo_dpo.distributed import layout
 from nemo_dpo.models.ring_attention import Ring, ring_attention
+
+
+@dataclass
+class SharedPromptParams(PackedSeqParams):
+    """A packed row with shared prompts: ``cu_seqlens_q``/``_kv`` span the whole row (RoPE takes each token's
+    position from the model's position ids there, models/gpt.py); the sequences are ``sequence_index`` [sequence
+    tokens] (where each token is in the row) cut at ``sequence_bounds``, and ``row_index`` [row tokens] is where each
+    row token first appears in them."""
+
+    sequence_index: torch.Tensor = None
+    sequence_bounds: list = None
+    row_index: torch.Tensor = None
 
 
 class SDPAttention(MegatronModule):
@@ -89,6 +109,11 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention is causal; pass packed_seq_params, not an attention mask or bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format != "thd":
             raise ValueError(f"SDPAttention packs in 'thd' format, got {packed_seq_params.qkv_format!r}")
+        if isinstance(packed_seq_params, SharedPromptParams):  # the sequences gathered from the row: copies
+            index = packed_seq_params.sequence_index
+            query, key, value = (x.index_select(0, index) for x in (query, key, value))
+            out = self._attend_packed(query, key, value, packed_seq_params.sequence_bounds)
+            return out.index_select(0, packed_seq_params.row_index)
         # Attention keeps its inputs for backward. megatron hands over key and value as views into the
         # linear_qkv output (query is a copy; RoPE makes key one too): keeping a view would keep the
         # whole [s, b, (heads + 2 groups) x dim] tensor alive until backward. A copy keeps only its own part.
@@ -97,7 +122,11 @@ class SDPAttention(MegatronModule):
             return self._ring_attend(query, key, value, packed_seq_params)
         if packed_seq_params is None:
             return self._attend(query, key, value)
-        bounds = packed_seq_params.cu_seqlens_q.tolist()  # query/key/value: [tokens, heads, dim]
+        return self._attend_packed(query, key, value, packed_seq_params.cu_seqlens_q.tolist())
+
+    def _attend_packed(self, query, key, value, bounds):
+        """Causal attention within each sequence of a row; query/key/value: [tokens, heads, dim], ``bounds``: where
+        each sequence starts, then the end."""
         pieces = [
             self._attend(query[start:end, None], key[start:end, None], value[start:end, None])
             for start, end in zip(bounds[:-1], bounds[1:])

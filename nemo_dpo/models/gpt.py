@@ -384,9 +384,43 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: i
         rotary = model.rotary_pos_emb
         frequencies = inverse_frequencies(config.kv_channels, model_cfg.rotary_base, model_cfg.rope_scaling)
         rotary.inv_freq = frequencies.to(rotary.inv_freq.device)
+        if config.context_parallel_size == 1:
+            rope_at_position_ids(model)
     if experts is not None and not config.sequence_parallel:  # under SP the MoE layers get their share already
         split_tokens_over_tp(model)
     return model
+
+
+def rope_at_position_ids(model: GPTModel) -> None:
+    """RoPE in a packed row at each token's position id, rather than restarting at every ``cu_seqlens`` bound.
+
+    megatron rotates a packed (``thd``) row sequence by sequence from position 0,
+    unless the rotary table it is given has a row per token of the packed row: then
+    it rotates each token by its own row (megatron's "exact mapping" of
+    ``_apply_rotary_pos_emb_thd``). This gives it that table, the model's
+    ``position_ids`` looked up in megatron's own, in one gather. A row with shared
+    prompts needs it (its rejected responses continue from their prompt, which
+    precedes the chosen response in the row, data/batching.py); a packed row
+    without sharing gets the same rotation as megatron's, from one lookup instead of
+    one per sequence. Rows that are not packed, and context parallelism (whose
+    ranks hold parts of sequences), keep megatron's table.
+    """
+    rotary, state = model.rotary_pos_emb, {}
+    table = rotary.forward  # megatron's: the first n positions (cached)
+
+    def note_positions(module, args, kwargs):
+        packed = kwargs.get("packed_seq_params")
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        state["positions"] = positions.reshape(-1) if packed is not None and positions is not None else None
+
+    def forward(max_seq_len, offset=0, packed_seq=False, cp_group=None):
+        positions = state.get("positions")
+        if not packed_seq or positions is None:
+            return table(max_seq_len, offset, packed_seq, cp_group)
+        return table(int(positions.max()) + 1).index_select(0, positions)
+
+    model.register_forward_pre_hook(note_positions, with_kwargs=True)
+    rotary.forward = forward
 
 
 def build_model_chunks(model_cfg, vocab_size: int, config: TransformerConfig) -> list:

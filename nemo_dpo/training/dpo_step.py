@@ -40,6 +40,7 @@ from nemo_dpo.losses.logprobs import (
 )
 from nemo_dpo.losses.sequences import WPO_LOGPS, sequence_sums, sequence_values, value_masks
 from nemo_dpo.losses.statistics import local_sums
+from nemo_dpo.models.attention import SharedPromptParams
 from nemo_dpo.models.gpt import emit_hidden_states, output_weight, unwrap
 from nemo_dpo.ranges import Integer
 from nemo_dpo.training import moe_aux_loss
@@ -106,22 +107,28 @@ class DPOStep:
     def _forward_step(self, loss_func, data_iterator, model):
         mb = next(data_iterator)
         output = model(mb.tokens, mb.position_ids, None, packed_seq_params=packed_seq_params(mb))
-        return output, partial(loss_func, mb)
+        return output, partial(on_whole_sequences, loss_func, mb)
 
     def _token_log_probs(self, mb: Microbatch, output):
         group = self.layout.tp_group
         if self.chunk_size > 0:
             weight = output_weight(unwrap(self.model[-1]))
-            return chunked_log_probs(output, weight, mb.labels, self.vocab_size, self.chunk_size, group)
-        return vocab_parallel_log_probs(output, mb.labels, self.vocab_size, group)
+            return at_read_positions(
+                lambda out, labels: chunked_log_probs(out, weight, labels, self.vocab_size, self.chunk_size, group),
+                mb, output)
+        return at_read_positions(lambda out, labels: vocab_parallel_log_probs(out, labels, self.vocab_size, group),
+                                 mb, output)
 
     def _log_sum_sq_probs(self, mb: Microbatch, output):
         """log sum_v p(v)^2 per position (WPO's weights), without gradient."""
         group = self.layout.tp_group
         if self.chunk_size > 0:
             weight = output_weight(unwrap(self.model[-1]))
-            return chunked_log_sum_sq_probs(output, weight, self.vocab_size, self.chunk_size, group)
-        return vocab_parallel_log_sum_sq_probs(output, self.vocab_size, group)
+            return at_read_positions(
+                lambda out, _: chunked_log_sum_sq_probs(out, weight, self.vocab_size, self.chunk_size, group),
+                mb, output)
+        return at_read_positions(lambda out, _: vocab_parallel_log_sum_sq_probs(out, self.vocab_size, group),
+                                 mb, output)
 
     def _log_probs_only(self, mb: Microbatch, logits):
         return logits.new_zeros(()), {"log_probs": self._token_log_probs(mb, logits)}
@@ -170,10 +177,47 @@ class DPOStep:
         return metrics
 
 
+def read_positions(mb: Microbatch) -> torch.Tensor | None:
+    """The flattened positions whose log-prob some per-sequence value reads: the response's (``loss_mask``) and
+    those of the microbatch's value masks; None (all) when the masks were not made beforehand."""
+    if mb.value_masks is None:
+        return None
+    read = mb.loss_mask != 0
+    for mask in mb.value_masks.values():
+        read = read | (mask != 0)
+    return read.reshape(-1).nonzero().squeeze(1)
+
+
+def at_read_positions(per_token, mb: Microbatch, output: torch.Tensor) -> torch.Tensor:
+    """``per_token(output, labels)`` -> [rows, S] values, computed at the :func:`read_positions` only (the output
+    layer and log-softmax skip prompts and padding) and 0 elsewhere, where no mask reads them."""
+    keep = read_positions(mb)
+    if keep is None:
+        return per_token(output, mb.labels)
+    read = output.reshape(-1, output.shape[-1]).index_select(0, keep).unsqueeze(0)
+    values = per_token(read, mb.labels.reshape(-1).index_select(0, keep).unsqueeze(0)).reshape(-1)
+    return values.new_zeros(mb.labels.numel()).index_copy(0, keep, values).reshape(mb.labels.shape)
+
+
+def on_whole_sequences(loss_func, mb: Microbatch, output: torch.Tensor):
+    """``loss_func(mb, output)`` on the last stage's output [rows, S, ...], gathered into the whole sequences from a
+    row with shared prompts (data/batching.py) first: the labels and masks describe those."""
+    if mb.sequence_index is not None:
+        output = output.index_select(1, mb.sequence_index)
+    return loss_func(mb, output)
+
+
 def packed_seq_params(mb: Microbatch) -> PackedSeqParams | None:
     """megatron's description of a packed (``thd``) microbatch; None for one sequence per row."""
     if not mb.packed:
         return None
+    if mb.sequence_index is not None:
+        row = mb.tokens.shape[1]
+        whole_row = torch.tensor([0, row], dtype=torch.int32, device=mb.tokens.device)
+        return SharedPromptParams(
+            qkv_format="thd", cu_seqlens_q=whole_row, cu_seqlens_kv=whole_row, max_seqlen_q=row, max_seqlen_kv=row,
+            sequence_index=mb.sequence_index, sequence_bounds=mb.cu_seqlens.tolist(), row_index=mb.row_index,
+        )
     return PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=mb.cu_seqlens, cu_seqlens_kv=mb.cu_seqlens, max_seqlen_q=mb.max_seqlen,
         max_seqlen_kv=mb.max_seqlen,

@@ -28,7 +28,7 @@ from megatron.core.transformer.module import Float16Module
 from omegaconf import OmegaConf
 
 from nemo_dpo.data.batching import Microbatcher, global_batches
-from nemo_dpo.data.packing import PackingChoice, choose_packing
+from nemo_dpo.data.packing import PackingChoice, choose_packing, shares_prompts
 from nemo_dpo.data.pipeline import load_run_data
 from nemo_dpo.data.tokenizer import source_files
 from nemo_dpo.distributed.failures import Heartbeat
@@ -140,9 +140,10 @@ class DPOTrainer:
         # Sequence parallelism splits each CP share over the TP ranks: rows must divide by CP x TP.
         pad_multiple = math.lcm(8, layout.cp * layout.tp) if m.sequence_parallel else 8
         values = tuple(dict.fromkeys(self.loss.policy_values + self.loss.reference_values))
+        share_prompts = shares_prompts(m.data.share_prompts, layout.cp, local_attention=not HAVE_TE)
         self.microbatcher = Microbatcher(m.micro_batch_size, m.data.packing is True, self.tokenizer.pad_id,
                                          layout.dp_rank, layout.dp, layout.device, layout.cp_rank, layout.cp,
-                                         pad_multiple, whole_sequence_masks(values))
+                                         pad_multiple, whole_sequence_masks(values), share_prompts)
         if m.data.packing == "auto":
             self.microbatcher.packing = self.choose_packing().packed
         self.reference = self.build_reference(runs_as_reference)  # from the initial weights, so before resuming
@@ -177,7 +178,8 @@ class DPOTrainer:
         (``model.data.packing_min_saving``), said once."""
         m, batcher = self.cfg.model, self.microbatcher
         choice = choose_packing(self.train_pairs, m.global_batch_size, m.seed, batcher.micro_batch_size, batcher.dp,
-                                batcher.pad_multiple, batcher.sequence_multiple, m.data.packing_min_saving)
+                                batcher.pad_multiple, batcher.sequence_multiple, m.data.packing_min_saving,
+                                batcher.share_prompts)
         self.log0(choice.message())
         return choice
 
