@@ -28,6 +28,7 @@ RUN = [
     "model.optim.sched.warmup_steps=0",
     "trainer.dpo.max_steps=2",
     "exp_manager.create_tensorboard_logger=false",
+    "model.data.packing=false",  # rows as transformers sees them: the routers' loss is recomputed from them
 ]
 
 
@@ -58,7 +59,8 @@ def _steps(source: str, ep: int, log_dir: str, steps: int, save: bool, overrides
             return policy(microbatches, forward_only)
 
         trainer.step_fn.policy = recording_policy
-        result = {"start": trainer.step, "weights_at_start": _weights(module, names), "steps": []}
+        result = {"start": trainer.step, "weights_at_start": _weights(module, names), "steps": [],
+                  "shared_prompts": trainer.microbatcher.packing and trainer.microbatcher.share_prompts}
         gbs = cfg.model.global_batch_size
         for i in range(trainer.step, trainer.step + steps):
             metrics = trainer.forward_backward(list(range(i * gbs, (i + 1) * gbs)))
@@ -80,8 +82,8 @@ def _weights(module, names) -> dict:
 
 def expert_parallel_training(source: str, log_root: str) -> dict:
     """One step at EP=2 (saved), two at EP=1, then the EP=2 checkpoint resumed at EP=2 for the second step;
-    one step at EP=2 and at EP=1 without the load-balancing loss."""
-    no_aux = ["model.moe_aux_loss_coeff=0"]
+    one step at EP=2 and at EP=1 without the load-balancing loss, in packed rows with shared prompts."""
+    no_aux = ["model.moe_aux_loss_coeff=0", "model.data.packing=true"]
     return {
         "ep2": _steps(source, 2, os.path.join(log_root, "ep2"), steps=1, save=True),
         "ep1": _steps(source, 1, os.path.join(log_root, "ep1"), steps=2, save=False),

@@ -213,7 +213,9 @@ def test_dpo_step_at_ep2_equals_ep1(parallel):
 
 
 def test_dpo_step_at_ep2_equals_ep1_without_the_load_balancing_loss(parallel):
+    """In packed rows with each pair's prompt once: the experts see the row's tokens."""
     ep2, ep1 = _run(parallel, "ep2_no_aux"), _run(parallel, "ep1_no_aux")
+    assert all(rank["shared_prompts"] for rank in ep2 + ep1)
     assert "moe_aux_loss" not in ep1[0]["steps"][0]["metrics"]
     diffs = _compare_steps(ep2, 0, ep1, 0, "EP=2 without the loss")
     with_loss = _run(parallel, "ep1")[0]["steps"][0]["grads"]

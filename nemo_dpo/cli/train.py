@@ -12,6 +12,7 @@ Arguments after the options are OmegaConf ``key=value`` overrides of conf/<confi
 import argparse
 import os
 import sys
+import time
 
 from nemo_dpo.distributed import launcher  # first: it notes torchrun's pid before the imports below take seconds
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -28,6 +29,7 @@ from nemo_dpo.training.trainer import DPOTrainer, NonFiniteError
 # a checkpoint that cannot be written): said once, without a traceback. Anything else is a bug: traceback.
 STARTUP_ERRORS = (ValueError, OSError, ImportError, CheckpointError)
 TRAINING_ERRORS = (OSError, CheckpointError)
+CONFIG_ERROR_GRACE_S = 30  # how long the other ranks of a node wait for local rank 0 to say a config error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +52,9 @@ def main(argv=None) -> int:
         changes = prepare(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every rank of a node checks the same files: one line a node
-            print(f"config error: {err}", file=sys.stderr)
+            print(f"config error: {err}", file=sys.stderr, flush=True)
+        else:  # Local rank 0 says it. Exiting first could get it killed before it does (srun --kill-on-bad-exit, or
+            time.sleep(CONFIG_ERROR_GRACE_S)  # torchrun ending the others); once it exits, the launcher ends this one.
         return 2
 
     m = cfg.model
