@@ -13,9 +13,10 @@ seed and the layout's multiples only: the same on every rank (each holds every
 pair) and again on resume. Packing is taken when it computes at least
 ``model.data.packing_min_saving`` (a fraction) fewer tokens: a packed row is
 not free per token, its attention runs sequence by sequence in the local layer
-spec (measured on CPU: the default task's 11% fewer tokens packed made a step
-slower, 590 ms against 461 ms padded), while the bench's lengths spread over
-32..512 run about 1.8x faster packed.
+spec (measured on CPU, 2 processes: the default task's short pairs, 11% fewer
+tokens packed without sharing, trained in 82 s packed against 71 s padded, and
+in 71 s with shared prompts at 41% fewer), while the bench's full-length pairs
+run about 1.2x faster packed with shared prompts (12.5% fewer tokens).
 
 A packed row can hold each pair's prompt once (``model.data.share_prompts``,
 data/batching.py): packing then saves the prompts' second copies too, which
