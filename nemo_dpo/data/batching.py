@@ -33,7 +33,7 @@ class Microbatch:
     every sequence (data/context_split.py); ``cu_seqlens`` and ``max_seqlen`` still
     describe the whole row, as megatron's packed-sequence parameters expect.
 
-    With shared prompts (data/shared_prompts.py) the model's row holds each pair's
+    With shared prompts (collate_shared_prompt_microbatches) the model's row holds each pair's
     prompt once: ``tokens`` and ``position_ids`` are that row, while ``labels``,
     ``loss_mask``, ``segment_ids``, ``cu_seqlens`` and ``max_seqlen`` describe the
     sequences whole, back to back, as a packed row without sharing would;
@@ -76,7 +76,7 @@ class Microbatcher:
     packed row every sequence is. ``pad_multiple``: what row lengths are rounded up to.
     ``value_masks``: Microbatch -> ``{value: mask}``, the masks the loss's per-sequence
     values need, made from each whole microbatch before it is cut (None: none).
-    ``share_prompts``: packed rows hold each pair's prompt once (data/shared_prompts.py).
+    ``share_prompts``: packed rows hold each pair's prompt once (collate_shared_prompt_microbatches).
     """
 
     def __init__(self, micro_batch_size: int, packing: bool, pad_id: int, dp_rank: int, dp: int, device,

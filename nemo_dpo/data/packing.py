@@ -22,8 +22,8 @@ A packed row can hold each pair's prompt once (``model.data.share_prompts``,
 data/batching.py): packing then saves the prompts' second copies too, which
 pairs all of one length gain as well. :func:`shares_prompts` decides whether
 it can: the local layer spec's attention reads the shared layout
-(transformer-engine's kernels take plain ``cu_seqlens`` only), and a context-
-parallel rank holds parts of sequences, not a prompt and both its responses.
+(transformer-engine's kernels take plain ``cu_seqlens`` only), and under context
+parallelism a rank holds parts of sequences, not a prompt and both its responses.
 """
 
 from dataclasses import dataclass
