@@ -107,7 +107,7 @@ class DPOStep:
     def _forward_step(self, loss_func, data_iterator, model):
         mb = next(data_iterator)
         output = model(mb.tokens, mb.position_ids, None, packed_seq_params=packed_seq_params(mb))
-        return output, partial(on_whole_sequences, loss_func, mb)
+        return output, partial(loss_func, mb)
 
     def _token_log_probs(self, mb: Microbatch, output):
         group = self.layout.tp_group
@@ -177,11 +177,12 @@ class DPOStep:
         return metrics
 
 
-def read_positions(mb: Microbatch) -> torch.Tensor | None:
-    """The flattened positions whose log-prob some per-sequence value reads: the response's (``loss_mask``) and
-    those of the microbatch's value masks; None (all) when the masks were not made beforehand."""
+def read_positions(mb: Microbatch) -> torch.Tensor:
+    """The flattened positions (of the labels' layout) whose log-prob some per-sequence value reads: the
+    response's (``loss_mask``) and those of the microbatch's value masks; all when the masks were not made
+    beforehand."""
     if mb.value_masks is None:
-        return None
+        return torch.arange(mb.labels.numel(), device=mb.labels.device)
     read = mb.loss_mask != 0
     for mask in mb.value_masks.values():
         read = read | (mask != 0)
@@ -190,21 +191,14 @@ def read_positions(mb: Microbatch) -> torch.Tensor | None:
 
 def at_read_positions(per_token, mb: Microbatch, output: torch.Tensor) -> torch.Tensor:
     """``per_token(output, labels)`` -> [rows, S] values, computed at the :func:`read_positions` only (the output
-    layer and log-softmax skip prompts and padding) and 0 elsewhere, where no mask reads them."""
+    layer and log-softmax skip prompts and padding) and 0 elsewhere, where no mask reads them. ``output`` is the
+    last stage's [rows, S', ...]; from a row with shared prompts (data/batching.py) each read position is taken
+    where its token is in the row (``sequence_index``), in one gather."""
     keep = read_positions(mb)
-    if keep is None:
-        return per_token(output, mb.labels)
-    read = output.reshape(-1, output.shape[-1]).index_select(0, keep).unsqueeze(0)
+    source = keep if mb.sequence_index is None else mb.sequence_index.index_select(0, keep)
+    read = output.reshape(-1, output.shape[-1]).index_select(0, source).unsqueeze(0)
     values = per_token(read, mb.labels.reshape(-1).index_select(0, keep).unsqueeze(0)).reshape(-1)
     return values.new_zeros(mb.labels.numel()).index_copy(0, keep, values).reshape(mb.labels.shape)
-
-
-def on_whole_sequences(loss_func, mb: Microbatch, output: torch.Tensor):
-    """``loss_func(mb, output)`` on the last stage's output [rows, S, ...], gathered into the whole sequences from a
-    row with shared prompts (data/batching.py) first: the labels and masks describe those."""
-    if mb.sequence_index is not None:
-        output = output.index_select(1, mb.sequence_index)
-    return loss_func(mb, output)
 
 
 def packed_seq_params(mb: Microbatch) -> PackedSeqParams | None:
