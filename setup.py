@@ -31,7 +31,8 @@ setup(
         # pyarrow: the Parquet/Arrow data tests; trl, datasets: TRL 1.16's own code is the oracle of the tokenization
         # and loss tests, its DPOConfig fields are each answered, and datasets' folders are read as data;
         # pytest-timeout: a test that hangs fails with its stack instead of holding up the whole suite.
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "pyarrow", "matplotlib", "dockerfile-parse>=2", "trl~=1.16.0", "datasets"],
+        # pytest-xdist: two workers (pytest.ini), so that one file's imports and waits overlap another's steps.
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.2", "hypothesis", "pyarrow", "matplotlib", "dockerfile-parse>=2", "trl~=1.16.0", "datasets"],
         # python -m nemo_dpo.plot <log dir>: PNGs of the metrics.
         "plot": ["matplotlib"],
         # exp_manager.create_wandb_logger=true.

@@ -16,7 +16,25 @@ def pytest_addoption(parser):
     parser.addoption("--system", action="store_true", help="also run the tests marked system (minutes each)")
 
 
+# pytest.ini runs the suite on two pytest-xdist workers (--dist loadgroup): a 2-rank job keeps both cores busy only
+# while it steps, and much of a launch is one process importing, a store waiting or a Slurm job queueing. A file
+# is one group, so that its module-scoped launches run once, on one worker; the files that read the session's
+# shared data launch (the fixture below) are one group for the same reason. Files with multi-process tests are
+# handed out first and the unit files fill in behind them, so that the two workers finish near each other.
+SHARED_LAUNCH = "data_training_runs"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into node ids
 def pytest_collection_modifyitems(config, items):
+    sharing = {item.path.stem for item in items if SHARED_LAUNCH in getattr(item, "fixturenames", ())}
+
+    def group(item):
+        return SHARED_LAUNCH if item.path.stem in sharing else item.path.stem
+
+    multi_process = {group(item) for item in items if "slow" in item.keywords}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: group(item) not in multi_process)
     if config.getoption("--system"):
         return
     later = pytest.mark.skip(reason="system layer: run with --system")
