@@ -71,7 +71,7 @@ VARIANTS = {
     "llama_dpo_packed_unshared": ["model.data.packing=true", "model.data.share_prompts=false"],
     "llama_dpo_recompute_full": ["model.activations_checkpoint_granularity=full"],
     "llama_dpo_recompute_selective": ["model.activations_checkpoint_granularity=selective"],
-    "llama_dpo_recompute_swiglu": ["model.recompute_modules=[swiglu]"],
+    "llama_dpo_recompute_elementwise": ["model.recompute_modules=[swiglu,layernorm]"],
     "llama_dpo_recompute_mlp": ["model.recompute_modules=[mlp]"],
     "llama_dpo_bf16_chunked": ["trainer.precision=bf16", "model.log_prob_chunk_size=20"],  # not a divisor of the tokens: a short last chunk
     # The global batch of 8 pairs in 1, 2 and 4 microbatches (SMALL has 4 at DP=1).
@@ -84,11 +84,12 @@ VARIANTS["gpt2_ipo_sft_packed"] = VARIANTS["gpt2_ipo_sft"] + ["model.data.packin
 # Sequence parallelism (at TP > 1): the same steps as without.
 VARIANTS["llama_dpo_sp"] = ["model.sequence_parallel=true"]
 # LoRA on fc2 reads the SwiGLU output that the recomputation releases (at TP=2 too).
-VARIANTS["lora_recompute_swiglu"] = VARIANTS["lora"] + VARIANTS["llama_dpo_recompute_swiglu"]
+VARIANTS["lora_recompute_elementwise"] = VARIANTS["lora"] + VARIANTS["llama_dpo_recompute_elementwise"]
 VARIANTS["llama_dpo_chunked_packed"] = VARIANTS["llama_dpo_chunked"] + VARIANTS["llama_dpo_packed"]
 VARIANTS["llama_dpo_sp_chunked_packed"] = VARIANTS["llama_dpo_sp"] + VARIANTS["llama_dpo_chunked_packed"]
 # RMSNorm and SwiGLU compiled (models/fusion.py), under sequence parallelism: rows of another length per rank.
 VARIANTS["llama_dpo_fused_sp"] = ["model.fused_elementwise=true", "model.sequence_parallel=true"]
+VARIANTS["llama_dpo_fused_sp_recompute"] = VARIANTS["llama_dpo_fused_sp"] + VARIANTS["llama_dpo_recompute_elementwise"]
 VARIANTS["gpt2_ipo_sft_sp"] = VARIANTS["gpt2_ipo_sft"] + ["model.sequence_parallel=true"]  # biases, LayerNorm
 # Four layers: two model chunks of one layer per pipeline rank under the interleaved schedule at PP=2.
 VARIANTS["llama_dpo_4_layers"] = ["model.num_layers=4"]

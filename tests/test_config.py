@@ -232,7 +232,7 @@ OUT_OF_RANGE = {
     "model.activations_checkpoint_granularity": "partial",
     "model.activations_checkpoint_method": "random",
     "model.activations_checkpoint_num_layers": "0",
-    "model.recompute_modules": "[swiglu,layernorm]",
+    "model.recompute_modules": "[swiglu,selective]",
     "model.vocab_size": "'32000'",
     "model.make_vocab_size_divisible_by": "0",
     "model.kv_channels": "0",

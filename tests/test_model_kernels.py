@@ -162,6 +162,35 @@ def test_the_recomputed_swiglu_output_is_freed_after_its_consumer_and_the_gradie
         assert activation(x).untyped_storage().nbytes() == 6 * 8 * 4
 
 
+def test_a_released_norm_output_is_freed_after_its_consumer_and_the_gradients_are_unchanged():
+    from nemo_dpo.distributed import cpu_compat
+    from nemo_dpo.models.fusion import FusedRMSNorm
+    from nemo_dpo.models.norm import OutputReleasedFusedRMSNorm, OutputReleasedLayerNorm, OutputReleasedRMSNorm
+
+    cpu_compat.apply()  # megatron's checkpointing saves the RNG states; on CPU, torch's own (as training does)
+    for plain, released in ((torch.nn.RMSNorm, OutputReleasedRMSNorm), (torch.nn.LayerNorm, OutputReleasedLayerNorm),
+                            (FusedRMSNorm, OutputReleasedFusedRMSNorm)):
+        torch.manual_seed(0)
+        x, w = torch.randn(6, 8, requires_grad=True), torch.randn(8, 3, requires_grad=True)
+        norm = plain(8)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        (norm(x) @ w).square().sum().backward()
+        want = x.grad.clone(), w.grad.clone(), norm.weight.grad.clone()
+        x.grad = w.grad = None
+
+        again = released(8)
+        again.load_state_dict(norm.state_dict())  # the same parameters under the same names
+        hidden = again(x)
+        out = hidden @ w  # the consumer keeps ``hidden`` for w's gradient
+        again.release(out)
+        assert hidden.untyped_storage().nbytes() == 0, plain  # released until backward
+        out.square().sum().backward()
+        torch.testing.assert_close((x.grad, w.grad, again.weight.grad), want)
+        with torch.no_grad():  # no backward coming: nothing checkpointed, nothing to release
+            assert again(x).untyped_storage().nbytes() == 6 * 8 * 4 and again.pending is None
+
+
 def test_recompute_modules_swiglu_puts_the_activation_recomputing_mlp_in_the_spec():
     from types import SimpleNamespace
 
@@ -175,3 +204,28 @@ def test_recompute_modules_swiglu_puts_the_activation_recomputing_mlp_in_the_spe
     for overrides, mlp in ((["model.recompute_modules=[swiglu]"], ActivationRecomputingMLP), ([], MLP),
                            (["model.recompute_modules=[swiglu]", "model.activations_checkpoint_granularity=full"], MLP)):
         assert _layer_spec(load_config("gpt_dpo", overrides).model, swiglu).submodules.mlp.module is mlp, overrides
+
+
+def test_recompute_modules_layernorm_puts_the_norm_recomputing_layer_in_the_spec():
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from nemo_dpo.config import load_config
+    from nemo_dpo.models.gpt import _layer_spec
+    from nemo_dpo.models.norm import (FusedTorchNorm, NormRecomputingTransformerLayer, OutputReleasedFusedTorchNorm,
+                                      OutputReleasedTorchNorm, TorchNorm)
+
+    swiglu = SimpleNamespace(use_te_activation_func=True)
+    for overrides, layer, norm in (
+            (["model.recompute_modules=[layernorm]", "model.fused_elementwise=true"], NormRecomputingTransformerLayer,
+             OutputReleasedFusedTorchNorm),
+            (["model.recompute_modules=[layernorm]"], NormRecomputingTransformerLayer, OutputReleasedTorchNorm),
+            (["model.fused_elementwise=true"], TransformerLayer, FusedTorchNorm),
+            (["model.recompute_modules=[layernorm]", "model.activations_checkpoint_granularity=full"],
+             TransformerLayer, TorchNorm)):
+        spec = _layer_spec(load_config("gpt_dpo", [*overrides, "model.qk_layernorm=true"]).model, swiglu)
+        assert spec.module is layer and spec.submodules.input_layernorm is norm, overrides
+        assert spec.submodules.pre_mlp_layernorm is norm, overrides
+        fused = "model.fused_elementwise=true" in overrides  # q/k norms are read inside attention: never released
+        assert spec.submodules.self_attention.submodules.q_layernorm is (FusedTorchNorm if fused else TorchNorm)

@@ -112,9 +112,9 @@ def test_chunked_log_probs_and_recomputation_give_the_same_step(baseline):
         ("gpt2_ipo_sft_chunked", "gpt2_ipo_sft"),
         ("llama_dpo_recompute_full", "llama_dpo"),
         ("llama_dpo_recompute_selective", "llama_dpo"),
-        ("llama_dpo_recompute_swiglu", "llama_dpo"),
+        ("llama_dpo_recompute_elementwise", "llama_dpo"),
         ("llama_dpo_recompute_mlp", "llama_dpo"),
-        ("lora_recompute_swiglu", "lora"),
+        ("lora_recompute_elementwise", "lora"),
         ("llama_dpo_packed", "llama_dpo"),
         ("llama_dpo_packed_unshared", "llama_dpo"),
         ("gpt2_ipo_sft_packed", "gpt2_ipo_sft"),
@@ -174,8 +174,9 @@ def test_bf16_with_fp32_master_weights_tracks_fp32(baseline):
             torch.testing.assert_close(got["weights"][name].float(), weight, atol=2e-2, rtol=0)
 
 
-TP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "lora_recompute_swiglu", "llama_dpo_chunked", *LOSS_VARIANTS]
-SP = {"llama_dpo_sp": "llama_dpo", "gpt2_ipo_sft_sp": "gpt2_ipo_sft", "llama_dpo_sp_chunked_packed": "llama_dpo_chunked_packed"}
+TP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "lora_recompute_elementwise", "llama_dpo_chunked", *LOSS_VARIANTS]
+SP = {"llama_dpo_sp": "llama_dpo", "gpt2_ipo_sft_sp": "gpt2_ipo_sft", "llama_dpo_sp_chunked_packed": "llama_dpo_chunked_packed",
+      "llama_dpo_fused_sp_recompute": "llama_dpo"}  # the last: compiled norms whose outputs are recomputed
 PP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", "llama_dpo_4_layers",
        *LOSS_VARIANTS, "options_packed_chunked", "llama_dpo_auto"]
 DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS, "kto_precomputed",

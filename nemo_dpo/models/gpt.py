@@ -20,7 +20,7 @@ from nemo_dpo.models.activations import ActivationRecomputingMLP, SwiGLU
 from nemo_dpo.models.attention import SDPAttention
 from nemo_dpo.models.moe import build_moe_spec, split_tokens_over_tp
 from nemo_dpo.models import fusion
-from nemo_dpo.models.norm import FusedTorchNorm, TorchNorm, use_torch_norm
+from nemo_dpo.models.norm import FusedTorchNorm, TorchNorm, recompute_norms, use_torch_norm
 from nemo_dpo.models.rope_scaling import attention_factor, check_rope_scaling, inverse_frequencies
 from nemo_dpo.ranges import Flag, Integer, ListOf, Mapping, OneOf, Real
 
@@ -39,10 +39,11 @@ ACTIVATIONS = {
     "swiglu": F.silu,
 }
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
-# What model.recompute_modules may name: the dense SwiGLU's output (swiglu, models/activations.py), and megatron's
-# selective recomputation of core attention or the whole dense MLP. (megatron's "layernorm" is left out: without
-# transformer-engine its CheckpointWithoutOutput takes fp8 as on and fails.)
-RECOMPUTE_MODULES = ("swiglu", "core_attn", "mlp")
+# What model.recompute_modules may name: the dense SwiGLU's output (swiglu, models/activations.py), the norms'
+# outputs (layernorm, models/norm.py: megatron's name, our implementation, which runs without transformer-engine),
+# and megatron's selective recomputation of core attention or the whole dense MLP.
+RECOMPUTE_MODULES = ("swiglu", "layernorm", "core_attn", "mlp")
+OURS_TO_RECOMPUTE = ("swiglu", "layernorm")  # applied by the layer spec, not passed to megatron
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 SIZE = Integer(ge=1)
@@ -306,7 +307,8 @@ def recompute_settings(model_cfg) -> dict:
     """NeMo's activations_checkpoint_* keys and ``model.recompute_modules`` as megatron's recompute settings.
 
     ``selective`` is NeMo's: core attention recomputed; ``recompute_modules`` adds to it (or stands alone
-    without a granularity). ``swiglu`` is not megatron's: the layer spec applies it (ActivationRecomputingMLP).
+    without a granularity). ``swiglu`` and ``layernorm`` are not megatron's: the layer spec applies them
+    (ActivationRecomputingMLP, NormRecomputingTransformerLayer).
     Under ``full`` whole layers are recomputed and ``recompute_modules`` has nothing left to do.
     """
     granularity = model_cfg.activations_checkpoint_granularity
@@ -316,7 +318,7 @@ def recompute_settings(model_cfg) -> dict:
             "recompute_method": model_cfg.activations_checkpoint_method,
             "recompute_num_layers": model_cfg.activations_checkpoint_num_layers,
         }
-    modules = [m for m in (model_cfg.recompute_modules or []) if m != "swiglu"]
+    modules = [m for m in (model_cfg.recompute_modules or []) if m not in OURS_TO_RECOMPUTE]
     if granularity == "selective" and "core_attn" not in modules:
         modules = ["core_attn", *modules]
     return {"recompute_granularity": "selective", "recompute_modules": modules} if modules else {}
@@ -338,24 +340,30 @@ def _layer_spec(model_cfg, config: TransformerConfig):
         )
         layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
         fused = fusion.wanted(model_cfg)
-        norm = FusedTorchNorm if fused else TorchNorm
-        use_torch_norm(layer_spec.submodules, norm)
-        use_torch_norm(layer_spec.submodules.self_attention.submodules, norm)
+        use_torch_norm(layer_spec.submodules, local_norm(model_cfg))
+        use_torch_norm(layer_spec.submodules.self_attention.submodules, local_norm(model_cfg))
+        if recomputes(model_cfg, "layernorm"):
+            recompute_norms(layer_spec)
     activation = (fusion.FusedSwiGLU if fused else SwiGLU) if config.use_te_activation_func else None
     if experts is not None:
         layer_spec.submodules.mlp = build_moe_spec(layer_spec.submodules.mlp, activation)
     elif activation is not None:
         layer_spec.submodules.mlp.submodules.activation_func = activation
-        if recomputes_swiglu(model_cfg):
+        if recomputes(model_cfg, "swiglu"):
             layer_spec.submodules.mlp.module = ActivationRecomputingMLP
     return layer_spec
 
 
-def recomputes_swiglu(model_cfg) -> bool:
-    """Whether the dense MLP's SwiGLU output is recomputed in backward (``swiglu`` in ``model.recompute_modules``,
-    which check_recompute allows only with a SwiGLU MLP; not under full recomputation, which recomputes the whole
-    layer)."""
-    return "swiglu" in (model_cfg.recompute_modules or []) and model_cfg.activations_checkpoint_granularity != "full"
+def local_norm(model_cfg):
+    """The local spec's norm: compiled where ``model.fused_elementwise`` says (models/norm.py, fusion.py)."""
+    return FusedTorchNorm if fusion.wanted(model_cfg) else TorchNorm
+
+
+def recomputes(model_cfg, module: str) -> bool:
+    """Whether the layer spec recomputes ``module`` (one of :data:`OURS_TO_RECOMPUTE`) in backward: named in
+    ``model.recompute_modules`` (check_recompute allows ``swiglu`` only with a SwiGLU MLP), and not under full
+    recomputation, which recomputes the whole layer."""
+    return module in (model_cfg.recompute_modules or []) and model_cfg.activations_checkpoint_granularity != "full"
 
 
 def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: int = None) -> GPTModel:
@@ -365,7 +373,8 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: i
     spec = _layer_spec(model_cfg, config)
     if not HAVE_TE:
         layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-        spec = TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=spec.submodules.input_layernorm)
+        # The final norm feeds the output layer, which runs outside the layers: never released.
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=local_norm(model_cfg))
     tp = model_cfg.tensor_model_parallel_size
     model = GPTModel(
         config=config,

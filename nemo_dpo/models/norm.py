@@ -9,12 +9,24 @@ only its slice; megatron sums the gradients of parameters marked
 (``finalize_model_grads``), which is how transformer-engine's norms take part.
 :class:`TorchNorm` is PyTorch's norm with that mark: the same computation, and
 the same parameters, with sequence parallelism on or off.
+
+A layer's two norms feed one linear layer each (q/k/v, fc1), and that linear
+keeps the norm's output for its weight gradient: a [tokens, hidden] tensor per
+norm and layer. ``model.recompute_modules: [.., layernorm]`` releases it once
+the attention or MLP that read it has run, and recomputes it from the norm's
+input (the residual stream, kept anyway) when the gradient reaches that
+attention or MLP: megatron's ``layernorm`` recomputation, done here because
+megatron's own passes ``fp8=False`` to ``CheckpointWithoutOutput``, which reads
+it as fp8 on and fails without transformer-engine.
 """
 
 import dataclasses
+from functools import partial
 
 import torch
+from megatron.core.tensor_parallel import CheckpointWithoutOutput
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from nemo_dpo.models.fusion import FusedRMSNorm
 
@@ -44,3 +56,68 @@ def use_torch_norm(submodules, norm=TorchNorm) -> None:
     for field in dataclasses.fields(submodules):
         if getattr(submodules, field.name) is WrappedTorchNorm:
             setattr(submodules, field.name, norm)
+
+
+class _OutputReleased:
+    """Mixin for a norm class: its output can be released once read (:meth:`release`) and is then recomputed."""
+
+    pending = None
+
+    def forward(self, x):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        self.pending = CheckpointWithoutOutput(fp8=None)  # None: no fp8 (its default, False, reads as fp8 on)
+        return self.pending.checkpoint(super().forward, x)
+
+    def release(self, consumer_output: torch.Tensor) -> None:
+        """Free the output's memory; recompute it when ``consumer_output``'s gradient arrives."""
+        if self.pending is not None:
+            self.pending.discard_output_and_register_recompute(consumer_output)
+            self.pending = None
+
+
+class OutputReleasedLayerNorm(_OutputReleased, torch.nn.LayerNorm):
+    pass
+
+
+class OutputReleasedRMSNorm(_OutputReleased, torch.nn.RMSNorm):
+    pass
+
+
+class OutputReleasedFusedRMSNorm(_OutputReleased, FusedRMSNorm):
+    pass
+
+
+class OutputReleasedTorchNorm(TorchNorm):
+    norms = {"LayerNorm": OutputReleasedLayerNorm, "RMSNorm": OutputReleasedRMSNorm}
+
+
+class OutputReleasedFusedTorchNorm(TorchNorm):
+    norms = {"LayerNorm": OutputReleasedLayerNorm, "RMSNorm": OutputReleasedFusedRMSNorm}
+
+
+OUTPUT_RELEASED = {TorchNorm: OutputReleasedTorchNorm, FusedTorchNorm: OutputReleasedFusedTorchNorm}
+
+
+def _release(norm, module, args, output) -> None:
+    norm.release(output[0] if isinstance(output, tuple) else output)
+
+
+class NormRecomputingTransformerLayer(TransformerLayer):
+    """megatron's TransformerLayer (same submodules and state dict) whose norms' outputs are released after the
+    attention and the MLP that read them, and recomputed in backward (the spec gives it
+    norms from :data:`OUTPUT_RELEASED`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.self_attention.register_forward_hook(partial(_release, self.input_layernorm))
+        self.mlp.register_forward_hook(partial(_release, self.pre_mlp_layernorm))
+
+
+def recompute_norms(layer_spec) -> None:
+    """Make a local layer spec (norms :class:`TorchNorm` or :class:`FusedTorchNorm`) release and recompute its two
+    norms' outputs."""
+    submodules = layer_spec.submodules
+    submodules.input_layernorm = OUTPUT_RELEASED[submodules.input_layernorm]
+    submodules.pre_mlp_layernorm = OUTPUT_RELEASED[submodules.pre_mlp_layernorm]
+    layer_spec.module = NormRecomputingTransformerLayer
