@@ -103,3 +103,21 @@ def test_a_hung_rank_is_named_when_the_timeout_expires(tmp_path):
     assert len(message) == 1 and message[0].startswith("rank 0: a collective at step "), out[-3000:]
     assert "rank 1 (last started step " in message[0] and "did not arrive" in message[0]
     assert our_tracebacks(out) == [], out[-3000:]
+
+
+def test_all_finite_finds_one_nan_or_inf_anywhere_in_a_gradient_buffer():
+    """The check behind nan_policy (every rank's loss and gradients, before the update), on buffers of both dtypes."""
+    import torch
+
+    from nemo_dpo.training.trainer import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16):
+        buffer = torch.randn(100_003, dtype=dtype)
+        assert all_finite(buffer) and all_finite(buffer[:0])
+        for where in (0, 4_321, 100_002):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                broken = buffer.clone()
+                broken[where] = bad
+                assert not all_finite(broken), (dtype, where, bad)
+        huge = torch.full((8,), torch.finfo(dtype).max, dtype=dtype)
+        assert all_finite(huge)  # finite values whose sum would overflow are still finite
