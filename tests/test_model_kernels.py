@@ -82,6 +82,47 @@ def test_a_shared_prompt_row_attends_as_its_whole_sequences_do():
         torch.testing.assert_close(g, e)
 
 
+def test_a_shared_prompt_rows_output_is_freed_after_the_projection_and_the_gradients_are_unchanged():
+    """release_after_projection: the row-order copy of attention's output is freed once the projection read it, and
+    gathered again from the kernels' outputs in backward; values and gradients as without it."""
+    from megatron.core.transformer.transformer_config import TransformerConfig as Config
+
+    from nemo_dpo.distributed import cpu_compat
+    from nemo_dpo.models.attention import release_after_projection
+
+    cpu_compat.apply()  # megatron's checkpointing saves the RNG states; on CPU, torch's own (as training does)
+    torch.manual_seed(0)
+    params = SharedPromptParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 9], dtype=torch.int32),
+                                cu_seqlens_kv=torch.tensor([0, 9], dtype=torch.int32), max_seqlen_q=9, max_seqlen_kv=9,
+                                sequence_index=torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8]),
+                                sequence_bounds=[0, 5, 11, 12], row_index=torch.tensor([0, 1, 2, 3, 4, 8, 9, 10, 11]))
+    q, k, v = (torch.randn(9, heads, 8, requires_grad=True) for heads in (4, 2, 2))
+    projection = torch.randn(32, 5, requires_grad=True)
+
+    class SelfAttention(torch.nn.Module):  # megatron's shape: core attention, then the output projection
+        def __init__(self):
+            super().__init__()
+            self.core_attention = attention()
+
+        def forward(self):
+            self.kept = self.core_attention(q, k, v, None, packed_seq_params=params)
+            return self.kept @ projection, None
+
+    results = []
+    for release in (False, True):
+        module = SelfAttention()
+        if release:
+            release_after_projection(module)
+        out, _ = module()
+        assert (module.kept.untyped_storage().nbytes() == 0) == release  # freed until backward
+        out.square().sum().backward()  # megatron's recomputation runs under backward(), not autograd.grad
+        results.append((out.detach(), *(x.grad for x in (q, k, v, projection))))
+        for x in (q, k, v, projection):
+            x.grad = None
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_fused_rmsnorm_and_swiglu_compute_what_the_eager_ones_do_at_any_length():
     """The compiled kernels (models/fusion.py) against PyTorch's eager modules, forward and backward, at two
     sequence lengths (the second reuses or recompiles the kernel), with the norm's parameters unchanged."""

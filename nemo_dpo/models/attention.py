@@ -16,17 +16,22 @@ once, followed by both responses: :class:`SharedPromptParams` says where each
 whole sequence's tokens are in the row. Attention gathers every sequence's
 queries, keys and values from the row, attends within each sequence, and gives
 each row token the output of its first sequence (the prompt's, in the chosen
-sequence, is the same as in the rejected one).
+sequence, is the same as in the rejected one). That row-order output is a copy
+of what the fused kernels keep for backward, and the output projection would keep
+it too: :func:`release_after_projection` frees it once the projection has run and
+gathers it again from the kernels' outputs when the gradient comes back.
 """
 
 import contextlib
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import CheckpointWithoutOutput
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
@@ -72,18 +77,24 @@ class SDPAttention(MegatronModule):
                 raise ValueError("ring attention (context parallelism without transformer-engine) has no attention "
                                  "dropout: set model.attention_dropout=0")
             self.ring = Ring(layout.current())
+        self.releases_shared_output = False  # set by release_after_projection
+        self.pending = None
 
-    def _attend(self, query, key, value):
-        """Causal attention over [s, b, heads, dim] inputs; returns [s, b, heads * dim]."""
+    def _sdpa(self, query, key, value):
+        """Causal attention over [s, b, heads, dim] inputs; returns the kernel's own [b, heads, s, dim] output (the
+        tensor it keeps for backward)."""
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, dim]
         dropout = self.dropout if self.training else 0.0
         # Dropout draws from the model-parallel RNG stream (different per TP rank), as megatron's does.
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale,
                 enable_gqa=self.groups != self.heads,
             )
-        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+    def _attend(self, query, key, value):
+        """Causal attention over [s, b, heads, dim] inputs; returns [s, b, heads * dim]."""
+        return _hidden(self._sdpa(query, key, value))
 
     def _ring_attend(self, query, key, value, packed_seq_params):
         """This rank's share of the sequences, attending across the CP group; returns [s, b, heads * dim]."""
@@ -110,10 +121,15 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None and packed_seq_params.qkv_format != "thd":
             raise ValueError(f"SDPAttention packs in 'thd' format, got {packed_seq_params.qkv_format!r}")
         if isinstance(packed_seq_params, SharedPromptParams):  # the sequences gathered from the row: copies
-            index = packed_seq_params.sequence_index
+            index, bounds = packed_seq_params.sequence_index, packed_seq_params.sequence_bounds
             query, key, value = (x.index_select(0, index) for x in (query, key, value))
-            out = self._attend_packed(query, key, value, packed_seq_params.sequence_bounds)
-            return out.index_select(0, packed_seq_params.row_index)
+            outs = [self._sdpa(query[start:end, None], key[start:end, None], value[start:end, None])
+                    for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+            rows = partial(_row_order, row_index=packed_seq_params.row_index)
+            if self.releases_shared_output and torch.is_grad_enabled() and outs[0].requires_grad:
+                self.pending = CheckpointWithoutOutput(fp8=None)  # None: no fp8 (False would read as fp8 on)
+                return self.pending.checkpoint(rows, *outs)
+            return rows(*outs)
         # Attention keeps its inputs for backward. megatron hands over key and value as views into the
         # linear_qkv output (query is a copy; RoPE makes key one too): keeping a view would keep the
         # whole [s, b, (heads + 2 groups) x dim] tensor alive until backward. A copy keeps only its own part.
@@ -133,3 +149,32 @@ class SDPAttention(MegatronModule):
             if end > start
         ]
         return torch.cat(pieces).squeeze(1)
+
+    def release(self, consumer_output: torch.Tensor) -> None:
+        """Free a shared-prompt row's output; gather it again when ``consumer_output``'s gradient arrives."""
+        if self.pending is not None:
+            self.pending.discard_output_and_register_recompute(consumer_output)
+            self.pending = None
+
+
+def _hidden(out):
+    """An attention output [b, heads, s, dim] as megatron's [s, b, heads * dim]."""
+    return out.permute(2, 0, 1, 3).flatten(2)
+
+
+def _row_order(*outs, row_index):
+    """The sequences' outputs ([1, heads, s_i, dim] each) as the row's tokens [row tokens, heads * dim]."""
+    return torch.cat([_hidden(out) for out in outs]).squeeze(1).index_select(0, row_index)
+
+
+def _release_core_attention(attention, args, output) -> None:
+    attention.core_attention.release(output[0])
+
+
+def release_after_projection(self_attention) -> None:
+    """Let ``self_attention``'s :class:`SDPAttention` free a shared-prompt row's output once the output projection
+    (and a LoRA adapter beside it) has read it: recomputed from the fused kernels' own outputs, kept anyway, when
+    the gradient reaches the attention's output. Not where megatron recomputes core attention or whole layers in
+    backward (its recomputation would not come back through this hook)."""
+    self_attention.core_attention.releases_shared_output = True
+    self_attention.register_forward_hook(_release_core_attention)

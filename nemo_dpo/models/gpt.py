@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_dpo.distributed import layout
 from nemo_dpo.models.activations import ActivationRecomputingMLP, SwiGLU
-from nemo_dpo.models.attention import SDPAttention
+from nemo_dpo.models.attention import SDPAttention, release_after_projection
 from nemo_dpo.models.moe import build_moe_spec, split_tokens_over_tp
 from nemo_dpo.models import fusion
 from nemo_dpo.models.norm import FusedTorchNorm, TorchNorm, recompute_norms, use_torch_norm
@@ -397,6 +397,11 @@ def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: i
             rope_at_position_ids(model)
     if experts is not None and not config.sequence_parallel:  # under SP the MoE layers get their share already
         split_tokens_over_tp(model)
+    recomputes_attention = config.recompute_granularity == "full" or (
+        config.recompute_granularity == "selective" and "core_attn" in config.recompute_modules)
+    if not HAVE_TE and not recomputes_attention:
+        for layer in model.decoder.layers:
+            release_after_projection(layer.self_attention)
     return model
 
 
