@@ -18,9 +18,10 @@ megatron does the same for MoE experts' activations (``moe_act``) and for the no
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import CheckpointWithoutOutput
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
+
+from nemo_dpo.models.released_output import ReleasesOutput
 
 
 class _SwiGLUFunction(torch.autograd.Function):
@@ -51,25 +52,17 @@ class SwiGLU(MegatronModule):
         return _SwiGLUFunction.apply(x)
 
 
-class _OutputReleasingActivation(torch.nn.Module):
-    """Runs the activation under megatron's ``CheckpointWithoutOutput`` when a backward will follow."""
+class _OutputReleasingActivation(ReleasesOutput, torch.nn.Module):
+    """The activation, its output releasable when a backward will follow (models/released_output.py)."""
 
     def __init__(self, activation):
         super().__init__()
         self.activation = activation
-        self.pending = None
 
     def forward(self, x):
         if not (torch.is_grad_enabled() and x.requires_grad):
             return self.activation(x)
-        self.pending = CheckpointWithoutOutput(fp8=None)  # None: no fp8 (its default, False, reads as fp8 on)
-        return self.pending.checkpoint(self.activation, x)
-
-    def release(self, consumer_output: torch.Tensor) -> None:
-        """Free the output's memory; recompute it when ``consumer_output``'s gradient arrives."""
-        if self.pending is not None:
-            self.pending.discard_output_and_register_recompute(consumer_output)
-            self.pending = None
+        return self.releasable(self.activation, x)
 
 
 class ActivationRecomputingMLP(MLP):

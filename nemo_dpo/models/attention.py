@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.tensor_parallel import CheckpointWithoutOutput
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 from nemo_dpo.distributed import layout
+from nemo_dpo.models.released_output import ReleasesOutput
 from nemo_dpo.models.ring_attention import Ring, ring_attention
 
 
@@ -51,7 +51,7 @@ class SharedPromptParams(PackedSeqParams):
     row_index: torch.Tensor = None
 
 
-class SDPAttention(MegatronModule):
+class SDPAttention(ReleasesOutput, MegatronModule):
     """Drop-in for megatron's ``DotProductAttention`` (same constructor and forward signature)."""
 
     def __init__(
@@ -78,7 +78,6 @@ class SDPAttention(MegatronModule):
                                  "dropout: set model.attention_dropout=0")
             self.ring = Ring(layout.current())
         self.releases_shared_output = False  # set by release_after_projection
-        self.pending = None
 
     def _sdpa(self, query, key, value):
         """Causal attention over [s, b, heads, dim] inputs; returns the kernel's own [b, heads, s, dim] output (the
@@ -127,8 +126,7 @@ class SDPAttention(MegatronModule):
                     for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
             rows = partial(_row_order, row_index=packed_seq_params.row_index)
             if self.releases_shared_output and torch.is_grad_enabled() and outs[0].requires_grad:
-                self.pending = CheckpointWithoutOutput(fp8=None)  # None: no fp8 (False would read as fp8 on)
-                return self.pending.checkpoint(rows, *outs)
+                return self.releasable(rows, *outs)
             return rows(*outs)
         # Attention keeps its inputs for backward. megatron hands over key and value as views into the
         # linear_qkv output (query is a copy; RoPE makes key one too): keeping a view would keep the
@@ -149,12 +147,6 @@ class SDPAttention(MegatronModule):
             if end > start
         ]
         return torch.cat(pieces).squeeze(1)
-
-    def release(self, consumer_output: torch.Tensor) -> None:
-        """Free a shared-prompt row's output; gather it again when ``consumer_output``'s gradient arrives."""
-        if self.pending is not None:
-            self.pending.discard_output_and_register_recompute(consumer_output)
-            self.pending = None
 
 
 def _hidden(out):

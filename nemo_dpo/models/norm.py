@@ -24,11 +24,11 @@ import dataclasses
 from functools import partial
 
 import torch
-from megatron.core.tensor_parallel import CheckpointWithoutOutput
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from nemo_dpo.models.fusion import FusedRMSNorm
+from nemo_dpo.models.released_output import ReleasesOutput
 
 
 class TorchNorm:
@@ -58,22 +58,13 @@ def use_torch_norm(submodules, norm=TorchNorm) -> None:
             setattr(submodules, field.name, norm)
 
 
-class _OutputReleased:
-    """Mixin for a norm class: its output can be released once read (:meth:`release`) and is then recomputed."""
-
-    pending = None
+class _OutputReleased(ReleasesOutput):
+    """Mixin for a norm class: its output releasable when a backward will follow (models/released_output.py)."""
 
     def forward(self, x):
         if not (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)
-        self.pending = CheckpointWithoutOutput(fp8=None)  # None: no fp8 (its default, False, reads as fp8 on)
-        return self.pending.checkpoint(super().forward, x)
-
-    def release(self, consumer_output: torch.Tensor) -> None:
-        """Free the output's memory; recompute it when ``consumer_output``'s gradient arrives."""
-        if self.pending is not None:
-            self.pending.discard_output_and_register_recompute(consumer_output)
-            self.pending = None
+        return self.releasable(super().forward, x)
 
 
 class OutputReleasedLayerNorm(_OutputReleased, torch.nn.LayerNorm):

@@ -1,0 +1,34 @@
+"""Modules whose output is freed once the next layer has read it, and recomputed in backward.
+
+In the local layer spec a linear layer keeps its input for the weight gradient,
+and for three of them that input is cheap to make again from tensors kept anyway:
+a norm's output read by q/k/v or fc1 (from the residual stream), the SwiGLU's
+output read by fc2 (from the fc1 output the SwiGLU keeps), and attention's
+row-order output in a shared-prompt row read by the projection (from the fused
+kernels' own outputs). megatron's
+``CheckpointWithoutOutput`` frees such an output once its consumer has run and
+recomputes it, into the same storage, when the gradient reaches the consumer.
+:class:`ReleasesOutput` is that, for a module: ``releasable`` computes, the
+module's owner calls ``release`` after the consumer.
+"""
+
+import torch
+from megatron.core.tensor_parallel import CheckpointWithoutOutput
+
+
+class ReleasesOutput:
+    """Mixin for a module whose forward returns ``self.releasable(function, *args)`` when a backward will follow."""
+
+    pending = None
+
+    def releasable(self, function, *args):
+        """``function(*args)``, computed so that :meth:`release` can free it until the next call."""
+        self.pending = CheckpointWithoutOutput(fp8=None)  # None: no fp8 (its default, False, reads as fp8 on)
+        return self.pending.checkpoint(function, *args)
+
+    def release(self, consumer_output: torch.Tensor) -> None:
+        """Free the output's memory; recompute it when ``consumer_output``'s gradient arrives (every releasable
+        output must be released: its backward needs the recomputation)."""
+        if self.pending is not None:
+            self.pending.discard_output_and_register_recompute(consumer_output)
+            self.pending = None
