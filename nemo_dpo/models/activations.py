@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 
-from nemo_dpo.models.released_output import ReleasesOutput
+from nemo_dpo.models.released_output import ReleasesOutput, release_after
 
 
 class _SwiGLUFunction(torch.autograd.Function):
@@ -71,10 +71,6 @@ class ActivationRecomputingMLP(MLP):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.activation_func = _OutputReleasingActivation(self.activation_func)
-
-    def forward(self, hidden_states, *args, **kwargs):
         # Released after fc2 and anything hooked onto it (a LoRA adapter reads the same activation), and
         # recomputed when the gradient reaches the MLP's output, before any of them runs backward.
-        output, bias = super().forward(hidden_states, *args, **kwargs)
-        self.activation_func.release(output)
-        return output, bias
+        release_after(self, self.activation_func)

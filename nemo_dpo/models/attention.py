@@ -35,7 +35,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 from nemo_dpo.distributed import layout
-from nemo_dpo.models.released_output import ReleasesOutput
+from nemo_dpo.models.released_output import ReleasesOutput, release_after
 from nemo_dpo.models.ring_attention import Ring, ring_attention
 
 
@@ -122,8 +122,7 @@ class SDPAttention(ReleasesOutput, MegatronModule):
         if isinstance(packed_seq_params, SharedPromptParams):  # the sequences gathered from the row: copies
             index, bounds = packed_seq_params.sequence_index, packed_seq_params.sequence_bounds
             query, key, value = (x.index_select(0, index) for x in (query, key, value))
-            outs = [self._sdpa(query[start:end, None], key[start:end, None], value[start:end, None])
-                    for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+            outs = self._sequence_outputs(query, key, value, bounds)
             rows = partial(_row_order, row_index=packed_seq_params.row_index)
             if self.releases_shared_output and torch.is_grad_enabled() and outs[0].requires_grad:
                 return self.releasable(rows, *outs)
@@ -138,15 +137,15 @@ class SDPAttention(ReleasesOutput, MegatronModule):
             return self._attend(query, key, value)
         return self._attend_packed(query, key, value, packed_seq_params.cu_seqlens_q.tolist())
 
-    def _attend_packed(self, query, key, value, bounds):
+    def _sequence_outputs(self, query, key, value, bounds) -> list:
         """Causal attention within each sequence of a row; query/key/value: [tokens, heads, dim], ``bounds``: where
-        each sequence starts, then the end."""
-        pieces = [
-            self._attend(query[start:end, None], key[start:end, None], value[start:end, None])
-            for start, end in zip(bounds[:-1], bounds[1:])
-            if end > start
-        ]
-        return torch.cat(pieces).squeeze(1)
+        each sequence starts, then the end. Returns the kernel's output per sequence, [1, heads, s_i, dim]."""
+        return [self._sdpa(query[start:end, None], key[start:end, None], value[start:end, None])
+                for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+
+    def _attend_packed(self, query, key, value, bounds):
+        """:meth:`_sequence_outputs` as the row's [tokens, heads * dim]."""
+        return _joined(self._sequence_outputs(query, key, value, bounds))
 
 
 def _hidden(out):
@@ -154,13 +153,14 @@ def _hidden(out):
     return out.permute(2, 0, 1, 3).flatten(2)
 
 
+def _joined(outs):
+    """The sequences' outputs ([1, heads, s_i, dim] each) back to back, [tokens, heads * dim]."""
+    return torch.cat([_hidden(out) for out in outs]).squeeze(1)
+
+
 def _row_order(*outs, row_index):
-    """The sequences' outputs ([1, heads, s_i, dim] each) as the row's tokens [row tokens, heads * dim]."""
-    return torch.cat([_hidden(out) for out in outs]).squeeze(1).index_select(0, row_index)
-
-
-def _release_core_attention(attention, args, output) -> None:
-    attention.core_attention.release(output[0])
+    """The sequences' outputs as the shared-prompt row's tokens [row tokens, heads * dim]."""
+    return _joined(outs).index_select(0, row_index)
 
 
 def release_after_projection(self_attention) -> None:
@@ -169,4 +169,4 @@ def release_after_projection(self_attention) -> None:
     the gradient reaches the attention's output. Not where megatron recomputes core attention or whole layers in
     backward (its recomputation would not come back through this hook)."""
     self_attention.core_attention.releases_shared_output = True
-    self_attention.register_forward_hook(_release_core_attention)
+    release_after(self_attention, self_attention.core_attention)

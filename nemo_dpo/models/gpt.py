@@ -340,8 +340,9 @@ def _layer_spec(model_cfg, config: TransformerConfig):
         )
         layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
         fused = fusion.wanted(model_cfg)
-        use_torch_norm(layer_spec.submodules, local_norm(model_cfg))
-        use_torch_norm(layer_spec.submodules.self_attention.submodules, local_norm(model_cfg))
+        norm = local_norm(model_cfg)
+        use_torch_norm(layer_spec.submodules, norm)
+        use_torch_norm(layer_spec.submodules.self_attention.submodules, norm)
         if recomputes(model_cfg, "layernorm"):
             recompute_norms(layer_spec)
     activation = (fusion.FusedSwiGLU if fused else SwiGLU) if config.use_te_activation_func else None

@@ -21,14 +21,13 @@ it as fp8 on and fails without transformer-engine.
 """
 
 import dataclasses
-from functools import partial
 
 import torch
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from nemo_dpo.models.fusion import FusedRMSNorm
-from nemo_dpo.models.released_output import ReleasesOutput
+from nemo_dpo.models.released_output import ReleasesOutput, release_after
 
 
 class TorchNorm:
@@ -84,14 +83,10 @@ class OutputReleasedTorchNorm(TorchNorm):
 
 
 class OutputReleasedFusedTorchNorm(TorchNorm):
-    norms = {"LayerNorm": OutputReleasedLayerNorm, "RMSNorm": OutputReleasedFusedRMSNorm}
+    norms = {**OutputReleasedTorchNorm.norms, "RMSNorm": OutputReleasedFusedRMSNorm}
 
 
 OUTPUT_RELEASED = {TorchNorm: OutputReleasedTorchNorm, FusedTorchNorm: OutputReleasedFusedTorchNorm}
-
-
-def _release(norm, module, args, output) -> None:
-    norm.release(output[0] if isinstance(output, tuple) else output)
 
 
 class NormRecomputingTransformerLayer(TransformerLayer):
@@ -101,8 +96,8 @@ class NormRecomputingTransformerLayer(TransformerLayer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.self_attention.register_forward_hook(partial(_release, self.input_layernorm))
-        self.mlp.register_forward_hook(partial(_release, self.pre_mlp_layernorm))
+        release_after(self.self_attention, self.input_layernorm)
+        release_after(self.mlp, self.pre_mlp_layernorm)
 
 
 def recompute_norms(layer_spec) -> None:

@@ -8,9 +8,11 @@ row-order output in a shared-prompt row read by the projection (from the fused
 kernels' own outputs). megatron's
 ``CheckpointWithoutOutput`` frees such an output once its consumer has run and
 recomputes it, into the same storage, when the gradient reaches the consumer.
-:class:`ReleasesOutput` is that, for a module: ``releasable`` computes, the
-module's owner calls ``release`` after the consumer.
+:class:`ReleasesOutput` is that, for a module: ``releasable`` computes, and
+:func:`release_after` releases once the consumer module has run.
 """
+
+from functools import partial
 
 import torch
 from megatron.core.tensor_parallel import CheckpointWithoutOutput
@@ -32,3 +34,13 @@ class ReleasesOutput:
         if self.pending is not None:
             self.pending.discard_output_and_register_recompute(consumer_output)
             self.pending = None
+
+
+def _release(releaser: ReleasesOutput, consumer, args, output) -> None:
+    releaser.release(output[0] if isinstance(output, tuple) else output)  # megatron's modules: (output, bias)
+
+
+def release_after(consumer: torch.nn.Module, releaser: ReleasesOutput) -> None:
+    """Release ``releaser``'s output each time ``consumer`` (the module whose layers, and any LoRA adapter hooked on
+    them, read it) has run forward; recomputed when the gradient reaches ``consumer``'s output."""
+    consumer.register_forward_hook(partial(_release, releaser))
