@@ -163,7 +163,9 @@ def test_bad_settings_name_the_key(kwargs, key):
 
 from nemo_dpo.losses import LOSSES, build_loss  # noqa: E402
 from nemo_dpo.losses.logprobs import (  # noqa: E402
+    chunked_log_probs,
     chunked_log_sum_sq_probs,
+    vocab_parallel_log_probs,
     vocab_parallel_log_sum_sq_probs,
 )
 from nemo_dpo.losses.sequences import (  # noqa: E402
@@ -267,6 +269,34 @@ def test_log_sum_sq_probs_whole_and_chunked():
     want = torch.log((torch.softmax(logits[..., :12], -1) ** 2).sum(-1))  # 4 rows of vocabulary padding
     torch.testing.assert_close(vocab_parallel_log_sum_sq_probs(logits, 12, None), want)
     torch.testing.assert_close(chunked_log_sum_sq_probs(hidden, weight, 12, 3, None), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_log_probs_backward_runs_at_the_output_layers_precision(dtype):
+    """The chunked output layer's gradients are the one-shot path's (output layer, then log-probs), whose backward
+    takes the logits' gradient in the weight's dtype: the hidden states' gradient, and with it every gradient below
+    the output layer, to the last bit in bf16 too; the output weight's up to the rounding of the chunks' sum."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 37, 32, generator=gen).to(dtype)
+    weight = (torch.randn(64, 32, generator=gen) * 0.3).to(dtype)
+    target, grad_out = torch.randint(0, 60, (2, 37), generator=gen), torch.randn(2, 37, generator=gen)
+    grads = {}
+    for name, run in (("whole", lambda h, w: vocab_parallel_log_probs(h @ w.t(), target, 60, None)),
+                      ("chunked", lambda h, w: chunked_log_probs(h, w, target, 60, 16, None))):  # a short last chunk
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        log_probs = run(h, w)
+        log_probs.backward(grad_out)
+        grads[name] = log_probs.detach(), h.grad, w.grad
+    (want_lp, want_h, want_w), (got_lp, got_h, got_w) = grads["whole"], grads["chunked"]
+    torch.testing.assert_close(got_lp, want_lp, rtol=1e-6, atol=1e-6)
+    assert got_h.dtype == got_w.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(got_h, want_h)
+        scale = want_w.abs().max().item()  # each chunk's product is rounded to bf16 before the sum
+        torch.testing.assert_close(got_w, want_w, rtol=2**-7, atol=scale * 2**-7)
+    else:
+        torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
