@@ -28,6 +28,7 @@ SMALL = [
     "model.global_batch_size=8",
     "model.micro_batch_size=2",
     "model.log_prob_chunk_size=0",  # the one-shot log-prob path; "llama_dpo_chunked" covers chunks
+    "model.recompute_modules=null",  # everything kept; the "_recompute_" variants recompute
     # Adam's first step is lr * g / (|g| + eps); a larger eps keeps gradients at
     # rounding-noise level from turning into full-size updates of random sign.
     "model.optim.eps=1e-4",
@@ -71,7 +72,7 @@ VARIANTS = {
     "llama_dpo_packed_unshared": ["model.data.packing=true", "model.data.share_prompts=false"],
     "llama_dpo_recompute_full": ["model.activations_checkpoint_granularity=full"],
     "llama_dpo_recompute_selective": ["model.activations_checkpoint_granularity=selective"],
-    "llama_dpo_recompute_elementwise": ["model.recompute_modules=[swiglu,layernorm]"],
+    "llama_dpo_recompute_elementwise": ["model.recompute_modules=auto"],  # the default: swiglu and layernorm here
     "llama_dpo_recompute_mlp": ["model.recompute_modules=[mlp]"],
     "llama_dpo_bf16_chunked": ["trainer.precision=bf16", "model.log_prob_chunk_size=20"],  # not a divisor of the tokens: a short last chunk
     # The global batch of 8 pairs in 1, 2 and 4 microbatches (SMALL has 4 at DP=1).

@@ -176,7 +176,8 @@ def test_the_local_layer_spec_takes_the_fused_modules_as_the_setting_says():
     swiglu = SimpleNamespace(use_te_activation_func=True)
     for setting, norm, activation in (("true", FusedTorchNorm, FusedSwiGLU), ("false", TorchNorm, SwiGLU),
                                       ("auto", TorchNorm, SwiGLU)):  # auto: the default model is hidden 128
-        spec = _layer_spec(load_config("gpt_dpo", [f"model.fused_elementwise={setting}"]).model, swiglu).submodules
+        overrides = [f"model.fused_elementwise={setting}", "model.recompute_modules=null"]
+        spec = _layer_spec(load_config("gpt_dpo", overrides).model, swiglu).submodules
         assert spec.input_layernorm is norm and spec.pre_mlp_layernorm is norm, setting
         assert spec.mlp.submodules.activation_func is activation, setting
 
@@ -242,9 +243,29 @@ def test_recompute_modules_swiglu_puts_the_activation_recomputing_mlp_in_the_spe
     from nemo_dpo.models.gpt import _layer_spec
 
     swiglu = SimpleNamespace(use_te_activation_func=True)
-    for overrides, mlp in ((["model.recompute_modules=[swiglu]"], ActivationRecomputingMLP), ([], MLP),
+    for overrides, mlp in ((["model.recompute_modules=[swiglu]"], ActivationRecomputingMLP),
+                           ([], ActivationRecomputingMLP),  # model.recompute_modules=auto
+                           (["model.recompute_modules=null"], MLP), (["model.recompute_modules=[layernorm]"], MLP),
                            (["model.recompute_modules=[swiglu]", "model.activations_checkpoint_granularity=full"], MLP)):
         assert _layer_spec(load_config("gpt_dpo", overrides).model, swiglu).submodules.mlp.module is mlp, overrides
+
+
+def test_recompute_modules_auto_names_what_applies_to_the_model():
+    from nemo_dpo.config import load_config
+    from nemo_dpo.models.gpt import check_recompute, recompute_modules, recompute_settings
+
+    for overrides, want in (([], ["swiglu", "layernorm"]),
+                            (["model.activation=gelu", "model.normalization=LayerNorm"], ["layernorm"]),
+                            (["model.num_moe_experts=4"], ["layernorm"]),
+                            (["model.recompute_modules=null"], []),
+                            (["model.recompute_modules=[mlp,layernorm]"], ["mlp", "layernorm"])):
+        model_cfg = load_config("gpt_dpo", overrides).model
+        assert recompute_modules(model_cfg) == want, overrides
+        check_recompute(model_cfg)  # auto never names what the model lacks
+    # Megatron gets only its own modules; auto adds none of them to selective.
+    auto_selective = load_config("gpt_dpo", ["model.activations_checkpoint_granularity=selective"]).model
+    assert recompute_settings(auto_selective) == {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    assert recompute_settings(load_config("gpt_dpo", []).model) == {}
 
 
 def test_recompute_modules_layernorm_puts_the_norm_recomputing_layer_in_the_spec():
@@ -262,7 +283,8 @@ def test_recompute_modules_layernorm_puts_the_norm_recomputing_layer_in_the_spec
             (["model.recompute_modules=[layernorm]", "model.fused_elementwise=true"], NormRecomputingTransformerLayer,
              OutputReleasedFusedTorchNorm),
             (["model.recompute_modules=[layernorm]"], NormRecomputingTransformerLayer, OutputReleasedTorchNorm),
-            (["model.fused_elementwise=true"], TransformerLayer, FusedTorchNorm),
+            (["model.fused_elementwise=true", "model.recompute_modules=null"], TransformerLayer, FusedTorchNorm),
+            (["model.fused_elementwise=true"], NormRecomputingTransformerLayer, OutputReleasedFusedTorchNorm),  # auto
             (["model.recompute_modules=[layernorm]", "model.activations_checkpoint_granularity=full"],
              TransformerLayer, TorchNorm)):
         spec = _layer_spec(load_config("gpt_dpo", [*overrides, "model.qk_layernorm=true"]).model, swiglu)

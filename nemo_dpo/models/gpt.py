@@ -22,7 +22,7 @@ from nemo_dpo.models.moe import build_moe_spec, split_tokens_over_tp
 from nemo_dpo.models import fusion
 from nemo_dpo.models.norm import FusedTorchNorm, TorchNorm, recompute_norms, use_torch_norm
 from nemo_dpo.models.rope_scaling import attention_factor, check_rope_scaling, inverse_frequencies
-from nemo_dpo.ranges import Flag, Integer, ListOf, Mapping, OneOf, Real
+from nemo_dpo.ranges import Either, Flag, Integer, ListOf, Mapping, OneOf, Real
 
 try:  # transformer-engine is an optional GPU accelerator.
     import transformer_engine  # noqa: F401
@@ -70,7 +70,9 @@ RANGES = {
     "model.activations_checkpoint_granularity": OneOf(choices=("selective", "full"), nullable=True),
     "model.activations_checkpoint_method": OneOf(choices=("uniform", "block")),
     "model.activations_checkpoint_num_layers": SIZE,
-    "model.recompute_modules": ListOf(each=OneOf(choices=RECOMPUTE_MODULES), distinct=True, nullable=True),
+    "model.recompute_modules": Either(
+        first=OneOf(choices=("auto",)), first_is="the cheap elementwise recomputations that apply to the model",
+        second=ListOf(each=OneOf(choices=RECOMPUTE_MODULES), distinct=True), second_is="these", nullable=True),
     "model.vocab_size": Integer(ge=1, nullable=True),
     "model.make_vocab_size_divisible_by": SIZE,
     "model.sequence_parallel": Flag(),
@@ -150,9 +152,21 @@ def check_model_config(model_cfg) -> None:
     check_recompute(model_cfg)
 
 
+def recompute_modules(model_cfg) -> list:
+    """``model.recompute_modules`` as a list. ``auto`` (the default): the elementwise outputs that are cheap to
+    recompute and that the layer spec can release: the norms' (``layernorm``), and the SwiGLU's where the MLP is
+    a dense SwiGLU (``swiglu``). They cost one norm or activation forward per layer in backward (under 1% of the
+    bench's step) for a [tokens, hidden] tensor per norm and a [tokens, ffn] tensor per layer."""
+    setting = model_cfg.recompute_modules
+    if setting == "auto":
+        dense_swiglu = model_cfg.activation == "swiglu" and model_cfg.num_moe_experts is None
+        return ["swiglu", "layernorm"] if dense_swiglu else ["layernorm"]
+    return list(setting or [])
+
+
 def check_recompute(model_cfg) -> None:
     """``swiglu`` and ``mlp`` in ``model.recompute_modules`` need the dense MLP they recompute."""
-    modules = model_cfg.recompute_modules or []
+    modules = recompute_modules(model_cfg)
     if "swiglu" in modules and model_cfg.activation != "swiglu":
         raise ValueError(f"model.recompute_modules names swiglu, but model.activation is {model_cfg.activation!r}")
     dense_only = [m for m in modules if m in ("swiglu", "mlp")]
@@ -318,7 +332,7 @@ def recompute_settings(model_cfg) -> dict:
             "recompute_method": model_cfg.activations_checkpoint_method,
             "recompute_num_layers": model_cfg.activations_checkpoint_num_layers,
         }
-    modules = [m for m in (model_cfg.recompute_modules or []) if m not in OURS_TO_RECOMPUTE]
+    modules = [m for m in recompute_modules(model_cfg) if m not in OURS_TO_RECOMPUTE]
     if granularity == "selective" and "core_attn" not in modules:
         modules = ["core_attn", *modules]
     return {"recompute_granularity": "selective", "recompute_modules": modules} if modules else {}
@@ -364,7 +378,7 @@ def recomputes(model_cfg, module: str) -> bool:
     """Whether the layer spec recomputes ``module`` (one of :data:`OURS_TO_RECOMPUTE`) in backward: named in
     ``model.recompute_modules`` (check_recompute allows ``swiglu`` only with a SwiGLU MLP), and not under full
     recomputation, which recomputes the whole layer."""
-    return module in (model_cfg.recompute_modules or []) and model_cfg.activations_checkpoint_granularity != "full"
+    return module in recompute_modules(model_cfg) and model_cfg.activations_checkpoint_granularity != "full"
 
 
 def build_gpt(model_cfg, vocab_size: int, config: TransformerConfig, vp_stage: int = None) -> GPTModel:

@@ -35,7 +35,7 @@ from nemo_dpo.distributed.failures import Heartbeat
 from nemo_dpo.distributed.layout import Layout
 from nemo_dpo.losses import build_loss
 from nemo_dpo.models import fusion
-from nemo_dpo.models.gpt import HAVE_TE, build_model_chunks, transformer_config
+from nemo_dpo.models.gpt import HAVE_TE, OURS_TO_RECOMPUTE, build_model_chunks, recomputes, transformer_config
 from nemo_dpo.models.init_weights import init_weights
 from nemo_dpo.models.lora import add_lora
 from nemo_dpo.ranges import Either, Flag, Integer, OneOf, Real
@@ -125,6 +125,10 @@ class DPOTrainer:
             self.log0(f"model: {' and '.join(fused)} compiled into fused kernels (model.fused_elementwise="
                       f"{m.fused_elementwise}, hidden size {m.hidden_size}); the first step includes compiling them "
                       f"(cached on disk for later runs)")
+        recomputed = [part for part in OURS_TO_RECOMPUTE if recomputes(m, part)]
+        if recomputed and not HAVE_TE:
+            self.log0(f"model: the {' and '.join(recomputed)} outputs recomputed in backward instead of kept "
+                      f"(model.recompute_modules={m.recompute_modules})")
         runs_as_reference = None
         if self.loss.needs_reference:
             runs_as_reference = reference_model(self.model, lora=m.peft.peft_scheme == "lora")  # the initial weights
