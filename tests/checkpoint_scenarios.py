@@ -52,7 +52,7 @@ def steps_with_checkpoint(tp: int, pp: int, log_dir: str, cache_dir: str, save_a
             if layout.rank == 0:
                 shutil.copytree(start_from, os.path.join(log_dir, "checkpoints"))
             dist.barrier()
-        overrides = SMALL + list(extra) + [
+        overrides = SMALL + ["model.recompute_modules=auto"] + list(extra) + [  # the shipped default
             f"model.tensor_model_parallel_size={tp}",
             f"model.pipeline_model_parallel_size={pp}",
             f"model.context_parallel_size={cp}",

@@ -28,6 +28,7 @@ TRAIN = os.path.join(ROOT, "examples", "train_dpo.py")
 def torchrun(log_dir, cache, *extra, wait=True):
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", TRAIN]
     args += SMALL + [
+        "model.recompute_modules=auto",  # the shipped default (SMALL keeps everything for the equivalence tests)
         "trainer.dpo.max_steps=20",
         "trainer.dpo.save_interval=10",
         "trainer.dpo.val_check_interval=10",

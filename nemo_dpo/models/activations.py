@@ -52,11 +52,13 @@ class SwiGLU(MegatronModule):
         return _SwiGLUFunction.apply(x)
 
 
-class _OutputReleasingActivation(ReleasesOutput, torch.nn.Module):
-    """The activation, its output releasable when a backward will follow (models/released_output.py)."""
+class _OutputReleasingActivation(ReleasesOutput, MegatronModule):
+    """The activation, its output releasable when a backward will follow (models/released_output.py). A megatron
+    module, as the activation it wraps is: the MLP's distributed checkpoint asks each submodule for its (here
+    empty) sharded state dict."""
 
     def __init__(self, activation):
-        super().__init__()
+        super().__init__(config=activation.config)
         self.activation = activation
 
     def forward(self, x):
