@@ -94,6 +94,7 @@ VARIANTS["llama_dpo_fused_sp_recompute"] = VARIANTS["llama_dpo_fused_sp"] + VARI
 VARIANTS["gpt2_ipo_sft_sp"] = VARIANTS["gpt2_ipo_sft"] + ["model.sequence_parallel=true"]  # biases, LayerNorm
 # Four layers: two model chunks of one layer per pipeline rank under the interleaved schedule at PP=2.
 VARIANTS["llama_dpo_4_layers"] = ["model.num_layers=4"]
+VARIANTS["llama_dpo_4_layers_recompute"] = VARIANTS["llama_dpo_4_layers"] + VARIANTS["llama_dpo_recompute_elementwise"]
 # The reference computed once before the step (over a small training file: the validation split).
 SMALL_TRAIN = f"model.data.data_prefix.train={os.path.join(os.path.dirname(nemo_dpo.__file__), 'data', 'default', 'validation.jsonl')}"
 VARIANTS["llama_dpo_precomputed"] = ["model.dpo.reference_logprobs=precomputed", SMALL_TRAIN]

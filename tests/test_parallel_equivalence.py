@@ -178,7 +178,7 @@ TP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "lora_recompute_el
 SP = {"llama_dpo_sp": "llama_dpo", "gpt2_ipo_sft_sp": "gpt2_ipo_sft", "llama_dpo_sp_chunked_packed": "llama_dpo_chunked_packed",
       "llama_dpo_fused_sp_recompute": "llama_dpo"}  # the last: compiled norms whose outputs are recomputed
 PP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", "llama_dpo_4_layers",
-       *LOSS_VARIANTS, "options_packed_chunked", "llama_dpo_auto"]
+       *LOSS_VARIANTS, "options_packed_chunked", "llama_dpo_auto", "llama_dpo_recompute_elementwise"]
 DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS, "kto_precomputed",
        "llama_dpo_auto"]
 # LD-DPO's shared lengths, WPO and ORPO's whole sequences take masks made before the split (unpacked and packed).
@@ -194,7 +194,7 @@ def two(workdir):
     return _launch(workdir, "two", {
         "tp2": ({"tp": 2}, TP2 + list(SP) + ["llama_dpo_fused_sp"]),
         "pp2": ({"pp": 2}, PP2),
-        "pp2_vpp2": ({"pp": 2, "vpp": 2}, ["llama_dpo_4_layers"]),
+        "pp2_vpp2": ({"pp": 2, "vpp": 2}, ["llama_dpo_4_layers", "llama_dpo_4_layers_recompute"]),
         "dp2": ({}, DP2),
         "cp2": ({"cp": 2}, CP2),
     })
@@ -242,6 +242,8 @@ def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, two):
     assert all(result["llama_dpo_packed"]["shared_prompts"] for result in two["pp2"])  # each prompt once
     # Two model chunks of one layer per rank: layers 0 and 2 on rank 0, 1 and 3 on rank 1 (tied embeddings).
     assert_same_step(baseline, two["pp2_vpp2"], "llama_dpo_4_layers")
+    # The shipped recomputation of the norms' and SwiGLU's outputs under both schedules.
+    assert_same_step(baseline, two["pp2_vpp2"], "llama_dpo_4_layers_recompute", "llama_dpo_4_layers")
     for rank, result in enumerate(two["pp2_vpp2"]):
         layers = {int(name.split(".")[2]) for name in result["llama_dpo_4_layers"]["weights"] if ".layers." in name}
         assert layers == {rank, rank + 2}
