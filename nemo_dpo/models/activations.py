@@ -62,8 +62,6 @@ class _OutputReleasingActivation(ReleasesOutput, MegatronModule):
         self.activation = activation
 
     def forward(self, x):
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return self.activation(x)
         return self.releasable(self.activation, x)
 
 

@@ -124,9 +124,7 @@ class SDPAttention(ReleasesOutput, MegatronModule):
             query, key, value = (x.index_select(0, index) for x in (query, key, value))
             outs = self._sequence_outputs(query, key, value, bounds)
             rows = partial(_row_order, row_index=packed_seq_params.row_index)
-            if self.releases_shared_output and torch.is_grad_enabled() and outs[0].requires_grad:
-                return self.releasable(rows, *outs)
-            return rows(*outs)
+            return self.releasable(rows, *outs) if self.releases_shared_output else rows(*outs)
         # Attention keeps its inputs for backward. megatron hands over key and value as views into the
         # linear_qkv output (query is a copy; RoPE makes key one too): keeping a view would keep the
         # whole [s, b, (heads + 2 groups) x dim] tensor alive until backward. A copy keeps only its own part.

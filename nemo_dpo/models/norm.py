@@ -61,8 +61,6 @@ class _OutputReleased(ReleasesOutput):
     """Mixin for a norm class: its output releasable when a backward will follow (models/released_output.py)."""
 
     def forward(self, x):
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return super().forward(x)
         return self.releasable(super().forward, x)
 
 

@@ -19,12 +19,15 @@ from megatron.core.tensor_parallel import CheckpointWithoutOutput
 
 
 class ReleasesOutput:
-    """Mixin for a module whose forward returns ``self.releasable(function, *args)`` when a backward will follow."""
+    """Mixin for a module whose forward returns ``self.releasable(function, *args)``."""
 
     pending = None
 
     def releasable(self, function, *args):
-        """``function(*args)``, computed so that :meth:`release` can free it until the next call."""
+        """``function(*args)``; computed so that :meth:`release` can free it until the next call when a backward will
+        follow (gradients on and an input that needs one), else plainly: nothing to recompute, nothing to free."""
+        if not (torch.is_grad_enabled() and any(arg.requires_grad for arg in args)):
+            return function(*args)
         self.pending = CheckpointWithoutOutput(fp8=None)  # None: no fp8 (its default, False, reads as fp8 on)
         return self.pending.checkpoint(function, *args)
 
