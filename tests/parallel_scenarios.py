@@ -88,9 +88,11 @@ VARIANTS["llama_dpo_sp"] = ["model.sequence_parallel=true"]
 VARIANTS["lora_recompute_elementwise"] = VARIANTS["lora"] + VARIANTS["llama_dpo_recompute_elementwise"]
 VARIANTS["llama_dpo_chunked_packed"] = VARIANTS["llama_dpo_chunked"] + VARIANTS["llama_dpo_packed"]
 VARIANTS["llama_dpo_sp_chunked_packed"] = VARIANTS["llama_dpo_sp"] + VARIANTS["llama_dpo_chunked_packed"]
-# RMSNorm and SwiGLU compiled (models/fusion.py), under sequence parallelism: rows of another length per rank.
+# RMSNorm, SwiGLU and RoPE compiled (models/fusion.py), under sequence parallelism: rows of another length per rank.
 VARIANTS["llama_dpo_fused_sp"] = ["model.fused_elementwise=true", "model.sequence_parallel=true"]
-VARIANTS["llama_dpo_fused_sp_recompute"] = VARIANTS["llama_dpo_fused_sp"] + VARIANTS["llama_dpo_recompute_elementwise"]
+# ... with their outputs recomputed, and RoPE compiled on a shared-prompt row (each token at its position id).
+VARIANTS["llama_dpo_fused_sp_recompute_packed"] = (VARIANTS["llama_dpo_fused_sp"] + VARIANTS["llama_dpo_recompute_elementwise"]
+                                                   + VARIANTS["llama_dpo_packed"])
 VARIANTS["gpt2_ipo_sft_sp"] = VARIANTS["gpt2_ipo_sft"] + ["model.sequence_parallel=true"]  # biases, LayerNorm
 # Four layers: two model chunks of one layer per pipeline rank under the interleaved schedule at PP=2.
 VARIANTS["llama_dpo_4_layers"] = ["model.num_layers=4"]
@@ -190,6 +192,7 @@ def one_step(trainer: DPOTrainer) -> dict:
         "main_param_dtypes": {p.dtype for g in trainer.optimizer.param_groups for p in g["params"]},
         "packed": trainer.microbatcher.packing,
         "shared_prompts": trainer.microbatcher.packing and trainer.microbatcher.share_prompts,
+        "attention": {type(layer.self_attention).__name__ for chunk in trainer.model for layer in unwrap(chunk).decoder.layers},
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
     }

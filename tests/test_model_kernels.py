@@ -1,4 +1,4 @@
-"""The two compute kernels nemo-dpo puts into megatron's local layer spec, against plain PyTorch math."""
+"""The compute kernels nemo-dpo puts into megatron's local layer spec, against plain PyTorch math and megatron's own."""
 
 import math
 
@@ -154,6 +154,74 @@ def test_fused_rmsnorm_and_swiglu_compute_what_the_eager_ones_do_at_any_length()
                                    atol=1e-6, rtol=1e-5)
 
 
+def _rope_cases() -> dict:
+    """megatron's SelfAttention and models/fusion.py's FusedRotarySelfAttention with the same weights, on an unpacked
+    batch, a packed row whose table has a row per token (its position ids) and one whose table does not (megatron's
+    per-sequence mapping): outputs, gradients, and which of them rotated in the compiled kernel."""
+    from unittest import mock
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.spec_utils import build_module
+
+    from nemo_dpo.config import load_config
+    from nemo_dpo.distributed import cpu_compat
+    from nemo_dpo.distributed.init import destroy_distributed, init_distributed
+    from nemo_dpo.models import fusion
+    from nemo_dpo.models.gpt import _layer_spec, transformer_config
+
+    cpu_compat.apply()
+    init_distributed(1, 1, seed=1234)
+    try:
+        m = load_config("gpt_dpo", ["model.fused_elementwise=true", "model.num_query_groups=2",
+                                    "model.qk_layernorm=true"]).model  # q/k norms: RoPE comes after them
+        config = transformer_config(m)
+        spec = _layer_spec(m, config).submodules.self_attention
+        fused = build_module(spec, config=config, layer_number=1)
+        plain = SelfAttention(config, spec.submodules, layer_number=1, **spec.params)
+        plain.load_state_dict(fused.state_dict())
+        table = RotaryEmbedding(config.kv_channels, rotary_percent=1.0)
+        row = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 5, 12], dtype=torch.int32),
+                              cu_seqlens_kv=torch.tensor([0, 5, 12], dtype=torch.int32), max_seqlen_q=7, max_seqlen_kv=7)
+        positions = torch.tensor([0, 1, 2, 3, 4, 3, 4, 5, 6, 7, 8, 9])  # the second continues a shared prompt
+        cases = {"unpacked": (torch.randn(12, 2, m.hidden_size), table(12), None),
+                 "packed, a row per token": (torch.randn(12, 1, m.hidden_size), table(10).index_select(0, positions), row),
+                 "packed, megatron's table": (torch.randn(12, 1, m.hidden_size), table(16), row)}
+        results = {}
+        for name, (hidden, freqs, packed) in cases.items():
+            upstream = torch.randn(hidden.shape)
+            outs = {}
+            for label, module in (("fused", fused), ("plain", plain)):
+                x = hidden.clone().requires_grad_()
+                with mock.patch.object(fusion, "_compiled_fn", wraps=fusion._compiled_fn) as compiled:
+                    out, _ = module(x, None, rotary_pos_emb=freqs, packed_seq_params=packed)
+                params = dict(module.named_parameters())
+                grads = torch.autograd.grad(out, [x, *params.values()], upstream)
+                outs[label] = {"out": out.detach(), "grads": dict(zip(["input", *params], grads)),
+                               "compiled": [call.args[0].__name__ for call in compiled.call_args_list]}
+            results[name] = outs
+        return {"results": results, "class": type(fused).__name__}
+    finally:
+        destroy_distributed()
+
+
+def test_fused_rope_rotates_as_megatron_does_wherever_it_takes_over(tmp_path):
+    """RoPE compiled (model.fused_elementwise) on unpacked rows and on packed rows at their position ids gives
+    megatron's attention output and gradients; a table megatron maps sequence by sequence is left to megatron."""
+    from distributed_harness import run_world
+
+    (result,) = run_world(1, str(tmp_path), _rope_cases)
+    assert result["class"] == "FusedRotarySelfAttention"
+    for name, runs in result["results"].items():
+        fused, plain = runs["fused"], runs["plain"]
+        assert "_rope" not in plain["compiled"]  # (both have the compiled q/k norms)
+        assert fused["compiled"].count("_rope") == (name != "packed, megatron's table"), name
+        torch.testing.assert_close(fused["out"], plain["out"], atol=1e-6, rtol=1e-5, msg=lambda msg: f"{name}: {msg}")
+        for key, want in plain["grads"].items():
+            torch.testing.assert_close(fused["grads"][key], want, atol=1e-5, rtol=1e-5,
+                                       msg=lambda msg: f"{name}, {key}: {msg}")
+
+
 def test_fused_elementwise_auto_fuses_from_hidden_size_512():
     from types import SimpleNamespace
 
@@ -169,17 +237,25 @@ def test_the_local_layer_spec_takes_the_fused_modules_as_the_setting_says():
     from types import SimpleNamespace
 
     from nemo_dpo.config import load_config
-    from nemo_dpo.models.fusion import FusedSwiGLU
+    from megatron.core.transformer.attention import SelfAttention
+
+    from nemo_dpo.models.fusion import FusedRotarySelfAttention, FusedSwiGLU
     from nemo_dpo.models.gpt import _layer_spec
     from nemo_dpo.models.norm import FusedTorchNorm, TorchNorm
 
     swiglu = SimpleNamespace(use_te_activation_func=True)
-    for setting, norm, activation in (("true", FusedTorchNorm, FusedSwiGLU), ("false", TorchNorm, SwiGLU),
-                                      ("auto", TorchNorm, SwiGLU)):  # auto: the default model is hidden 128
-        overrides = [f"model.fused_elementwise={setting}", "model.recompute_modules=null"]
+    for setting, norm, activation, attention in (
+        ("true", FusedTorchNorm, FusedSwiGLU, FusedRotarySelfAttention),
+        ("false", TorchNorm, SwiGLU, SelfAttention),
+        ("auto", TorchNorm, SwiGLU, SelfAttention),  # auto: the default model is hidden 128
+        ("true model.context_parallel_size=2", FusedTorchNorm, FusedSwiGLU, SelfAttention),  # CP: megatron's RoPE
+        ("true model.position_embedding_type=learned_absolute", FusedTorchNorm, FusedSwiGLU, SelfAttention),
+    ):
+        overrides = [f"model.fused_elementwise={setting.split()[0]}", *setting.split()[1:], "model.recompute_modules=null"]
         spec = _layer_spec(load_config("gpt_dpo", overrides).model, swiglu).submodules
         assert spec.input_layernorm is norm and spec.pre_mlp_layernorm is norm, setting
         assert spec.mlp.submodules.activation_func is activation, setting
+        assert spec.self_attention.module is attention, setting
 
 
 def test_the_recomputed_swiglu_output_is_freed_after_its_consumer_and_the_gradients_are_unchanged():

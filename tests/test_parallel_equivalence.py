@@ -176,7 +176,8 @@ def test_bf16_with_fp32_master_weights_tracks_fp32(baseline):
 
 TP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_sq_sft_avg", "lora", "lora_recompute_elementwise", "llama_dpo_chunked", *LOSS_VARIANTS]
 SP = {"llama_dpo_sp": "llama_dpo", "gpt2_ipo_sft_sp": "gpt2_ipo_sft", "llama_dpo_sp_chunked_packed": "llama_dpo_chunked_packed",
-      "llama_dpo_fused_sp_recompute": "llama_dpo"}  # the last: compiled norms whose outputs are recomputed
+      "llama_dpo_fused_sp_recompute_packed": "llama_dpo"}  # the last: compiled norms whose outputs are recomputed,
+# compiled RoPE on shared-prompt rows
 PP2 = ["llama_dpo", "gpt2_ipo_sft", "rpo_fwd_kl", "gpt2_ipo_sft_chunked", "llama_dpo_packed", "llama_dpo_4_layers",
        *LOSS_VARIANTS, "options_packed_chunked", "llama_dpo_auto", "llama_dpo_recompute_elementwise"]
 DP2 = ["llama_dpo", "rpo_bwd_kl", "dpo_label_smoothing", "llama_dpo_distopt", *LOSS_VARIANTS, "kto_precomputed",
@@ -230,10 +231,15 @@ def test_sequence_parallelism_at_tp2_gives_the_step_without_it(baseline, tp2):
     assert all(result["llama_dpo_sp_chunked_packed"]["shared_prompts"] for result in tp2)  # each prompt once
 
 
-def test_fused_norms_and_swiglu_give_the_eager_step(baseline, tp2):
-    """model.fused_elementwise=true (compiled RMSNorm and SwiGLU) at TP=2 with sequence parallelism: the step of
-    the eager single process."""
+def test_fused_norms_swiglu_and_rope_give_the_eager_step(baseline, tp2):
+    """model.fused_elementwise=true (compiled RMSNorm, SwiGLU and RoPE) at TP=2 with sequence parallelism, on padded
+    and on shared-prompt rows: the step of the eager single process."""
     assert_same_step(baseline, tp2, "llama_dpo_fused_sp", "llama_dpo")
+    for result in tp2:
+        assert result["llama_dpo_fused_sp"]["attention"] == {"FusedRotarySelfAttention"}
+        assert result["llama_dpo_fused_sp_recompute_packed"]["attention"] == {"FusedRotarySelfAttention"}
+        assert result["llama_dpo_fused_sp_recompute_packed"]["shared_prompts"]
+        assert result["llama_dpo"]["attention"] == {"SelfAttention"}
 
 
 def test_pipeline_parallel_2_and_its_interleaved_schedule(baseline, two):

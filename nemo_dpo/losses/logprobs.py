@@ -116,7 +116,10 @@ class _ChunkedOutputLogProbs(torch.autograd.Function):
             grad_logits = _logit_grad(*stats[1:], grad_output[lo : lo + ctx.chunk]).to(weight.dtype)
             del stats
             grad_hidden[lo : lo + ctx.chunk] = grad_logits @ weight
-            grad_weight += grad_logits.t() @ h  # each chunk's product summed in fp32
+            if grad_logits.dtype == grad_weight.dtype:  # fp32: summed into place (no [vocab, h] product per chunk)
+                grad_weight.addmm_(grad_logits.t(), h)
+            else:
+                grad_weight += grad_logits.t() @ h  # each chunk's product summed in fp32
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 

@@ -341,7 +341,7 @@ def recompute_settings(model_cfg) -> dict:
 def _layer_spec(model_cfg, config: TransformerConfig):
     """One transformer layer's spec: transformer-engine's on GPU; else the local spec with PyTorch's fused
     attention, SwiGLU as a module and norms that also run under sequence parallelism (models/attention.py,
-    activations.py, norm.py), the norms and SwiGLU compiled where ``model.fused_elementwise`` says
+    activations.py, norm.py), the norms, SwiGLU and RoPE compiled where ``model.fused_elementwise`` says
     (models/fusion.py). With ``num_moe_experts`` its MLP is megatron's MoE layer (models/moe.py)."""
     experts = model_cfg.num_moe_experts
     if HAVE_TE:
@@ -353,6 +353,8 @@ def _layer_spec(model_cfg, config: TransformerConfig):
             num_experts=experts, normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm
         )
         layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        if fusion.fuses_rope(model_cfg):
+            layer_spec.submodules.self_attention.module = fusion.FusedRotarySelfAttention
         fused = fusion.wanted(model_cfg)
         norm = local_norm(model_cfg)
         use_torch_norm(layer_spec.submodules, norm)

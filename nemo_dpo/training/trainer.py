@@ -122,7 +122,7 @@ class DPOTrainer:
         self.model = wrap_ddp(self.build_model(), self.config, m.optim)  # the model chunks
         fused = fusion.fused_parts(m)
         if fused and not HAVE_TE:
-            self.log0(f"model: {' and '.join(fused)} compiled into fused kernels (model.fused_elementwise="
+            self.log0(f"model: {', '.join(fused)} compiled into fused kernels (model.fused_elementwise="
                       f"{m.fused_elementwise}, hidden size {m.hidden_size}); the first step includes compiling them "
                       f"(cached on disk for later runs)")
         recomputed = [part for part in OURS_TO_RECOMPUTE if recomputes(m, part)]
