@@ -138,8 +138,11 @@ class SDPAttention(ReleasesOutput, MegatronModule):
     def _sequence_outputs(self, query, key, value, bounds) -> list:
         """Causal attention within each sequence of a row; query/key/value: [tokens, heads, dim], ``bounds``: where
         each sequence starts, then the end. Returns the kernel's output per sequence, [1, heads, s_i, dim]."""
-        return [self._sdpa(query[start:end, None], key[start:end, None], value[start:end, None])
-                for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+        # Split, not sliced: the pieces' gradients then join in one concatenation, where each slice's would be
+        # written into a zero tensor of the whole row and those summed (work growing with the sequences per row).
+        sizes = [bounds[0], *(end - start for start, end in zip(bounds[:-1], bounds[1:])), query.shape[0] - bounds[-1]]
+        pieces = zip(*(x.unsqueeze(1).split(sizes) for x in (query, key, value)))
+        return [self._sdpa(q, k, v) for size, (q, k, v) in zip(sizes[1:-1], list(pieces)[1:-1]) if size > 0]
 
     def _attend_packed(self, query, key, value, bounds):
         """:meth:`_sequence_outputs` as the row's [tokens, heads * dim]."""
