@@ -28,7 +28,8 @@ the time split (reference forward, policy forward+backward, optimizer), peak mem
     sequence's real length, d_attn = heads x head dim, attention counted without the
     causal halving (as in PaLM's MFU). Padding is never counted.
     MFU = model FLOPs per second / peak, with the peak measured here by timing a large
-    matmul in the run's dtype on the same threads.
+    matmul in the run's dtype on the same threads, before the runs and again after them
+    (the higher of the two: a slow moment of a shared machine would inflate MFU).
 
 The console gets a table with the ratios nemo-dpo / TRL (above 1 is better for tokens/s and
 MFU, below 1 for times and memory); ``--out`` gets everything as JSON. ``--ours key=value ...`` adds nemo-dpo
@@ -488,25 +489,32 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    peaks = {name: matmul_peak(dtype, device, 8192 if device == "cuda" else 4096) for name, dtype in (("fp32", torch.float32),
-                                                                       ("bf16", torch.bfloat16))}
-    dtype = args.dtype if args.dtype != "auto" else max(peaks, key=peaks.get)
+    measure = lambda: {name: matmul_peak(dtype, device, 8192 if device == "cuda" else 4096)  # noqa: E731
+                       for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    before = measure()
+    dtype = args.dtype if args.dtype != "auto" else max(before, key=before.get)
     shape = SHAPES[args.shape]
     with tempfile.TemporaryDirectory() as folder:
         work = write_workload(folder, shape, args)
         spec = {"model_dir": work["model_dir"], "data": work["data"], "seq": args.seq, "pairs": args.pairs,
                 "steps": args.steps, "warmup": args.warmup, "dtype": dtype, "threads": args.threads,
                 "ours": args.ours, "saved_for_backward": args.saved_for_backward}
-        summaries = {name: summarize(run_worker(name, spec, folder), work, shape, args, peaks[dtype])
-                     for name in frameworks}
+        results = {name: run_worker(name, spec, folder) for name in frameworks}
+    # A shared machine's matmul speed moves from minute to minute: the peak is the higher of a measurement before
+    # the runs and one after them, so that a slow moment does not inflate MFU.
+    after = measure()
+    peaks = {name: max(before[name], after[name]) for name in before}
+    summaries = {name: summarize(result, work, shape, args, peaks[dtype]) for name, result in results.items()}
 
     lengths = [n for step in work["lengths"][args.warmup :] for n in step]
     print(f"{args.shape}: {matmul_params(shape) / 1e6:.1f}M matmul parameters, {shape['layers']} layers x hidden "
           f"{shape['hidden']}, vocab {shape['vocab']}; {args.pairs} pairs/step, {args.data} lengths (mean "
           f"{sum(lengths) / len(lengths):.0f}, max {max(lengths)} of seq {args.seq}); {dtype} on {device}, "
           f"{args.threads} threads; {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.1f} "
-          f"GFLOP/s; model FLOPs/step {model_flops(shape, lengths) / args.steps / 1e12:.3f} TFLOP")
+    print(f"matmul peak (higher of before / after the runs): fp32 {peaks['fp32'] / 1e9:,.1f} GFLOP/s "
+          f"({before['fp32'] / 1e9:,.0f} / {after['fp32'] / 1e9:,.0f}), bf16 {peaks['bf16'] / 1e9:,.1f} GFLOP/s "
+          f"({before['bf16'] / 1e9:,.0f} / {after['bf16'] / 1e9:,.0f}); model FLOPs/step "
+          f"{model_flops(shape, lengths) / args.steps / 1e12:.3f} TFLOP")
     if args.ours:
         print(f"nemo-dpo overrides: {' '.join(args.ours)}")
     print(table(summaries))
@@ -518,7 +526,8 @@ def main() -> int:
               "workload": {"data": args.data, "seq": args.seq, "min_len": args.min_len, "pairs": args.pairs,
                            "steps": args.steps, "warmup": args.warmup, "lengths": work["lengths"]},
               "dtype": dtype, "device": device, "threads": args.threads, "nemo_dpo_overrides": args.ours,
-              "matmul_peak_flops": peaks, "results": summaries}
+              "matmul_peak_flops": peaks, "matmul_peak_flops_before": before, "matmul_peak_flops_after": after,
+              "results": summaries}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.out}")
