@@ -30,10 +30,9 @@ def _real_vocab_logits(logits, vocab_size, group):
     rank = dist.get_rank(group) if group is not None else 0
     shard = logits.shape[-1]
     start = rank * shard
-    ids = torch.arange(start, start + shard, device=logits.device)
-    padded = ids >= vocab_size
-    if padded.any():
-        logits = logits.masked_fill(padded, float("-inf"))
+    if start + shard > vocab_size:  # decided on the host: a test of the ids on the device would wait for it
+        logits = logits.masked_fill(torch.arange(start, start + shard, device=logits.device) >= vocab_size,
+                                    float("-inf"))
     return logits, start
 
 
