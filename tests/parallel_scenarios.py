@@ -90,6 +90,8 @@ VARIANTS["llama_dpo_chunked_packed"] = VARIANTS["llama_dpo_chunked"] + VARIANTS[
 VARIANTS["llama_dpo_sp_chunked_packed"] = VARIANTS["llama_dpo_sp"] + VARIANTS["llama_dpo_chunked_packed"]
 # RMSNorm, SwiGLU and RoPE compiled (models/fusion.py), under sequence parallelism: rows of another length per rank.
 VARIANTS["llama_dpo_fused_sp"] = ["model.fused_elementwise=true", "model.sequence_parallel=true"]
+# ... and in bf16 at TP=1, the chunked output layer's log-softmax tail too.
+VARIANTS["llama_dpo_bf16_chunked_fused"] = VARIANTS["llama_dpo_bf16_chunked"] + ["model.fused_elementwise=true"]
 # ... with their outputs recomputed, and RoPE compiled on a shared-prompt row (each token at its position id).
 VARIANTS["llama_dpo_fused_sp_recompute_packed"] = (VARIANTS["llama_dpo_fused_sp"] + VARIANTS["llama_dpo_recompute_elementwise"]
                                                    + VARIANTS["llama_dpo_packed"])
@@ -192,6 +194,7 @@ def one_step(trainer: DPOTrainer) -> dict:
         "main_param_dtypes": {p.dtype for g in trainer.optimizer.param_groups for p in g["params"]},
         "packed": trainer.microbatcher.packing,
         "shared_prompts": trainer.microbatcher.packing and trainer.microbatcher.share_prompts,
+        "fused_log_probs": trainer.step_fn.fused_log_probs,
         "attention": {type(layer.self_attention).__name__ for chunk in trainer.model for layer in unwrap(chunk).decoder.layers},
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "tp": parallel_state.get_tensor_model_parallel_world_size(),

@@ -271,6 +271,31 @@ def test_log_sum_sq_probs_whole_and_chunked():
     torch.testing.assert_close(chunked_log_sum_sq_probs(hidden, weight, 12, 3, None), want)
 
 
+@pytest.mark.parametrize("vocab", [60, 64])  # 60: the last 4 rows of the output weight are vocabulary padding
+def test_the_fused_log_softmax_tail_gives_the_eager_values_and_gradients(vocab):
+    """chunked_log_probs(fused=True) (the tail compiled, bf16 logits) against the eager tail: log-probs to fp32
+    rounding, the gradients to bf16 rounding (each is rounded to bf16 once, from fp32 values that differ by
+    rounding), padding rows without probability or gradient; with TP it refuses."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 37, 32, generator=gen).bfloat16()
+    weight = (torch.randn(64, 32, generator=gen) * 0.3).bfloat16()
+    target, grad_out = torch.randint(0, vocab, (2, 37), generator=gen), torch.randn(2, 37, generator=gen)
+    grads = {}
+    for fused in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        log_probs = chunked_log_probs(h, w, target, vocab, 16, None, fused)  # a short last chunk
+        log_probs.backward(grad_out)
+        grads[fused] = log_probs.detach(), h.grad, w.grad
+    (want_lp, want_h, want_w), (got_lp, got_h, got_w) = grads[False], grads[True]
+    torch.testing.assert_close(got_lp, want_lp, rtol=1e-6, atol=1e-6)
+    assert got_h.dtype == got_w.dtype == torch.bfloat16
+    torch.testing.assert_close(got_h, want_h, rtol=2**-7, atol=want_h.abs().max().item() * 2**-7)
+    torch.testing.assert_close(got_w, want_w, rtol=2**-7, atol=want_w.abs().max().item() * 2**-7)
+    assert not got_w[vocab:].any()  # padding rows: no probability, so no gradient
+    with pytest.raises(ValueError, match="tensor parallel size 1"):
+        chunked_log_probs(hidden, weight, target, vocab, 16, object(), fused=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_log_probs_backward_runs_at_the_output_layers_precision(dtype):
     """The chunked output layer's gradients are the one-shot path's (output layer, then log-probs), whose backward

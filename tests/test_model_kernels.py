@@ -193,7 +193,7 @@ def _rope_cases() -> dict:
             outs = {}
             for label, module in (("fused", fused), ("plain", plain)):
                 x = hidden.clone().requires_grad_()
-                with mock.patch.object(fusion, "_compiled_fn", wraps=fusion._compiled_fn) as compiled:
+                with mock.patch.object(fusion, "compiled", wraps=fusion.compiled) as compiled:
                     out, _ = module(x, None, rotary_pos_emb=freqs, packed_seq_params=packed)
                 params = dict(module.named_parameters())
                 grads = torch.autograd.grad(out, [x, *params.values()], upstream)

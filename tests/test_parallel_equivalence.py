@@ -163,7 +163,9 @@ def test_loss_family_steps_at_one_process(baseline):
 
 def test_bf16_with_fp32_master_weights_tracks_fp32(baseline):
     want = baseline["llama_dpo"]
-    for variant in ("llama_dpo_bf16", "llama_dpo_bf16_chunked"):
+    assert [baseline[v]["fused_log_probs"] for v in ("llama_dpo_bf16_chunked", "llama_dpo_bf16_chunked_fused")] == [
+        False, True]  # the log-softmax tail compiled (and RMSNorm, SwiGLU, RoPE)
+    for variant in ("llama_dpo_bf16", "llama_dpo_bf16_chunked", "llama_dpo_bf16_chunked_fused"):
         got = baseline[variant]
         assert {w.dtype for w in got["weights"].values()} == {torch.bfloat16}
         assert got["main_param_dtypes"] == {torch.float32}  # the optimizer steps fp32 master weights

@@ -1,6 +1,6 @@
 """The import graph keeps its shape: layers import only downward, nothing imports the config but the programs.
 
-Layers, bottom to top: small helpers (files, console, ranges, peer_keys) -> distributed -> models,
+Layers, bottom to top: small helpers (files, console, ranges, peer_keys, compiled) -> distributed -> models,
 losses, data (siblings that do not import each other) -> training -> config ->
 cli. Read from the source with ``ast``, so the test sees every import,
 including ones inside functions.
@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "nemo_dpo")
 
 LAYERS = [
-    {"nemo_dpo", "nemo_dpo.files", "nemo_dpo.console", "nemo_dpo.ranges", "nemo_dpo.peer_keys"},
+    {"nemo_dpo", "nemo_dpo.files", "nemo_dpo.console", "nemo_dpo.ranges", "nemo_dpo.peer_keys", "nemo_dpo.compiled"},
     {"nemo_dpo.distributed"},
     {"nemo_dpo.models", "nemo_dpo.losses", "nemo_dpo.data"},
     {"nemo_dpo.training"},

@@ -14,6 +14,14 @@ Vocabulary padding (rows beyond the tokenizer's vocabulary, added so that TP
 slices are equal) gets no probability mass: the model's distribution is over
 real tokens only, at every TP size.
 
+With bf16 logits and the whole vocabulary on one rank, the chunked path can
+compute the log-softmax tail fused (``fused``: one compiled kernel per direction,
+fp32 inside): log p(y) straight from a chunk's bf16 logits, and in backward the
+logits' bf16 gradient 1[j == y] - softmax_j straight from them too, where the
+eager tail writes the chunk's logits in fp32, its log-softmax and its softmax,
+each [chunk, vocab] in fp32 (at a 32k vocabulary and 256 tokens, 33 MB each:
+memory the allocator maps and faults in afresh every time on CPU).
+
 WPO's weights need one more number per token from the whole distribution,
 log sum_v p(v)^2; ``*_log_sum_sq_probs`` compute it the same way (two more
 all-reduced sums), forward only, and only for a loss that asks for it.
@@ -22,6 +30,8 @@ all-reduced sums), forward only, and only for a loss that asks for it.
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+from nemo_dpo.compiled import compiled
 
 
 def _real_vocab_logits(logits, vocab_size, group):
@@ -68,6 +78,24 @@ def _logit_grad(softmax, in_shard, local_target, grad_output):
     return grad
 
 
+def _real_vocab_fp32(logits, vocab_size: int):
+    """A whole-vocabulary block's logits in fp32, the padding rows at -inf (inside the fused kernels)."""
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return torch.where(ids < vocab_size, logits.float(), float("-inf")), ids
+
+
+def _fused_log_probs(logits, target, vocab_size: int):
+    z, _ = _real_vocab_fp32(logits, vocab_size)
+    return z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def _fused_logit_grad(logits, target, vocab_size: int, grad_output):
+    """(1[j == y] - softmax_j) times the incoming gradient, in the logits' dtype."""
+    z, ids = _real_vocab_fp32(logits, vocab_size)
+    one_hot = (ids == target.unsqueeze(-1)).float()
+    return ((one_hot - torch.softmax(z, dim=-1)) * grad_output.unsqueeze(-1)).to(logits.dtype)
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_size, group):
@@ -91,14 +119,16 @@ class _ChunkedOutputLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, vocab_size, group, chunk):
+    def forward(ctx, hidden, weight, target, vocab_size, group, chunk, fused):
         log_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for lo in range(0, hidden.shape[0], chunk):
             logits = hidden[lo : lo + chunk].to(weight.dtype) @ weight.t()
             chunk_target = target[lo : lo + chunk]
-            log_probs[lo : lo + chunk] = _log_probs_and_softmax(logits, chunk_target, vocab_size, group, False)[0]
+            log_probs[lo : lo + chunk] = (
+                compiled(_fused_log_probs)(logits, chunk_target, vocab_size) if fused
+                else _log_probs_and_softmax(logits, chunk_target, vocab_size, group, False)[0])
         ctx.save_for_backward(hidden, weight, target)
-        ctx.vocab_size, ctx.group, ctx.chunk = vocab_size, group, chunk
+        ctx.vocab_size, ctx.group, ctx.chunk, ctx.fused = vocab_size, group, chunk, fused
         return log_probs
 
     @staticmethod
@@ -108,18 +138,23 @@ class _ChunkedOutputLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for lo in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[lo : lo + ctx.chunk].to(weight.dtype)
-            stats = _log_probs_and_softmax(h @ weight.t(), target[lo : lo + ctx.chunk], ctx.vocab_size, ctx.group)
+            logits, chunk_target, chunk_grad = h @ weight.t(), target[lo : lo + ctx.chunk], grad_output[lo : lo + ctx.chunk]
             # The logits' gradient in the weight's dtype, as the output layer's own backward takes it: both
             # matmuls then run at the weight's precision (bf16: 2x fp32's speed on CPUs with AVX512-BF16), and
             # the fp32 softmax is freed before them.
-            grad_logits = _logit_grad(*stats[1:], grad_output[lo : lo + ctx.chunk]).to(weight.dtype)
-            del stats
+            if ctx.fused:
+                grad_logits = compiled(_fused_logit_grad)(logits, chunk_target, ctx.vocab_size, chunk_grad)
+            else:
+                stats = _log_probs_and_softmax(logits, chunk_target, ctx.vocab_size, ctx.group)
+                grad_logits = _logit_grad(*stats[1:], chunk_grad).to(weight.dtype)
+                del stats
+            del logits
             grad_hidden[lo : lo + ctx.chunk] = grad_logits @ weight
             if grad_logits.dtype == grad_weight.dtype:  # fp32: summed into place (no [vocab, h] product per chunk)
                 grad_weight.addmm_(grad_logits.t(), h)
             else:
                 grad_weight += grad_logits.t() @ h  # each chunk's product summed in fp32
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
 def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
@@ -131,18 +166,21 @@ def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, vocab_s
     return _VocabParallelLogProbs.apply(logits, target, vocab_size, tp_group)
 
 
-def chunked_log_probs(hidden, weight, target, vocab_size: int, chunk: int, tp_group) -> torch.Tensor:
+def chunked_log_probs(hidden, weight, target, vocab_size: int, chunk: int, tp_group, fused: bool = False) -> torch.Tensor:
     """log p(target) from final hidden states and the (vocab-parallel) output weight, ``chunk`` tokens at a time.
 
     hidden: [..., h], replicated over TP; weight: [vocab/TP, h]; target: [...].
     Same values and gradients as the output layer followed by ``vocab_parallel_log_probs``,
-    without ever holding the full [tokens, vocab/TP] logits.
+    without ever holding the full [tokens, vocab/TP] logits. ``fused``: the log-softmax tail compiled (the
+    whole vocabulary on this rank: ``tp_group`` None), the same to fp32 rounding.
     """
+    if fused and tp_group is not None:
+        raise ValueError("the fused log-softmax tail takes the whole vocabulary on one rank (tensor parallel size 1)")
     if tp_group is not None:
         hidden = copy_to_tensor_model_parallel_region(hidden)  # backward: sum the hidden grads over TP
     shape = target.shape
     flat = _ChunkedOutputLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1),
-                                       vocab_size, tp_group, chunk)
+                                       vocab_size, tp_group, chunk, fused)
     return flat.reshape(shape)
 
 

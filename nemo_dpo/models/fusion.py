@@ -35,6 +35,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
+from nemo_dpo.compiled import compiled
 from nemo_dpo.ranges import Either, Flag, OneOf
 
 RANGES = {
@@ -61,6 +62,14 @@ def fused_parts(model_cfg) -> list:
                                        ("RoPE", fuses_rope(model_cfg))) if present]
 
 
+def fuses_log_probs(model_cfg, precision: str) -> bool:
+    """Whether the chunked output layer computes its log-softmax tail fused (losses/logprobs.py): asked for
+    (:func:`wanted`), bf16 logits (in fp32 the eager tail is as fast: it makes no fp32 copies), and the whole
+    vocabulary on each rank (tensor parallel size 1)."""
+    return (wanted(model_cfg) and precision == "bf16" and model_cfg.tensor_model_parallel_size == 1
+            and model_cfg.log_prob_chunk_size > 0)
+
+
 def fuses_rope(model_cfg) -> bool:
     """Whether the layers rotate their queries and keys with :class:`FusedRotarySelfAttention`: RoPE fused
     (:func:`wanted`), and no context parallelism (its rows hold parts of sequences; megatron rotates those)."""
@@ -74,18 +83,6 @@ def _rms_norm(x, normalized_shape, weight, eps):
 def _swiglu(x):
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-_compiled = {}
-
-
-def _compiled_fn(fn):
-    """``fn`` compiled on first use (compiling at import would cost every process that never calls it), for any
-    number of tokens: rows change length from step to step (padded to the step's longest, or packed), and a kernel
-    compiled for one length would be compiled again for the next."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True)
-    return _compiled[fn]
 
 
 def _rotate(x, cos, sin):
@@ -104,7 +101,7 @@ class FusedRMSNorm(torch.nn.RMSNorm):
     """PyTorch's RMSNorm (same parameters, same state dict) computed by one compiled kernel per direction."""
 
     def forward(self, x):
-        return _compiled_fn(_rms_norm)(x, self.normalized_shape, self.weight, self.eps)
+        return compiled(_rms_norm)(x, self.normalized_shape, self.weight, self.eps)
 
 
 class FusedSwiGLU(MegatronModule):
@@ -114,7 +111,7 @@ class FusedSwiGLU(MegatronModule):
         super().__init__(config=config)
 
     def forward(self, x):
-        return _compiled_fn(_swiglu)(x)
+        return compiled(_swiglu)(x)
 
 
 class FusedRotarySelfAttention(SelfAttention):
@@ -142,5 +139,5 @@ class FusedRotarySelfAttention(SelfAttention):
     def get_query_key_value_tensors(self, *args, **kwargs):
         query, key, *rest = super().get_query_key_value_tensors(*args, **kwargs)
         if self.freqs is not None:  # [s, b, heads, dim] each; the table [s, 1, 1, dim]
-            query, key = _compiled_fn(_rope)(query, key, self.freqs, self.mscale)
+            query, key = compiled(_rope)(query, key, self.freqs, self.mscale)
         return (query, key, *rest)

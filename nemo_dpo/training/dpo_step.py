@@ -94,12 +94,14 @@ def whole_sequence_masks(names):
 
 
 class DPOStep:
-    def __init__(self, model: list, loss, vocab_size: int, chunk_size: int, layout):
+    def __init__(self, model: list, loss, vocab_size: int, chunk_size: int, layout, fused_log_probs: bool = False):
         """``model``: this rank's model chunks (one, or one per virtual pipeline stage); ``loss``: a loss object
-        (losses/); ``chunk_size`` > 0: the model emits hidden states and log-probs apply the output layer in chunks."""
+        (losses/); ``chunk_size`` > 0: the model emits hidden states and log-probs apply the output layer in chunks,
+        with the log-softmax tail compiled if ``fused_log_probs`` (models/fusion.py's ``fuses_log_probs``)."""
         self.model, self.loss, self.layout = model, loss, layout
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size
+        self.fused_log_probs = fused_log_probs
         self.aux_loss_weight = moe_aux_loss.coefficient(unwrap(model[0]).config)
         if chunk_size > 0:
             emit_hidden_states(unwrap(model[-1]))
@@ -114,7 +116,8 @@ class DPOStep:
         if self.chunk_size > 0:
             weight = output_weight(unwrap(self.model[-1]))
             return at_read_positions(
-                lambda out, labels: chunked_log_probs(out, weight, labels, self.vocab_size, self.chunk_size, group),
+                lambda out, labels: chunked_log_probs(out, weight, labels, self.vocab_size, self.chunk_size, group,
+                                                      self.fused_log_probs),
                 mb, output)
         return at_read_positions(lambda out, labels: vocab_parallel_log_probs(out, labels, self.vocab_size, group),
                                  mb, output)

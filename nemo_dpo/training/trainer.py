@@ -120,8 +120,9 @@ class DPOTrainer:
         self.config = transformer_config(m, cfg.trainer.precision)
         self.loss = build_loss(m.dpo)
         self.model = wrap_ddp(self.build_model(), self.config, m.optim)  # the model chunks
-        fused = fusion.fused_parts(m)
-        if fused and not HAVE_TE:
+        fused_log_probs = fusion.fuses_log_probs(m, cfg.trainer.precision)
+        fused = ([] if HAVE_TE else fusion.fused_parts(m)) + (["the log-softmax tail"] if fused_log_probs else [])
+        if fused:
             self.log0(f"model: {', '.join(fused)} compiled into fused kernels (model.fused_elementwise="
                       f"{m.fused_elementwise}, hidden size {m.hidden_size}); the first step includes compiling them "
                       f"(cached on disk for later runs)")
@@ -149,7 +150,7 @@ class DPOTrainer:
                       f"of an epoch of {self.steps_per_epoch} steps)")
         self.optimizer = build_optimizer(self.model, m.optim, cfg.trainer.gradient_clip_val, self.config.bf16)
         self.scheduler = build_scheduler(self.optimizer, m.optim, self.total_steps)
-        self.step_fn = DPOStep(self.model, self.loss, m.vocab_size, m.log_prob_chunk_size, layout)
+        self.step_fn = DPOStep(self.model, self.loss, m.vocab_size, m.log_prob_chunk_size, layout, fused_log_probs)
         # Sequence parallelism splits each CP share over the TP ranks: rows must divide by CP x TP.
         pad_multiple = math.lcm(8, layout.cp * layout.tp) if m.sequence_parallel else 8
         values = tuple(dict.fromkeys(self.loss.policy_values + self.loss.reference_values))
