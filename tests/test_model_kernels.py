@@ -49,15 +49,21 @@ def test_sdpa_attention_is_causal_grouped_query_attention():
 
 
 def test_packed_sequences_attend_only_within_themselves():
+    """Sequences of 3, 4, 4, 4 (one batch of the kernel), 1 and 4 tokens, then 2 of padding: each attends within
+    itself, forward and backward."""
     torch.manual_seed(0)
-    bounds = [0, 3, 7, 8, 12]
-    q, k, v = torch.randn(12, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    bounds = [0, 3, 7, 11, 15, 16, 20]
+    q, k, v = (torch.randn(22, heads, 8, requires_grad=True) for heads in (4, 2, 2))
     cu = torch.tensor(bounds, dtype=torch.int32)
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=4, max_seqlen_kv=4)
     out = attention()(q, k, v, None, packed_seq_params=packed)
-    assert out.shape == (12, 32)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        torch.testing.assert_close(out[start:end], naive_causal_attention(q[start:end], k[start:end], v[start:end]))
+    assert out.shape == (20, 32)
+    want = torch.cat([naive_causal_attention(q[start:end], k[start:end], v[start:end])
+                      for start, end in zip(bounds[:-1], bounds[1:])])
+    torch.testing.assert_close(out, want)
+    upstream = torch.randn(20, 32)
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), upstream), torch.autograd.grad(want, (q, k, v), upstream)):
+        torch.testing.assert_close(got, expected)
 
 
 def test_a_shared_prompt_row_attends_as_its_whole_sequences_do():
