@@ -141,7 +141,7 @@ class _ChunkedOutputLogProbs(torch.autograd.Function):
             logits, chunk_target, chunk_grad = h @ weight.t(), target[lo : lo + ctx.chunk], grad_output[lo : lo + ctx.chunk]
             # The logits' gradient in the weight's dtype, as the output layer's own backward takes it: both
             # matmuls then run at the weight's precision (bf16: 2x fp32's speed on CPUs with AVX512-BF16), and
-            # the fp32 softmax is freed before them.
+            # the eager tail's fp32 softmax is freed before them.
             if ctx.fused:
                 grad_logits = compiled(_fused_logit_grad)(logits, chunk_target, ctx.vocab_size, chunk_grad)
             else:

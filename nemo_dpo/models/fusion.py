@@ -23,8 +23,12 @@ that rotates the query and key in one compiled kernel as soon as they are
 computed, and hands megatron no table to rotate them again. It does so where
 megatron's own rotation is that same formula row by row: a rotary table with a
 row per token (unpacked rows, and packed rows at their position ids,
-models/gpt.py). Anything else (context
-parallelism, whose ranks hold parts of sequences) keeps megatron's path.
+models/gpt.py). Anything else (context parallelism, whose ranks hold parts of
+sequences) keeps megatron's path.
+
+The same setting decides the chunked output layer's log-softmax tail
+(:func:`fuses_log_probs`, computed in losses/logprobs.py), which does not depend
+on the layer spec.
 """
 
 import torch
