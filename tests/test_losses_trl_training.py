@@ -30,11 +30,17 @@ def runs(tmp_path_factory):
     scenarios.write_workload(str(folder))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    procs = {name: subprocess.Popen([sys.executable, SCRIPT, name, str(folder), str(folder / f"{name}.json")],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder)
-             for name in ("nemo_dpo", "trl")}
+    start = lambda name: subprocess.Popen(  # noqa: E731
+        [sys.executable, SCRIPT, name, str(folder), str(folder / f"{name}.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder)
+    procs = {name: start(name) for name in ("nemo_dpo", "trl")}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=900)
+        if name == "trl" and proc.returncode < 0:
+            # TRL's process (no nemo-dpo code in it) once died of SIGSEGV next to a busy test worker, and passed
+            # when run again: the oracle gets one more run, alone. nemo-dpo's process gets none.
+            proc = start(name)
+            out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, f"{name}:\n{out[-4000:]}"
     return {name: json.loads((folder / f"{name}.json").read_text()) for name in procs}
 
