@@ -78,21 +78,16 @@ def _logit_grad(softmax, in_shard, local_target, grad_output):
     return grad
 
 
-def _real_vocab_fp32(logits, vocab_size: int):
-    """A whole-vocabulary block's logits in fp32, the padding rows at -inf (inside the fused kernels)."""
-    ids = torch.arange(logits.shape[-1], device=logits.device)
-    return torch.where(ids < vocab_size, logits.float(), float("-inf")), ids
-
-
 def _fused_log_probs(logits, target, vocab_size: int):
-    z, _ = _real_vocab_fp32(logits, vocab_size)
+    """log p(target) from a whole-vocabulary block (compiled: the fp32 logits exist only inside the kernel)."""
+    z, _ = _real_vocab_logits(logits, vocab_size, None)
     return z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
 def _fused_logit_grad(logits, target, vocab_size: int, grad_output):
-    """(1[j == y] - softmax_j) times the incoming gradient, in the logits' dtype."""
-    z, ids = _real_vocab_fp32(logits, vocab_size)
-    one_hot = (ids == target.unsqueeze(-1)).float()
+    """(1[j == y] - softmax_j) times the incoming gradient, in the logits' dtype (compiled, as above)."""
+    z, _ = _real_vocab_logits(logits, vocab_size, None)
+    one_hot = (torch.arange(z.shape[-1], device=z.device) == target.unsqueeze(-1)).float()
     return ((one_hot - torch.softmax(z, dim=-1)) * grad_output.unsqueeze(-1)).to(logits.dtype)
 
 
