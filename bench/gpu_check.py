@@ -8,7 +8,9 @@ Each check runs in its own process with its own time limit and prints one
 summary line (PASS / FAIL / SKIP, seconds, what it measured); logs go to
 ``--out``. The CPU suite covers the same code paths wherever it can (gloo for
 NCCL, the local layer spec for transformer-engine's, fp32 next to bf16, forced
-background saves); this script is what only a GPU can tell:
+background saves), and tests/test_gpu_check.py runs this script on CPU with the
+checks a CPU can run (te_packed's comparison on the local spec, async_save); this
+script is what only a GPU can tell:
 
 - env          the GPU, torch, CUDA, transformer-engine and megatron-core versions
 - nccl         a world of one on NCCL: all-reduce, broadcast, the store
@@ -22,6 +24,7 @@ background saves); this script is what only a GPU can tell:
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,7 @@ TRAIN = os.path.join(ROOT, "examples", "train_dpo.py")
 SMALL = ["model.num_layers=4", "model.hidden_size=256", "model.ffn_hidden_size=1024", "model.num_attention_heads=8",
          "model.num_query_groups=4", "model.global_batch_size=16", "model.micro_batch_size=4",
          "exp_manager.create_tensorboard_logger=false", "trainer.enable_progress_bar=false"]
-# name: (time limit in seconds, how it runs)
+# name: time limit in seconds (each check runs in a process of its own)
 CHECKS = {"env": 30, "nccl": 60, "te_packed": 90, "bf16_train": 90, "async_save": 120, "unit_tests": 150, "bench": 240}
 
 
@@ -51,11 +54,17 @@ def _rows(log_dir, split="train") -> list:
         return [row for row in map(json.loads, f) if row["split"] == split]
 
 
-def check_env(out: str) -> str:
+def _needs_cuda() -> None:
     import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("SKIP no CUDA device")
+
+
+def check_env(out: str) -> str:
+    import torch
+
+    _needs_cuda()
     versions = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda}
     for package in ("megatron.core", "transformer_engine"):
         try:
@@ -70,6 +79,7 @@ def check_nccl(out: str) -> str:
     import torch
     import torch.distributed as dist
 
+    _needs_cuda()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29731", RANK="0", WORLD_SIZE="1")
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
@@ -87,17 +97,24 @@ def check_nccl(out: str) -> str:
 
 def check_te_packed(out: str) -> str:
     """One process: the same pairs packed and unpacked through the TE layer spec give the same response sums."""
-    import torch
-
-    from nemo_dpo.config import load_config
-    from nemo_dpo.distributed.init import destroy_distributed, init_distributed
     from nemo_dpo.models.gpt import HAVE_TE
-    from nemo_dpo.training.dpo_step import response_sums
-    from nemo_dpo.training.trainer import DPOTrainer
 
     if not HAVE_TE:
         raise SystemExit("SKIP transformer-engine is not installed: the local spec is the CPU suite's")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29732", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    return packed_matches_unpacked(out)
+
+
+def packed_matches_unpacked(out: str) -> str:
+    """The te_packed comparison with whatever layer spec this machine builds (transformer-engine's where it is
+    installed, else the local one: the CPU suite runs it so), in a world of one set up by the caller."""
+    import torch
+
+    from nemo_dpo.config import load_config
+    from nemo_dpo.distributed.init import destroy_distributed, init_distributed
+    from nemo_dpo.training.dpo_step import response_sums
+    from nemo_dpo.training.trainer import DPOTrainer
+
     layout = init_distributed(1, 1, seed=1234)
     sums = {}
     try:
@@ -132,17 +149,22 @@ def check_bf16_train(out: str) -> str:
 
 
 def check_async_save(out: str) -> str:
+    """10 steps saved in the background every 5; a second run resumes from the 5th step's checkpoint. Both runs
+    have the same ``max_steps`` (the learning-rate schedule depends on it), so steps 6-10 must agree bitwise."""
     straight, resumed = os.path.join(out, "straight"), os.path.join(out, "resumed")
-    common = ["trainer.dpo.max_steps=20", "trainer.dpo.save_interval=5", "checkpoint.async_save=true",
-              "trainer.dpo.val_check_interval=0"]
-    for log_dir, steps in ((straight, 20), (resumed, 10), (resumed, 20)):
-        done = _torchrun(log_dir, *common, f"trainer.dpo.max_steps={steps}")
-        if done.returncode != 0:
-            raise AssertionError(done.stdout[-2000:] + done.stderr[-2000:])
+    common = ["trainer.dpo.max_steps=10", "trainer.dpo.save_interval=5", "checkpoint.async_save=true",
+              "checkpoint.keep_last_k=0", "trainer.dpo.val_check_interval=0"]
+    done = _torchrun(straight, *common)
+    if done.returncode != 0:
+        raise AssertionError(done.stdout[-2000:] + done.stderr[-2000:])
+    shutil.copytree(os.path.join(straight, "checkpoints", "step_5"), os.path.join(resumed, "checkpoints", "step_5"))
+    done = _torchrun(resumed, *common)
+    if done.returncode != 0:
+        raise AssertionError(done.stdout[-2000:] + done.stderr[-2000:])
     a, b = _rows(straight), _rows(resumed)
-    assert [r["step"] for r in b] == list(range(1, 21)), [r["step"] for r in b]
-    assert [r["loss"] for r in a] == [r["loss"] for r in b], "the resumed run differs from the straight one"
-    return "saved in the background every 5 steps; 10 + resume + 10 = 20 straight steps, bitwise"
+    assert [r["step"] for r in b] == list(range(6, 11)), [r["step"] for r in b]
+    assert [r["loss"] for r in a[5:]] == [r["loss"] for r in b], "the resumed run differs from the straight one"
+    return "saved in the background every 5 steps; resumed from step 5, steps 6-10 equal the straight run's, bitwise"
 
 
 def check_unit_tests(out: str) -> str:
@@ -154,6 +176,7 @@ def check_unit_tests(out: str) -> str:
 
 
 def check_bench(out: str) -> str:
+    _needs_cuda()  # a ~1B-parameter model: hours on a CPU
     result = os.path.join(out, "bench.json")
     done = _python("bench/bench_dpo.py", "--shape", "llama-1b", "--dtype", "bf16", "--seq", "1024", "--pairs", "4",
                    "--steps", "3", "--warmup", "1", "--out", result, timeout=230)
