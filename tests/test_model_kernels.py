@@ -211,6 +211,24 @@ def _rope_cases() -> dict:
         destroy_distributed()
 
 
+def test_seconds_compiling_counts_a_kernels_compiling_and_not_its_later_runs():
+    """What the trainer reports as a step's compile time (nemo_dpo/compiled.py): it grows when a function is first
+    compiled (forward and backward), not when the compiled kernel runs again at another length."""
+    from nemo_dpo.compiled import compiled, seconds_compiling
+
+    def scaled_tanh(x):  # a new function object at every call of the test: never compiled before
+        return torch.tanh(x) * 3
+
+    start = seconds_compiling()
+    compiled(scaled_tanh)(torch.randn(5, requires_grad=True)).sum().backward()
+    after_first = seconds_compiling()
+    x = torch.randn(9, requires_grad=True)
+    compiled(scaled_tanh)(x).sum().backward()
+    assert after_first - start > 0.05
+    assert seconds_compiling() == after_first
+    torch.testing.assert_close(x.grad, 3 * (1 - torch.tanh(x) ** 2))
+
+
 def test_fused_rope_rotates_as_megatron_does_wherever_it_takes_over(tmp_path):
     """RoPE compiled (model.fused_elementwise) on unpacked rows and on packed rows at their position ids gives
     megatron's attention output and gradients; a table megatron maps sequence by sequence is left to megatron."""

@@ -27,6 +27,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.transformer.module import Float16Module
 from omegaconf import OmegaConf
 
+from nemo_dpo.compiled import seconds_compiling
 from nemo_dpo.data.batching import Microbatcher, global_batches
 from nemo_dpo.data.packing import PackingChoice, choose_packing, shares_prompts
 from nemo_dpo.data.pipeline import load_run_data
@@ -375,7 +376,7 @@ class DPOTrainer:
 
     def train_step(self, indices: list) -> dict:
         """One optimizer step on the training pairs ``indices``; ``tokens_per_sec`` counts real (non-pad) tokens."""
-        start = clock()
+        start, compiling = clock(), seconds_compiling()
         if self.raise_at == f"{self.step + 1}:{self.layout.rank}":
             raise RuntimeError(f"injected fault at step {self.step + 1} on rank {self.layout.rank} "
                                f"(NEMO_DPO_FAULT_RAISE_AT_STEP={self.raise_at})")
@@ -389,6 +390,9 @@ class DPOTrainer:
             metrics.update(self.skip_step(metrics))
         metrics["skipped_steps"] = self.skipped_steps
         metrics["time_step"] = clock() - start
+        if (compiled_now := seconds_compiling() - compiling) >= 0.5:  # the first step; shapes new to the kernels
+            self.log0(f"step {self.step}: {compiled_now:.1f} s of its {metrics['time_step']:.1f} s compiling fused "
+                      f"kernels (torch.compile, cached on disk for later runs)")
         metrics["tokens_per_sec"] = sum(self.train_pairs[i].num_tokens for i in indices) / metrics["time_step"]
         return metrics
 
