@@ -20,7 +20,10 @@ fp32 inside): log p(y) straight from a chunk's bf16 logits, and in backward the
 logits' bf16 gradient 1[j == y] - softmax_j straight from them too, where the
 eager tail writes the chunk's logits in fp32, its log-softmax and its softmax,
 each [chunk, vocab] in fp32 (at a 32k vocabulary and 256 tokens, 33 MB each:
-memory the allocator maps and faults in afresh every time on CPU).
+memory the allocator maps and faults in afresh every time on CPU). The same
+flag sums each chunk's bf16 weight-gradient product into the fp32 total in one
+compiled pass, where eager PyTorch first converts the product to an fp32
+temporary ([vocab, h]: 16 MiB at 8k x 512, 12 of them a step in the benchmark).
 
 WPO's weights need one more number per token from the whole distribution,
 log sum_v p(v)^2; ``*_log_sum_sq_probs`` compute it the same way (two more
@@ -82,6 +85,10 @@ def _fused_log_probs(logits, target, vocab_size: int):
     """log p(target) from a whole-vocabulary block (compiled: the fp32 logits exist only inside the kernel)."""
     z, _ = _real_vocab_logits(logits, vocab_size, None)
     return z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def _accumulate(total, part):
+    total.add_(part)
 
 
 def _fused_logit_grad(logits, target, vocab_size: int, grad_output):
@@ -147,6 +154,8 @@ class _ChunkedOutputLogProbs(torch.autograd.Function):
             grad_hidden[lo : lo + ctx.chunk] = grad_logits @ weight
             if grad_logits.dtype == grad_weight.dtype:  # fp32: summed into place (no [vocab, h] product per chunk)
                 grad_weight.addmm_(grad_logits.t(), h)
+            elif ctx.fused:  # each chunk's product summed in fp32, converted on the fly
+                compiled(_accumulate)(grad_weight, grad_logits.t() @ h)
             else:
                 grad_weight += grad_logits.t() @ h  # each chunk's product summed in fp32
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
@@ -166,8 +175,8 @@ def chunked_log_probs(hidden, weight, target, vocab_size: int, chunk: int, tp_gr
 
     hidden: [..., h], replicated over TP; weight: [vocab/TP, h]; target: [...].
     Same values and gradients as the output layer followed by ``vocab_parallel_log_probs``,
-    without ever holding the full [tokens, vocab/TP] logits. ``fused``: the log-softmax tail compiled (the
-    whole vocabulary on this rank: ``tp_group`` None), the same to fp32 rounding.
+    without ever holding the full [tokens, vocab/TP] logits. ``fused``: the log-softmax tail and the bf16
+    weight-gradient sum compiled (the whole vocabulary on this rank: ``tp_group`` None), the same to fp32 rounding.
     """
     if fused and tp_group is not None:
         raise ValueError("the fused log-softmax tail takes the whole vocabulary on one rank (tensor parallel size 1)")
