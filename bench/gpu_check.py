@@ -4,6 +4,9 @@
 
 Run from the repository root where nemo-dpo's dependencies are installed (the
 Dockerfile's NGC image has transformer-engine; `pip install -e ".[test,bench]"`).
+On a lent machine that reaches no package registry, bench/gpu_wheels.sh
+downloads beforehand, as wheels, what its image lacks, and says how to install
+them there and run this.
 Each check runs in its own process with its own time limit and prints one
 summary line (PASS / FAIL / SKIP, seconds, what it measured); logs go to
 ``--out``. The CPU suite covers the same code paths wherever it can (gloo for
@@ -168,7 +171,8 @@ def check_async_save(out: str) -> str:
 
 
 def check_unit_tests(out: str) -> str:
-    done = _python("-m", "pytest", "-q", "-m", "not slow", "tests", "-x", "-p", "no:cacheprovider", timeout=140)
+    done = _python("-m", "pytest", "-q", "-m", "not slow", "tests", "-x", "-p", "no:cacheprovider", "-n", "4",
+                   timeout=140)
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
     if done.returncode != 0:
         raise AssertionError(done.stdout[-3000:])
