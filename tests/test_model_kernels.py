@@ -1,7 +1,9 @@
 """The compute kernels nemo-dpo puts into megatron's local layer spec, against plain PyTorch math and megatron's own."""
 
 import math
+import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -227,6 +229,44 @@ def test_seconds_compiling_counts_a_kernels_compiling_and_not_its_later_runs():
     assert after_first - start > 0.05
     assert seconds_compiling() == after_first
     torch.testing.assert_close(x.grad, 3 * (1 - torch.tanh(x) ** 2))
+
+
+def _two_fused_steps(log_dir: str) -> list:
+    """What the trainer prints during its first two steps with the fused kernels on."""
+    import contextlib
+    import io
+
+    from parallel_scenarios import SMALL
+
+    from nemo_dpo.config import load_config
+    from nemo_dpo.distributed.init import destroy_distributed, init_distributed
+    from nemo_dpo.training.trainer import DPOTrainer
+
+    layout = init_distributed(1, 1, seed=1234)
+    try:
+        trainer = DPOTrainer(load_config("gpt_dpo", SMALL + [
+            "model.fused_elementwise=true", f"model.tokenizer.cache_dir={log_dir}/tok",
+            f"exp_manager.explicit_log_dir={log_dir}/run", "exp_manager.create_tensorboard_logger=false"]), layout)
+        batch = trainer.cfg.model.global_batch_size
+        printed = []
+        for step in range(2):
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                trainer.train_step(list(range(step * batch, (step + 1) * batch)))
+            printed.append(out.getvalue())
+        return printed
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+def test_the_trainer_says_how_long_its_first_step_spent_compiling(tmp_path):
+    from distributed_harness import run_world
+
+    ((first, second),) = run_world(1, str(tmp_path), _two_fused_steps, str(tmp_path))
+    said = re.fullmatch(r"step 1: (\d+\.\d) s of its (\d+\.\d) s compiling fused kernels \(torch.compile, cached on "
+                        r"disk for later runs\)\n", first)
+    assert said and 0.5 <= float(said[1]) <= float(said[2]), first
+    assert second == "", second  # the kernels take any row length: nothing new compiled, nothing said
 
 
 def test_fused_rope_rotates_as_megatron_does_wherever_it_takes_over(tmp_path):
