@@ -489,8 +489,10 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    measure = lambda: {name: matmul_peak(dtype, device, 8192 if device == "cuda" else 4096)  # noqa: E731
-                       for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    def measure() -> dict:
+        return {name: matmul_peak(dtype, device, 8192 if device == "cuda" else 4096)
+                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
     before = measure()
     dtype = args.dtype if args.dtype != "auto" else max(before, key=before.get)
     shape = SHAPES[args.shape]

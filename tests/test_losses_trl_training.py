@@ -30,9 +30,11 @@ def runs(tmp_path_factory):
     scenarios.write_workload(str(folder))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    start = lambda name: subprocess.Popen(  # noqa: E731
-        [sys.executable, SCRIPT, name, str(folder), str(folder / f"{name}.json")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder)
+
+    def start(name):
+        return subprocess.Popen([sys.executable, SCRIPT, name, str(folder), str(folder / f"{name}.json")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder)
+
     procs = {name: start(name) for name in ("nemo_dpo", "trl")}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=900)

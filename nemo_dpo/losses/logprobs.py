@@ -88,6 +88,7 @@ def _fused_log_probs(logits, target, vocab_size: int):
 
 
 def _accumulate(total, part):
+    """total += part in place, converting ``part`` to ``total``'s dtype element by element (compiled)."""
     total.add_(part)
 
 
@@ -152,12 +153,14 @@ class _ChunkedOutputLogProbs(torch.autograd.Function):
                 del stats
             del logits
             grad_hidden[lo : lo + ctx.chunk] = grad_logits @ weight
-            if grad_logits.dtype == grad_weight.dtype:  # fp32: summed into place (no [vocab, h] product per chunk)
+            # Each chunk's weight gradient summed in fp32: in fp32 into place (no [vocab, h] product per chunk); a
+            # bf16 product converted on the fly where compiling is on, else through eager's fp32 temporary.
+            if grad_logits.dtype == grad_weight.dtype:
                 grad_weight.addmm_(grad_logits.t(), h)
-            elif ctx.fused:  # each chunk's product summed in fp32, converted on the fly
+            elif ctx.fused:
                 compiled(_accumulate)(grad_weight, grad_logits.t() @ h)
             else:
-                grad_weight += grad_logits.t() @ h  # each chunk's product summed in fp32
+                grad_weight += grad_logits.t() @ h
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
