@@ -6,12 +6,21 @@ rank's traceback.
 
 A process that initialises several process groups one after another calls
 ``fresh_master_port()`` before each, as a new launch would get a new port.
-Ports chosen before the launch are no good: by the time a later group
-rendezvouses, gloo's connections may have taken them as ephemeral ports
-(EADDRINUSE), and reusing the launch's port can meet the previous group's store.
+Ports chosen before the launch are no good: reusing the launch's port can meet
+the previous group's store.
+
+``free_port()`` hands out ports below the kernel's ephemeral range. A port the
+kernel picks (bind to port 0) is free only for that instant: between the pick
+and the store listening on it (seconds, while the ranks import torch) any
+outgoing connection on the machine, gloo's included, may be given it as its
+local port, and the launch fails with EADDRINUSE. Ports below the range are
+never given out that way, and each pytest-xdist worker draws from its own slice
+of them, so the only other holder can be an earlier store of the same worker,
+which the bind check sees.
 """
 
 import os
+import random
 import socket
 
 import torch
@@ -22,10 +31,47 @@ _ports = None  # the launch's FileStore, through which rank 0 tells the others e
 _rendezvous_count = 0
 
 
+# Ports below this are the Slurm template's (20000 + job id); 29500 + pid % 1000 is where the single-process
+# programs (bench, convert) rendezvous when nothing sets MASTER_PORT.
+_SLICES = ((21000, 29500), (30500, 32768))
+
+
+def _candidates() -> list:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_start = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []  # not Linux: let the kernel pick
+    ports = [p for lo, hi in _SLICES for p in range(lo, min(hi, ephemeral_start))]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return ports[int(worker[2:]) % workers::workers]
+
+
+def free_ports(n: int) -> list:
+    """``n`` different ports that nothing listens on now and that no connection will be handed meanwhile."""
+    chosen, held = [], []
+    candidates = _candidates()
+    random.SystemRandom().shuffle(candidates)  # not the tests' seeded `random`: every launch would pick the same
+    try:
+        for port in candidates + [0] * n:  # the kernel's pick only if the slice is exhausted
+            if len(chosen) == n:
+                break
+            s = socket.socket()
+            held.append(s)  # open until all n are found, so that they differ
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen.append(s.getsockname()[1])
+    finally:
+        for s in held:
+            s.close()
+    return chosen
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def fresh_master_port() -> None:

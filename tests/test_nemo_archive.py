@@ -7,13 +7,12 @@ weights are then compared with what was loaded.
 
 import io
 import json
-import socket
 import tarfile
 
 import pytest
 import torch
 from checkpoint_scenarios import Payload
-from distributed_harness import run_world
+from distributed_harness import free_port, run_world
 from nemo_fixtures import (
     TOKENIZER_ARTIFACT,
     distributed_nemo_loads_exactly,
@@ -33,9 +32,7 @@ from nemo_dpo.training.safe_load import CheckpointError
 @pytest.fixture
 def world(monkeypatch):
     """A process group of this one process (weights are loaded into a model built for a layout)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     init_distributed(1, 1, seed=0)
     yield
     destroy_distributed()

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from nemo_dpo.training import run_lock
+from distributed_harness import free_port
 from parallel_scenarios import SMALL
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]  # real torchrun jobs run side by side and killed (tests/test_run_lock.py and tests/test_launcher.py are the quick layer)
@@ -30,12 +31,6 @@ HERE = socket.gethostname()
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("tokenizer")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

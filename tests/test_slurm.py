@@ -19,6 +19,8 @@ import time
 import psutil
 import pytest
 
+from distributed_harness import free_ports
+
 from nemo_dpo.training import checkpoint, run_lock
 
 pytestmark = pytest.mark.slow  # real multi-process runs
@@ -77,17 +79,6 @@ def ensure_slurm_installed() -> None:
         if proc.returncode != 0:
             pytest.skip(f"installing Slurm failed: `{' '.join(install)}` exited {proc.returncode}: "
                         f"{(proc.stderr or proc.stdout).strip()[-1500:]} (apt-get update: {update.stderr.strip()[-500:]})")
-
-
-def free_ports(n: int) -> list:
-    sockets = [socket.socket() for _ in range(n)]  # all open at once, so the ports differ
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class Cluster:

@@ -25,6 +25,7 @@ import random
 import sys
 
 import torch
+from distributed_harness import free_port
 
 SPECIAL = ["<pad>", "</s>"]  # ids 0 and 1; words are w2 ... w<VOCAB-1>
 VOCAB, PAIRS, STEPS, SEQ = 256, 4, 4, 64
@@ -95,7 +96,7 @@ def run_nemo_dpo(folder: str) -> dict:
     from nemo_dpo.training.trainer import DPOTrainer
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(29500 + os.getpid() % 1000))
+                      MASTER_PORT=str(free_port()))
     results = {}
     layout = init_distributed(1, 1, seed=1234)
     try:
