@@ -202,7 +202,6 @@ def run_nemo_dpo(spec: dict, inventory: Inventory) -> dict:
 
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     total = spec["warmup"] + spec["steps"]
     overrides = [*workload_overrides(spec, spec["pairs"]), f"trainer.precision={spec['dtype']}", *spec["ours"]]
     cfg = load_config("gpt_dpo", overrides)

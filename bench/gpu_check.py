@@ -83,7 +83,7 @@ def check_nccl(out: str) -> str:
     import torch.distributed as dist
 
     _needs_cuda()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29731", RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1")
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
         value = torch.ones(1024, device="cuda")
@@ -104,7 +104,7 @@ def check_te_packed(out: str) -> str:
 
     if not HAVE_TE:
         raise SystemExit("SKIP transformer-engine is not installed: the local spec is the CPU suite's")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29732", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     return packed_matches_unpacked(out)
 
 

@@ -31,9 +31,7 @@ _ports = None  # the launch's FileStore, through which rank 0 tells the others e
 _rendezvous_count = 0
 
 
-# Ports below this are the Slurm template's (20000 + job id); 29500 + pid % 1000 is where the single-process
-# programs (bench, convert) rendezvous when nothing sets MASTER_PORT.
-_SLICES = ((21000, 29500), (30500, 32768))
+FIRST_PORT = 21000  # the Slurm template's jobs rendezvous on 20000 + job id (tests/test_slurm.py)
 
 
 def _candidates() -> list:
@@ -42,10 +40,10 @@ def _candidates() -> list:
             ephemeral_start = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return []  # not Linux: let the kernel pick
-    ports = [p for lo, hi in _SLICES for p in range(lo, min(hi, ephemeral_start))]
+    ports = range(FIRST_PORT, ephemeral_start)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return ports[int(worker[2:]) % workers::workers]
+    return list(ports[int(worker[2:]) % workers::workers])
 
 
 def free_ports(n: int) -> list:

@@ -12,7 +12,7 @@ import tarfile
 import pytest
 import torch
 from checkpoint_scenarios import Payload
-from distributed_harness import free_port, run_world
+from distributed_harness import run_world
 from nemo_fixtures import (
     TOKENIZER_ARTIFACT,
     distributed_nemo_loads_exactly,
@@ -32,7 +32,8 @@ from nemo_dpo.training.safe_load import CheckpointError
 @pytest.fixture
 def world(monkeypatch):
     """A process group of this one process (weights are loaded into a model built for a layout)."""
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # a world of one listens where the kernel says
     init_distributed(1, 1, seed=0)
     yield
     destroy_distributed()

@@ -36,7 +36,6 @@ def _refuse_existing(out: str) -> None:
 
 def _model_from(source: str):
     """The whole model (TP=PP=1, this process) with the weights of ``source``."""
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     cfg = load_config("gpt_dpo", [f"model.restore_from_path={source}"])
     prepare(cfg, world_size=1, training=False)
     init_distributed(1, 1, cfg.model.seed)
@@ -85,7 +84,6 @@ def merge(ckpt: str, out: str) -> None:
         raise ValueError(f"{ckpt}: not a LoRA checkpoint (model.peft.peft_scheme={m.peft.peft_scheme!r})")
     m.tensor_model_parallel_size = m.pipeline_model_parallel_size = m.context_parallel_size = 1  # one process
     m.virtual_pipeline_model_parallel_size, m.sequence_parallel = None, False
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     init_distributed(1, 1, m.seed)
     config = transformer_config(m)
     model = build_gpt(m, m.vocab_size, config)

@@ -24,7 +24,9 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, cp:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and megatron's parallel state.
 
     Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT as set by torchrun
-    (or Slurm via srun + torchrun). A plain ``python`` run is a world of one.
+    (or Slurm via srun + torchrun). A plain ``python`` run is a world of one; its
+    store listens on a port the kernel picks, as no other process needs to find it,
+    so that plain runs, converts and benches side by side never meet on one port.
     ``cp``: context-parallel size; ``vpp``: model chunks per pipeline rank (None: one);
     ``ep``: expert-parallel size (megatron builds the expert groups, expert-parallel and
     expert-data-parallel, from data-parallel ranks).
@@ -43,7 +45,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, cp:
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_PORT", "0" if world_size == 1 else "29500")
         dist.init_process_group(
             backend=backend,
             rank=rank,
