@@ -200,8 +200,6 @@ def run_nemo_dpo(spec: dict, inventory: Inventory) -> dict:
 
     inventory.moment("imports")
 
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
     total = spec["warmup"] + spec["steps"]
     overrides = [*workload_overrides(spec, spec["pairs"]), f"trainer.precision={spec['dtype']}", *spec["ours"]]
     cfg = load_config("gpt_dpo", overrides)

@@ -104,13 +104,12 @@ def check_te_packed(out: str) -> str:
 
     if not HAVE_TE:
         raise SystemExit("SKIP transformer-engine is not installed: the local spec is the CPU suite's")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     return packed_matches_unpacked(out)
 
 
 def packed_matches_unpacked(out: str) -> str:
     """The te_packed comparison with whatever layer spec this machine builds (transformer-engine's where it is
-    installed, else the local one: the CPU suite runs it so), in a world of one set up by the caller."""
+    installed, else the local one: the CPU suite runs it so), in a world of one."""
     import torch
 
     from nemo_dpo.config import load_config

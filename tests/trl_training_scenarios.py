@@ -94,7 +94,6 @@ def run_nemo_dpo(folder: str) -> dict:
     from nemo_dpo.distributed.init import destroy_distributed, init_distributed
     from nemo_dpo.training.trainer import DPOTrainer
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     results = {}
     layout = init_distributed(1, 1, seed=1234)
     try:
